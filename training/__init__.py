@@ -1,0 +1,1 @@
+"""cordseg.training: synthetic data, networks, training loop and ONNX export (needs the train extra)."""
