@@ -19,3 +19,7 @@ class ModelError(CordsegError):
 
 class OutputError(CordsegError):
     """The output cannot be written where asked."""
+
+
+class CordsegWarning(UserWarning):
+    """Something in the input was repaired or assumed; the run goes on."""
