@@ -1,0 +1,232 @@
+"""Training code: the synthetic generator, the losses, a few steps of training, and resumption.
+
+A small hand-made anatomy (a straight cord of white and grey matter in a CSF sheath inside bone) keeps
+these fast; one test checks the PAM50 label maps from ../shared/data load into the same structure.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from training import synth  # noqa: E402
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def _anatomy(nz=80):
+    """60x60xnz labels at 0.5 mm: cord of radius 3 mm (grey matter core), CSF to 5 mm, bone to 9 mm."""
+    n = 60
+    x, y = np.meshgrid(np.arange(n) - 29.5, np.arange(n) - 29.5, indexing="ij")
+    r = np.hypot(x, y) * synth.ANATOMY_ZOOM
+    sl = np.zeros((n, n), np.uint8)
+    sl[(r > 5) & (r <= 9)] = synth.BONE
+    sl[r <= 5] = synth.CSF
+    sl[r <= 3] = synth.WM
+    sl[r <= 1.2] = synth.GM
+    labels = np.repeat(sl[:, :, None], nz, axis=2)
+    center = np.full((nz, 2), 29.5, np.float32)
+    return synth.Anatomy(labels, center, (0, nz - 1))
+
+
+@pytest.fixture(scope="module")
+def anatomy():
+    return _anatomy()
+
+
+def _indicator_intensity(labels, rng, spacing, *, lesion=None, contrast=None, air=None):
+    """Stand-in for synth_intensity: 1 on the cord, 0 elsewhere."""
+    return np.isin(labels, (synth.WM, synth.GM)).astype(np.float32)
+
+
+def _lesion_intensity(labels, rng, spacing, *, lesion=None, contrast=None, air=None):
+    """Stand-in for synth_intensity: the soft lesion map itself."""
+    return np.zeros(labels.shape, np.float32) if lesion is None else lesion.astype(np.float32)
+
+
+def _no_degrade(image, rng, spacing, **kw):
+    return image
+
+
+# ----------------------------------------------------------------------------------------------------
+# generator
+
+
+def test_heatmap_target_follows_the_cord_through_every_transform(anatomy, monkeypatch):
+    """With the image = cord indicator, after rotation, scaling, elastic moves, flips, slab averaging
+    and pooling the target must be exactly where the (pooled) cord intensity is."""
+    monkeypatch.setattr(synth, "synth_intensity", _indicator_intensity)
+    monkeypatch.setattr(synth, "degrade", _no_degrade)
+    seen_cord = 0
+    for seed in range(12):
+        img, tgt = synth.heatmap_sample(anatomy, np.random.default_rng(seed), size=32, zoom=1.0)
+        assert img.shape == tgt.shape == (32, 32)
+        np.testing.assert_array_equal(tgt, (img >= 0.5).astype(np.float32))
+        seen_cord += int(tgt.sum() > 0)
+    assert seen_cord >= 6  # some samples are deliberately above or below the cord
+
+
+def test_patch_targets_follow_cord_and_lesions(anatomy, monkeypatch):
+    """Same geometry twice (same seed; the stand-ins draw no random numbers): once imaging the cord,
+    once imaging the lesions. Each target must sit exactly where its structure's pooled intensity is."""
+    monkeypatch.setattr(synth, "degrade", _no_degrade)
+    n_lesion = 0
+    for seed in range(5):
+        kw = dict(shape=(24, 24, 8), spacing=(0.5, 0.5, 1.0), lesions=True)
+        monkeypatch.setattr(synth, "synth_intensity", _indicator_intensity)
+        img_c, cord, lesion = synth.patch_sample(anatomy, np.random.default_rng(seed), **kw)
+        monkeypatch.setattr(synth, "synth_intensity", _lesion_intensity)
+        img_l, cord2, lesion2 = synth.patch_sample(anatomy, np.random.default_rng(seed), **kw)
+        np.testing.assert_array_equal(cord, cord2)
+        np.testing.assert_array_equal(lesion, lesion2)
+        assert img_c.shape == cord.shape == lesion.shape == (24, 24, 8)
+        assert cord.sum() > 0  # patches are centred near the cord
+        np.testing.assert_array_equal(cord, (img_c >= 0.5).astype(np.float32))
+        np.testing.assert_array_equal(lesion, (img_l >= 0.5).astype(np.float32))
+        assert np.all(lesion <= cord)  # lesion target inside the cord target
+        n_lesion += int(lesion.sum() > 0)
+    assert n_lesion >= 1
+
+
+def test_samples_are_finite_deterministic_and_lesions_inside_cord(anatomy):
+    a = synth.heatmap_sample(anatomy, np.random.default_rng(7), size=32)
+    b = synth.heatmap_sample(anatomy, np.random.default_rng(7), size=32)
+    c = synth.heatmap_sample(anatomy, np.random.default_rng(8), size=32)
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x, y)
+    assert not np.array_equal(a[0], c[0])
+    assert np.all(np.isfinite(a[0])) and a[0].dtype == np.float32 and set(np.unique(a[1])) <= {0.0, 1.0}
+    for seed in range(3):
+        img, cord, lesion = synth.patch_sample(anatomy, np.random.default_rng(seed), shape=(24, 24, 8),
+                                               lesions=True)
+        assert np.all(np.isfinite(img)) and img.std() > 0
+        assert np.all(lesion <= cord)
+    d1 = synth.patch_sample(anatomy, np.random.default_rng(3), shape=(16, 16, 8), lesions=True)
+    d2 = synth.patch_sample(anatomy, np.random.default_rng(3), shape=(16, 16, 8), lesions=True)
+    for x, y in zip(d1, d2):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_inserted_lesions_stay_in_the_cord(anatomy):
+    rng = np.random.default_rng(0)
+    labels = anatomy.labels[:, :, :20]
+    soft = synth.insert_lesions(labels, rng, (0.5, 0.5, 0.5), count=(3, 3), volume_mm3=(5.0, 50.0))
+    cord = np.isin(labels, (synth.WM, synth.GM))
+    assert soft.max() > 0.5 and np.all(soft[~cord] == 0) and soft.min() >= 0 and soft.max() <= 1
+
+
+def test_task_samplers_give_network_ready_batches(anatomy):
+    from training import tasks
+
+    ctr = dataclasses.replace(tasks.TASKS["centerline"], patch_shape=(32, 32), batch_size=2)
+    x, y = tasks.Sampler(ctr, anatomy)(np.random.default_rng(0))
+    assert x.shape == y.shape == (2, 32, 32, 1) and x.dtype == np.float32 and np.all(np.isfinite(x))
+    les = dataclasses.replace(tasks.TASKS["lesion"], patch_shape=(16, 16, 8), batch_size=2)
+    x, y = tasks.Sampler(les, anatomy)(np.random.default_rng(1))
+    assert x.shape == y.shape == (2, 16, 16, 8, 1) and np.all(np.isfinite(x))
+    assert abs(float(x.mean())) < 0.5  # z-scored
+
+
+def test_pam50_anatomy_loads(tmp_path):
+    folder = DATA / "labelmaps" / "PAM50"
+    if not (folder / "PAM50_cord.nii.gz").exists():
+        pytest.skip(f"PAM50 label maps not found at {folder}")
+    anat = synth.Anatomy.load(folder)
+    lo, hi = anat.cord_z
+    assert anat.labels.shape == (141, 141, 991) and 0 <= lo < hi < 991 and hi - lo > 500
+    z = (lo + hi) // 2
+    cx, cy = anat.center[z]
+    assert anat.labels[int(round(cx)), int(round(cy)), z] in (synth.WM, synth.GM)  # centre lies in the cord
+    assert np.all(np.isnan(anat.center[:lo]))
+    anat.save(tmp_path / "a.npz")
+    again = synth.Anatomy.load(tmp_path / "a.npz")
+    assert again.cord_z == anat.cord_z and np.array_equal(again.labels, anat.labels)
+
+
+# ----------------------------------------------------------------------------------------------------
+# losses
+
+
+def test_losses():
+    from training.losses import dice_bce_loss, soft_dice_loss
+
+    rng = np.random.default_rng(0)
+    a = (rng.random((2, 16, 16, 1)) > 0.5).astype(np.float32)
+    assert float(soft_dice_loss(a, a)) == pytest.approx(0.0, abs=1e-6)
+    disjoint = 1.0 - a
+    assert float(soft_dice_loss(a, disjoint)) > 0.99
+    # BCE part: a confident right answer costs ~0, a confident wrong one a lot, an unsure one in between
+    right = float(dice_bce_loss(a, a))
+    unsure = float(dice_bce_loss(a, np.full_like(a, 0.5)))
+    wrong = float(dice_bce_loss(a, disjoint))
+    assert right < 1e-4 < unsure < wrong
+    assert unsure - float(soft_dice_loss(a, np.full_like(a, 0.5))) == pytest.approx(np.log(2.0), rel=1e-3)
+    # an empty target still gets a gradient signal: predicting zeros is cheaper than predicting 0.5
+    empty = np.zeros_like(a)
+    assert float(dice_bce_loss(empty, np.full_like(a, 0.01))) < float(dice_bce_loss(empty, np.full_like(a, 0.5)))
+
+
+# ----------------------------------------------------------------------------------------------------
+# training loop
+
+
+def _disc_sampler(rng):
+    """Tiny learnable task: a bright noisy disc on a dark background; target = the disc."""
+    n = 16
+    yy, xx = np.mgrid[:n, :n]
+    xs, ys = [], []
+    for _ in range(4):
+        c = rng.uniform(5, 11, 2)
+        disc = (np.hypot(yy - c[0], xx - c[1]) <= rng.uniform(2.5, 4.0)).astype(np.float32)
+        xs.append(disc + rng.normal(0, 0.2, (n, n)))
+        ys.append(disc)
+    return np.stack(xs)[..., None].astype(np.float32), np.stack(ys)[..., None]
+
+
+def _tiny_cnn1():
+    from training.networks import build_cnn1
+
+    return build_cnn1(filters=(4, 8, 8), bottleneck_dilations=(1, 2), dropout=0.0, name="tiny")
+
+
+def _losses_from_log(path):
+    rows = [line.split(",") for line in path.read_text().splitlines() if line]
+    return {int(r[0]): float(r[1]) for r in rows}
+
+
+def test_training_lowers_the_loss_and_resumes(tmp_path):
+    keras = pytest.importorskip("keras")
+    from training.loop import train
+    from training.losses import dice_bce_loss
+
+    keras.utils.set_random_seed(0)
+    messages = []
+    out = tmp_path / "run"
+    train(_tiny_cnn1, dice_bce_loss, _disc_sampler, out_dir=out, steps=100, learning_rate=1e-2, seed=0,
+          checkpoint_every=50, snapshot_every=100, log=messages.append, lr_schedule="constant")
+    losses = _losses_from_log(out / "log.csv")
+    assert sorted(losses) == [50, 100]
+    assert losses[100] < 0.8 * losses[50]  # mean loss of steps 51-100 well below that of steps 1-50
+    assert json.loads((out / "state.json").read_text()) == {"step": 100}
+    assert (out / "checkpoint.keras").is_file() and (out / "ema_000100.weights.h5").is_file()
+
+    messages.clear()
+    model = train(_tiny_cnn1, dice_bce_loss, _disc_sampler, out_dir=out, steps=150, learning_rate=1e-2, seed=0,
+                  checkpoint_every=50, snapshot_every=100, log=messages.append, lr_schedule="constant")
+    assert messages[0] == "resumed from step 100"
+    assert json.loads((out / "state.json").read_text()) == {"step": 150}
+    losses = _losses_from_log(out / "log.csv")
+    assert sorted(losses) == [50, 100, 150]  # resumed: steps 101-150 only, not a fresh run
+    assert losses[150] < losses[50]
+    # the EMA snapshot loads into a fresh network of the same shape
+    fresh = _tiny_cnn1()
+    fresh.load_weights(str(out / "ema_000150.weights.h5"))
+    x, y = _disc_sampler(np.random.default_rng(123))
+    pred = np.asarray(model(x, training=False))
+    assert pred.shape == y.shape and np.all(np.isfinite(pred))
