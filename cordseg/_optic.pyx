@@ -7,11 +7,16 @@ D[z](p) = max_q V[z-1](q) - wx (px-qx)^2 - wy (py-qy)^2,
 so a path may start fresh on any slice.  D is a 2D generalised distance transform
 (Felzenszwalb & Huttenlocher): one upper-envelope pass along y, one along x.
 
+Layout: slices are [x][y] with y contiguous.  Pass 1 runs along contiguous rows of V[z-1] and
+stores its result transposed ([y][x]) a cache line at a time (blocks of BLK rows), so pass 2
+also runs along contiguous memory; V[z] is written back block-wise the same way.
+
 Exact pruning: only sources with V > 0 can make D > 0, so each envelope is built from the
-positive sources only, and evaluated only inside the box where D can still be positive (the
-positive support of V[z-1] grown by sqrt(max V / w) + 2 pixels).  Every other pixel starts
-fresh.  With a score that is negative away from the cord this region is small, and the
-backpointers are stored for it alone.
+positive sources only, and a line is evaluated only where its envelope can be positive (each
+member within sqrt(f / w) + 2 pixels of its source, on its own segment).  Every other pixel
+starts fresh (V = score) and is never copied; backpointers are stored on a box around the
+evaluated pixels only.  With a score that is negative away from the cord this is a small part
+of each slice; with a score positive everywhere the work is that of the full transform.
 
 cordseg.optic.optimal_path_reference computes the same recurrence over whole slices with the
 same float64 operations and the same tie rule, so both return identical paths.  Tie rule: at
@@ -22,6 +27,17 @@ second); a path continues only when D > 0 strictly; the path ends at the first m
 import numpy as np
 
 from libc.math cimport INFINITY, sqrt
+
+# Identical paths with the NumPy reference need the same float64 rounding: no fused
+# multiply-add contraction (the default where FMA exists, e.g. aarch64 or -march=native).
+cdef extern from *:
+    """
+    #if defined(__clang__)
+    #pragma STDC FP_CONTRACT OFF
+    #elif defined(__GNUC__)
+    #pragma GCC optimize ("fp-contract=off")
+    #endif
+    """
 
 cdef enum:
     BLK = 8   # lines per block: a transposed write moves 8 doubles, one cache line
@@ -56,15 +72,21 @@ cdef inline int _push(const double* f, int q, double fq, double w, int* v, doubl
     return k
 
 
-cdef inline int _envelope(const double* f, int lo, int hi, double w, int* v,
-                          double* zb) noexcept nogil:
+cdef inline int _envelope(double* f, const float* s, int x, const int* cl, const int* ch,
+                          int lo, int hi, double w, int* v, double* zb) noexcept nogil:
     """Upper envelope of the parabolas f[q] - w (p - q)^2 over q in [lo, hi) with f[q] > 0;
-    returns the number of members."""
+    returns the number of members.  Line x of the previous slice: f holds the running value
+    where it was evaluated (cl[q] <= x <= ch[q]), elsewhere it is the score s[q], which is
+    copied into f for the members (later read from f)."""
     cdef int k = -1, q
     cdef double fq
     for q in range(lo, hi):
-        fq = f[q]
+        if cl[q] <= x <= ch[q]:
+            fq = f[q]
+        else:
+            fq = s[q]
         if fq > 0.0:
+            f[q] = fq
             k = _push(f, q, fq, w, v, zb, k)
     return k + 1
 
@@ -75,17 +97,22 @@ cdef inline int _envelope_blocks(const double* f, int lo, int hi, const int* bli
     """As _envelope, over the BLK-wide blocks of [lo, hi) listed in blist (block i starts at
     lo + i * BLK) whose first-pass range [bl, bh] holds y: only there is f valid, elsewhere it
     is <= 0."""
-    cdef int k = -1, q, q0, q1, i, blk
+    cdef int k = -1, q, q0, i, blk
     cdef double fq
     for i in range(nbl):
         blk = blist[i]
         if bl[blk] <= y <= bh[blk]:
             q0 = lo + blk * BLK
-            q1 = q0 + BLK if q0 + BLK < hi else hi
-            for q in range(q0, q1):
-                fq = f[q]
-                if fq > 0.0:
-                    k = _push(f, q, fq, w, v, zb, k)
+            if q0 + BLK <= hi:
+                for q in range(q0, q0 + BLK):      # fixed trip count: unrolled
+                    fq = f[q]
+                    if fq > 0.0:
+                        k = _push(f, q, fq, w, v, zb, k)
+            else:
+                for q in range(q0, hi):
+                    fq = f[q]
+                    if fq > 0.0:
+                        k = _push(f, q, fq, w, v, zb, k)
     return k + 1
 
 
@@ -241,7 +268,7 @@ def optic_dp(const float[:, :, ::1] score, double wx, double wy):
     bps = [None] * nz
     cdef int[:, ::1] bp_mv
 
-    prev_arr = np.empty(nxy, dtype=np.float64)     # V[z-1], completed by the fill step
+    prev_arr = np.empty(nxy, dtype=np.float64)     # V[z-1] on its evaluated ranges (see _envelope)
     cur_arr = np.empty(nxy, dtype=np.float64)      # V[z] on the rows' evaluated x ranges
     gt_arr = np.empty(nxy, dtype=np.float64)       # first-pass values, stored [y][x]
     ay_arr = np.empty(nxy, dtype=np.int32)         # first-pass argmax y, stored [x][y]
@@ -289,7 +316,9 @@ def optic_dp(const float[:, :, ::1] score, double wx, double wy):
     cdef double* row
 
     cdef Py_ssize_t z, idx
-    cdef int x, y, p, x0, y0, b, nb, blk, nblk_used, nbl, i, ul, uh, lo, hi, npos
+    cdef int x, y, p, x0, y0, b, nb, blk, nblk_used, nbl, i, ul, uh, lo, hi, npos, bf, bl, bm
+    cdef double pm
+    cdef int nbad = 0
     cdef int xs0 = 0, xs1 = -1                      # rows x holding positive V[z-1]
     cdef int xo0 = 0, xo1 = -1, yo0 = 0, yo1 = -1   # box where D[z] may be positive
     cdef int bw = 0, rx
@@ -333,16 +362,7 @@ def optic_dp(const float[:, :, ::1] score, double wx, double wy):
             st.vmax = 0.0
             have_box = False
             if have_prev:
-                # Fill: prev holds V[z-1] on its rows' evaluated ranges only; elsewhere
-                # V[z-1] = score[z-1].  Complete it over each row's positive support.
                 psc = &score[z - 1, 0, 0]
-                for x in range(xs0, xs1 + 1):
-                    row = prev + <Py_ssize_t>x * ny
-                    srow = psc + <Py_ssize_t>x * ny
-                    for y in range(prl[x], prh[x] + 1):
-                        if not (pxl[y] <= x <= pxh[y]):
-                            row[y] = srow[y]
-
                 # Pass 1, along y over contiguous rows of V[z-1], BLK rows at a time: each
                 # block is evaluated on the union [gl, gh] of its rows' reach, and stored
                 # transposed one cache line at a time.
@@ -356,7 +376,8 @@ def optic_dp(const float[:, :, ::1] score, double wx, double wy):
                     uh = -1
                     for b in range(nb):
                         row = prev + <Py_ssize_t>(x0 + b) * ny
-                        bcnt[b] = _envelope(row, prl[x0 + b], prh[x0 + b] + 1, wy,
+                        bcnt[b] = _envelope(row, psc + <Py_ssize_t>(x0 + b) * ny, x0 + b, pxl,
+                                            pxh, prl[x0 + b], prh[x0 + b] + 1, wy,
                                             v + b * (nmax + 1), zb + b * (nmax + 2))
                         if _reach(row, bcnt[b], v + b * (nmax + 1), zb + b * (nmax + 2), wy,
                                   ny, &lo, &hi):
@@ -435,6 +456,10 @@ def optic_dp(const float[:, :, ::1] score, double wx, double wy):
                         for p in range(ul, uh + 1):
                             idx = <Py_ssize_t>p * ny + y0
                             ba = bpz + <Py_ssize_t>(p - xo0) * bw + (y0 - yo0)
+                            bf = -1                  # first / last positive b, first max
+                            bl = -1
+                            bm = -1
+                            pm = 0.0
                             for b in range(nb):
                                 dval = bufv[b * nmax + p]
                                 if dval > 0.0:
@@ -444,19 +469,35 @@ def optic_dp(const float[:, :, ::1] score, double wx, double wy):
                                     val = sc[idx + b]
                                 cur[idx + b] = val
                                 if val > 0.0:
-                                    _note(&st, val, p, y0 + b)
+                                    if bf < 0:
+                                        bf = b
+                                    bl = b
+                                    if val > pm:
+                                        pm = val
+                                        bm = b
+                            if bf >= 0:
+                                _note(&st, pm, p, y0 + bm)
+                                if y0 + bf < crl[p]:
+                                    crl[p] = y0 + bf
+                                if y0 + bl > crh[p]:
+                                    crh[p] = y0 + bl
                     y0 += BLK
 
-            # every other pixel starts fresh: V = score, scanned but never copied
+            # every other pixel starts fresh: V = score, scanned but never copied.  The
+            # same branch-free sweep checks that the slice is finite: score[z] has only been
+            # added to D so far, and the envelopes of slice z + 1 must never see NaN / Inf.
             for x in range(nx):
                 srow = sc + <Py_ssize_t>x * ny
                 npos = 0
-                for y in range(ny):          # branch-free count first: most rows hold none
-                    npos += srow[y] > 0.0
+                for y in range(ny):
+                    npos += srow[y] > <float>0.0
+                    nbad += not (srow[y] - srow[y] == <float>0.0)
                 if npos:
                     for y in range(ny):
-                        if srow[y] > 0.0 and not (cxl[y] <= x <= cxh[y]):
+                        if srow[y] > <float>0.0 and not (cxl[y] <= x <= cxh[y]):
                             _note(&st, srow[y], x, y)
+            if nbad:
+                break
 
             xs0 = 0
             while xs0 < nx and crl[xs0] > crh[xs0]:
@@ -475,4 +516,6 @@ def optic_dp(const float[:, :, ::1] score, double wx, double wy):
             tmp = prev
             prev = cur
             cur = tmp
+    if nbad:
+        raise ValueError("score contains NaN or Inf")
     return best, best_z, best_x, best_y, regions_arr, bps

@@ -45,8 +45,10 @@ class OpticPath:
         return self.z_stop - self.z_start + 1
 
 
-def _validate(score, spacing, lam):
-    """Return (score as C-contiguous float32 (nz, nx, ny), wx, wy) or raise ValueError."""
+def _validate(score, spacing, lam, *, check_finite=True):
+    """Return (score as C-contiguous float32 (nz, nx, ny), wx, wy) or raise ValueError.
+    check_finite=False leaves the NaN / Inf check of float32 input to the kernel, which
+    makes it in the sweep it does anyway."""
     arr = np.asarray(score)
     if arr.dtype == object or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
         raise ValueError(f"score must be a real numeric array, got dtype {arr.dtype}")
@@ -58,10 +60,13 @@ def _validate(score, spacing, lam):
         raise ValueError(f"score has an empty dimension: shape {arr.shape}")
     if arr.shape[1] * arr.shape[2] >= 2**31 - 1:
         raise ValueError(f"axial slices too large: {arr.shape[1]} x {arr.shape[2]}")
-    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
-        raise ValueError("score contains NaN or Inf")
-    if arr.dtype.kind == "f" and arr.dtype.itemsize > 4 and np.abs(arr).max() > np.finfo(np.float32).max:
-        raise ValueError("score has values beyond the float32 range")
+    if arr.dtype.kind == "f" and (check_finite or arr.dtype != np.float32):
+        lo, hi = float(arr.min()), float(arr.max())    # NaN propagates, Inf shows
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            raise ValueError("score contains NaN or Inf")
+        big = float(np.finfo(np.float32).max)
+        if lo < -big or hi > big:
+            raise ValueError("score has values beyond the float32 range")
     arr = np.ascontiguousarray(arr, dtype=np.float32)
 
     try:
@@ -120,11 +125,15 @@ def optimal_path(score, spacing, lam, *, use_reference=False) -> OpticPath | Non
     squared in-plane displacement (mm^2) per mm of slice thickness.
     Returns None when no path has a positive total (no cord).  Raises ValueError on bad input.
     """
-    arr, wx, wy = _validate(score, spacing, lam)
     if use_reference:
-        return _backtrack(arr.shape[2], *_dp_reference(arr, wx, wy))
-    from cordseg._optic import optic_dp
-
+        return optimal_path_reference(score, spacing, lam)
+    arr, wx, wy = _validate(score, spacing, lam, check_finite=False)
+    try:
+        from cordseg._optic import optic_dp
+    except ImportError as exc:  # a source checkout that was never built
+        raise ImportError(
+            "the OptiC extension cordseg._optic is not built: install with `pip install .` "
+            "or run `python setup.py build_ext --inplace`") from exc
     return _backtrack(arr.shape[2], *optic_dp(arr, wx, wy))
 
 
@@ -136,6 +145,11 @@ def optimal_path_reference(score, spacing, lam) -> OpticPath | None:
 
 # ---------------------------------------------------------------- NumPy reference
 def _envelope_lines(f: np.ndarray, w: float):
+    with np.errstate(over="ignore"):     # extreme lam: +-inf behaves as the kernel's
+        return _envelope_lines_(f, w)
+
+
+def _envelope_lines_(f: np.ndarray, w: float):
     """1D transform of every row of f (L, n): val[l, p] = max_q f[l, q] - w (p - q)^2 over
     sources with f > 0 (val -inf, arg -1 where a row has none).  Same operations as the Cython
     kernel: the envelopes are built for all rows at once, one source column at a time."""

@@ -79,6 +79,14 @@ def test_cython_equals_reference_random(shape, spacing, lam, offset):
     both(score, spacing, lam)
 
 
+@pytest.mark.parametrize("lam", [5e-324, 1e-300, 1e300, 1e307])
+def test_cython_equals_reference_extreme_lam(lam):
+    rng = np.random.default_rng(12)
+    for offset in (-1.0, 0.5, 3.0):
+        score = (rng.normal(size=(6, 9, 11)) + offset).astype(np.float32)
+        both(score, (1.0, 1.0, 1.0), lam)
+
+
 def test_cython_equals_reference_many_small():
     rng = np.random.default_rng(7)
     for _ in range(150):
@@ -266,6 +274,17 @@ def test_accepts_other_dtypes_and_layouts():
     assert_same(optimal_path(s_f, [1, 1, 1], np.float32(0.5)), ref)
     ints = (rng.integers(-3, 3, size=(4, 5, 5))).astype(np.int16)
     assert_same(optimal_path(ints, (1, 1, 1), 1), optimal_path_reference(ints, (1, 1, 1), 1))
+
+
+@pytest.mark.parametrize("where", [(0, 0, 0), (3, 4, 5), (6, 9, 9)])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_float32_rejected(where, bad):
+    """float32 input is checked inside the kernel's sweep: any slice, any value."""
+    score, _, _ = curve_score(shape=(7, 10, 10), seed=6)
+    score[where] = bad
+    for fn in (optimal_path, optimal_path_reference):
+        with pytest.raises(ValueError, match="NaN or Inf"):
+            fn(score, (1, 1, 1), 0.5)
 
 
 @pytest.mark.parametrize(
