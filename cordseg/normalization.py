@@ -1,0 +1,156 @@
+"""Intensity normalisation, shared by the runtime and the training code so both see identical inputs.
+
+The model file's metadata names the scheme; these functions implement each name.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import ModelError
+
+
+def percentile_slices(volume: np.ndarray, low: float = 1.0, high: float = 99.0) -> np.ndarray:
+    """Per axial slice (last axis): map the `low`..`high` percentiles to 0..1 (not clipped).
+
+    Per slice rather than per volume because slices of thick-slice scans differ in coil sensitivity, and
+    a full-field slice and a cropped one then look alike to CNN1.
+    """
+    v = np.asarray(volume, np.float32)
+    flat = v.reshape(-1, v.shape[-1]) if v.ndim > 1 else v[:, None]
+    lo, hi = np.percentile(flat, [low, high], axis=0)
+    scale = np.where(hi - lo > 1e-6, hi - lo, 1.0)
+    return ((v - lo) / scale).astype(np.float32)
+
+
+def robust_zscore(values: np.ndarray, low: float = 0.5, high: float = 99.5) -> tuple[float, float]:
+    """Mean and std of `values` after clipping to their `low`..`high` percentiles."""
+    v = np.asarray(values, np.float32).ravel()
+    lo, hi = np.percentile(v, [low, high])
+    c = np.clip(v, lo, hi)
+    std = float(c.std())
+    return float(c.mean()), (std if std > 1e-6 else 1.0)
+
+
+def apply_zscore(patches: np.ndarray, mean: float, std: float, low_high=None) -> np.ndarray:
+    out = np.asarray(patches, np.float32)
+    if low_high is not None:
+        out = np.clip(out, *low_high)
+    return ((out - mean) / std).astype(np.float32)
+
+
+def zscore_stack(patches: np.ndarray) -> np.ndarray:
+    """Z-score over all stacked patches together (percentile-clipped), as CNN2 expects."""
+    v = np.asarray(patches, np.float32)
+    lo, hi = np.percentile(v, [0.5, 99.5])
+    mean, std = robust_zscore(v)
+    return apply_zscore(v, mean, std, (lo, hi))
+
+
+SCHEMES = {"percentile_slices": percentile_slices, "zscore_stack": zscore_stack}
+
+
+def normalize(name: str, data: np.ndarray) -> np.ndarray:
+    try:
+        fn = SCHEMES[name]
+    except KeyError:
+        raise ModelError(f"unknown normalisation '{name}' in model metadata (known: {', '.join(SCHEMES)})") from None
+    return fn(data)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Schemes of the published models (Gros et al. 2019, Spinal Cord Toolbox), for models brought in with
+# `cordseg import-keras`. Their constants travel in the model file (cordseg_normalisation_params), so
+# these schemes take `params`; use `normalize_with(name, data, params)` to apply any scheme.
+
+def _params(params, n: int | None, name: str) -> tuple:
+    if params is None:
+        raise ModelError(f"normalisation '{name}' needs parameters (cordseg_normalisation_params) in the model")
+    if isinstance(params, str):
+        try:
+            params = [float(p) for p in params.split(",") if p.strip()]
+        except ValueError:
+            raise ModelError(f"normalisation '{name}': parameters '{params}' are not numbers") from None
+    values = tuple(float(p) for p in params)
+    if (n is not None and len(values) != n) or not all(np.isfinite(values)):
+        raise ModelError(f"normalisation '{name}' expects {n} finite parameters, got {len(values)}")
+    return values
+
+
+def published_ctr(volume: np.ndarray, params=None) -> np.ndarray:
+    """Published CNN1 input: params "mean,std".
+
+    The whole volume's 2nd..98th percentiles are mapped to 0..255 with values outside clipped (what
+    skimage's rescale_intensity does), then z-scored with the training set's mean and std:
+        y = (clip((v - p2) / (p98 - p2), 0, 1) * 255 - mean) / std
+    Percentiles are over everything passed in: give it the whole volume at the model's grid.
+    """
+    mean, std = _params(params, 2, "published_ctr")
+    v = np.asarray(volume, np.float32)
+    p2, p98 = np.percentile(v, [2.0, 98.0])
+    scaled = np.clip((v - p2) / (p98 - p2), 0.0, 1.0) * 255.0 if p98 > p2 else np.zeros_like(v)
+    return ((scaled - mean) / (std if std != 0 else 1.0)).astype(np.float32)
+
+
+HISTOGRAM_PERCENTILES = (1.0, 10.0, 20.0, 30.0, 40.0, 50.0, 60.0, 70.0, 80.0, 90.0, 99.0)
+
+
+def _saturating_tail(x, x_join, y_join, slope, limit):
+    """Exponential through (x_join, y_join) with `slope` there, tending to `limit` away from x_join."""
+    omega = y_join - limit
+    if abs(omega) < 1e-12 or slope == 0:
+        return np.full_like(x, limit)
+    return limit + omega * np.exp(slope * (x - x_join) / omega)
+
+
+def histogram_standardise(values: np.ndarray, landmarks) -> np.ndarray:
+    """Piecewise-linear histogram standardisation (Nyul & Udupa) as the published lesion tool does it.
+
+    The data's percentiles 1, 10, 20, ..., 90, 99 are mapped linearly, segment by segment, onto the 11
+    `landmarks`. Beyond the 1st and 99th percentiles the map continues as an exponential that saturates
+    at the outer landmark: below, one that joins the 10th-percentile landmark with the slope of the
+    1..10 segment and tends to landmarks[0]; above, one that joins the 90th-percentile landmark with the
+    slope of the 80..90 segment and tends to landmarks[-1]. Percentiles are over everything passed in.
+    """
+    y = np.asarray(landmarks, np.float64)
+    if y.shape != (len(HISTOGRAM_PERCENTILES),):
+        raise ModelError(f"histogram standardisation needs {len(HISTOGRAM_PERCENTILES)} landmarks, got {y.size}")
+    v = np.asarray(values, np.float64)
+    x = np.percentile(v, HISTOGRAM_PERCENTILES)
+    # Ties (e.g. a large zero background) would make segments of zero width: keep x strictly increasing.
+    eps = max(1e-6, 1e-6 * float(x[-1] - x[0]))
+    x = x + eps * np.arange(len(x))
+    out = np.interp(v, x, y)
+    below, above = v < x[0], v > x[-1]
+    if below.any():
+        slope = (y[1] - y[0]) / (x[1] - x[0])
+        out[below] = _saturating_tail(v[below], x[1], y[1], slope, y[0])
+    if above.any():
+        slope = (y[-2] - y[-3]) / (x[-2] - x[-3])
+        out[above] = _saturating_tail(v[above], x[-2], y[-2], slope, y[-1])
+    return out.astype(np.float32)
+
+
+def published_lesion(volume: np.ndarray, params=None) -> np.ndarray:
+    """Published CNN2-lesion input: params = 11 landmarks, then mean, std.
+
+    y = (histogram_standardise(v, landmarks) - mean) / std. The published tool standardises the 48-voxel
+    wide crop around the centerline at native resolution, then resamples to 0.5 mm; give this the stacked
+    patches around the cord (or that crop) so the percentiles describe the same tissue mix.
+    """
+    p = _params(params, len(HISTOGRAM_PERCENTILES) + 2, "published_lesion")
+    mean, std = p[-2], p[-1]
+    return ((histogram_standardise(volume, p[:-2]) - mean) / (std if std != 0 else 1.0)).astype(np.float32)
+
+
+SCHEMES.update({"published_ctr": published_ctr, "published_lesion": published_lesion})
+PARAMETRISED = frozenset({"published_ctr", "published_lesion"})
+
+
+def normalize_with(name: str, data: np.ndarray, params=None) -> np.ndarray:
+    """Apply scheme `name`, passing `params` (a "a,b,c" string or numbers) to schemes that take them."""
+    if name not in SCHEMES:
+        return normalize(name, data)  # raises the usual ModelError
+    fn = SCHEMES[name]
+    if name in PARAMETRISED:
+        return fn(data, params)
+    return fn(data)

@@ -1,0 +1,378 @@
+"""Synthetic training images made from label maps (domain randomisation, in the manner of SynthSeg).
+
+Every sample starts from the PAM50 template's label maps (cord white and grey matter, CSF, vertebrae) at
+0.5 mm, moved by a random rigid + scaling + bending + elastic transform, surrounded by random background
+"clutter" (smooth regions, blobs, a body outline with air outside). Each label gets a random intensity
+(half of the time drawn from T1-, T2- or T2*-like ranges), then bias field, texture, slice-thickness and
+in-plane resolution simulation, blur, noise and a gamma change. The cord labels are the targets; lesions can
+be inserted into the cord for the lesion model.
+
+Working space is the runtime's: axis 0 left-right, axis 1 posterior-anterior, axis 2 inferior-superior.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage as ndi
+
+# Anatomy label values in the label volume.
+BG, WM, GM, CSF, BONE = 0, 1, 2, 3, 4
+CLUTTER0 = 10  # clutter labels start here
+BLOB0 = 40  # blob labels start here
+MAX_LABEL = 64
+
+ANATOMY_ZOOM = 0.5  # mm, PAM50 grid
+
+
+@dataclass
+class Anatomy:
+    """PAM50 label volume in working space, with the cord's centre on every slice."""
+
+    labels: np.ndarray  # uint8 (nx, ny, nz)
+    center: np.ndarray  # float32 (nz, 2): cord centre in voxels, NaN where no cord
+    cord_z: tuple  # first and last slice with cord
+
+    @classmethod
+    def from_pam50(cls, folder) -> "Anatomy":
+        import nibabel as nib
+
+        folder = Path(folder)
+
+        def load(name):
+            img = nib.load(str(folder / f"PAM50_{name}.nii.gz"))
+            img = nib.as_closest_canonical(img)  # RAS
+            return np.asarray(img.dataobj)[::-1]  # RAS -> LAS (working space)
+
+        cord = load("cord") > 0
+        gm = load("gm") > 0.5
+        csf = load("csf") > 0
+        spine = load("spine") > 0
+        labels = np.zeros(cord.shape, np.uint8)
+        labels[spine] = BONE
+        labels[csf] = CSF
+        labels[cord] = WM
+        labels[cord & gm] = GM
+        center = np.full((cord.shape[2], 2), np.nan, np.float32)
+        zs = np.where(cord.any((0, 1)))[0]
+        for z in zs:
+            xs, ys = np.nonzero(cord[:, :, z])
+            center[z] = xs.mean(), ys.mean()
+        return cls(labels, center, (int(zs[0]), int(zs[-1])))
+
+    @classmethod
+    def load(cls, source) -> "Anatomy":
+        """From the PAM50 folder, or from an .npz written by `save` (no nibabel needed)."""
+        source = Path(source)
+        if source.suffix == ".npz":
+            d = np.load(source)
+            return cls(d["labels"], d["center"], tuple(int(v) for v in d["cord_z"]))
+        return cls.from_pam50(source)
+
+    def save(self, path) -> None:
+        np.savez_compressed(path, labels=self.labels, center=self.center, cord_z=np.array(self.cord_z))
+
+
+# ----------------------------------------------------------------------------------------------------
+# geometry
+
+
+def _rotation(rng, max_tilt_deg, max_inplane_deg):
+    ax, ay = np.deg2rad(rng.uniform(-max_tilt_deg, max_tilt_deg, 2))
+    az = np.deg2rad(rng.uniform(-max_inplane_deg, max_inplane_deg))
+    rx = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
+    ry = np.array([[np.cos(ay), 0, np.sin(ay)], [0, 1, 0], [-np.sin(ay), 0, np.cos(ay)]])
+    rz = np.array([[np.cos(az), -np.sin(az), 0], [np.sin(az), np.cos(az), 0], [0, 0, 1]])
+    return rz @ ry @ rx
+
+
+def _upsample_matrix(n, c):
+    """(n, c) weights that interpolate c control points onto n samples with a smoothstep kernel."""
+    pos = (np.arange(n) + 0.5) * c / n - 0.5
+    pos = np.clip(pos, 0, c - 1)
+    lo = np.minimum(np.floor(pos).astype(int), c - 2) if c > 1 else np.zeros(n, int)
+    t = pos - lo
+    t = t * t * (3 - 2 * t)
+    w = np.zeros((n, c), np.float32)
+    w[np.arange(n), lo] = 1 - t
+    if c > 1:
+        w[np.arange(n), lo + 1] += t
+    return w
+
+
+def _smooth_field(rng, shape, coarse, amplitude):
+    """Random smooth field: coarse Gaussian noise interpolated separably onto `shape` (fast)."""
+    coarse = tuple(max(2, int(c)) for c in coarse)
+    field = rng.normal(0.0, amplitude, coarse).astype(np.float32)
+    for axis, (n, c) in enumerate(zip(shape, coarse)):
+        field = np.moveaxis(np.tensordot(_upsample_matrix(n, c), field, axes=(1, axis)), 0, axis)
+    return field
+
+
+def sample_label_grid(anatomy, rng, shape, spacing, center_z, *, offset_mm=(0.0, 0.0), max_tilt=20.0,
+                      max_inplane=20.0, scale_range=(0.8, 1.25), elastic_mm=1.5, bend_mm=4.0):
+    """Labels of a randomly transformed anatomy on a grid of `shape` voxels at `spacing` mm.
+
+    The grid is centred on the cord at template slice `center_z` (plus `offset_mm` in-plane); template
+    points outside the label volume are background. Returns uint8 labels.
+    """
+    shape = tuple(int(s) for s in shape)
+    spacing = np.asarray(spacing, np.float64)
+    grid = np.stack(np.meshgrid(*[(np.arange(n) - (n - 1) / 2.0) * s for n, s in zip(shape, spacing)],
+                                indexing="ij"), axis=-1).reshape(-1, 3)
+    grid[:, 0] -= offset_mm[0]
+    grid[:, 1] -= offset_mm[1]
+    # Bending: in-plane shift that varies smoothly (quadratically) along the grid's z axis.
+    zc = grid[:, 2] / max(1.0, shape[2] * spacing[2] / 2.0)
+    bend = rng.uniform(-bend_mm, bend_mm, 2)
+    grid[:, 0] += bend[0] * zc**2
+    grid[:, 1] += bend[1] * zc**2
+    rot = _rotation(rng, max_tilt, max_inplane)
+    scale_xy = rng.uniform(*scale_range)
+    scale = np.array([scale_xy * rng.uniform(0.9, 1.1), scale_xy * rng.uniform(0.9, 1.1), rng.uniform(0.85, 1.15)])
+    src = (grid @ rot.T) / scale  # mm in template space relative to the centre
+    if elastic_mm > 0:
+        coarse = [max(2, int(n * s / 12.0)) for n, s in zip(shape, spacing)]
+        for axis in range(3):
+            src[:, axis] += _smooth_field(rng, shape, coarse, elastic_mm).reshape(-1)
+    cz = int(np.clip(center_z, anatomy.cord_z[0], anatomy.cord_z[1]))
+    cx, cy = anatomy.center[cz]
+    vox = src / ANATOMY_ZOOM + np.array([cx, cy, center_z])
+    labels = ndi.map_coordinates(anatomy.labels, vox.T, order=0, mode="constant", cval=BG, prefilter=False)
+    return labels.reshape(shape)
+
+
+def add_clutter(labels, rng, spacing, *, n_blobs=(0, 12), blob_radius_mm=(1.5, 12.0), protect=(WM, GM)):
+    """Fill background with random smooth regions and add blobs (never over `protect` labels)."""
+    shape = labels.shape
+    n_regions = rng.integers(2, 8)
+    coarse = [max(2, int(n * s / rng.uniform(8.0, 40.0))) for n, s in zip(shape, spacing)]
+    field = _smooth_field(rng, shape, coarse, 1.0)
+    edges = np.quantile(field, np.sort(rng.uniform(0, 1, n_regions - 1)))
+    clutter = (CLUTTER0 + np.digitize(field, edges)).astype(np.uint8)
+    out = np.where(labels == BG, clutter, labels)
+    keep = np.isin(labels, protect)
+    nb = rng.integers(n_blobs[0], n_blobs[1] + 1)
+    if nb:
+        axes = [(np.arange(n) - (n - 1) / 2.0) * s for n, s in zip(shape, spacing)]
+        half = np.array([n * s / 2.0 for n, s in zip(shape, spacing)])
+        for i in range(nb):
+            c = rng.uniform(-half, half)
+            r = rng.uniform(*blob_radius_mm, 3)
+            r[2] *= rng.uniform(1.0, 4.0)  # blobs are often elongated along the body axis
+            d = sum(((a - ci) / ri) ** 2 for a, ci, ri in zip(np.ix_(*axes), c, r))
+            blob = (d <= 1.0) & ~keep
+            out[blob] = BLOB0 + (i % (MAX_LABEL - BLOB0))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# lesions
+
+def insert_lesions(labels, rng, spacing, *, count=(0, 4), volume_mm3=(5.0, 1700.0)):
+    """Irregular blobs inside the cord; returns a soft lesion map (0..1) clipped to the cord."""
+    cord = np.isin(labels, (WM, GM))
+    soft = np.zeros(labels.shape, np.float32)
+    n = rng.integers(count[0], count[1] + 1)
+    if n == 0 or not cord.any():
+        return soft
+    idx = np.argwhere(cord)
+    vox_mm3 = float(np.prod(spacing))
+    for _ in range(n):
+        vol = np.exp(rng.uniform(np.log(volume_mm3[0]), np.log(volume_mm3[1])))
+        centre = idx[rng.integers(len(idx))]
+        # a few overlapping ellipsoids, elongated along the cord
+        base_r = (3.0 * vol / (4.0 * np.pi)) ** (1.0 / 3.0)
+        half = np.ceil(np.array([base_r * 2.5] * 3) / np.asarray(spacing)).astype(int) + 1
+        lo = np.maximum(centre - half, 0)
+        hi = np.minimum(centre + half + 1, labels.shape)
+        axes = [(np.arange(l, h) - c) * s for l, h, c, s in zip(lo, hi, centre, spacing)]
+        blob = np.zeros(tuple(hi - lo), bool)
+        for _k in range(rng.integers(1, 4)):
+            r = base_r * rng.uniform(0.5, 1.0, 3) * np.array([1.0, 1.0, rng.uniform(1.0, 3.0)])
+            c = rng.normal(0, base_r * 0.4, 3)
+            d = sum(((a - ci) / ri) ** 2 for a, ci, ri in zip(np.ix_(*axes), c, r))
+            blob |= d <= 1.0
+        region = (slice(lo[0], hi[0]), slice(lo[1], hi[1]), slice(lo[2], hi[2]))
+        blob &= cord[region]
+        if blob.sum() * vox_mm3 < 2.0:
+            continue
+        edge = ndi.gaussian_filter(blob.astype(np.float32), rng.uniform(0.3, 1.0))
+        soft[region] = np.maximum(soft[region], np.where(cord[region], edge, 0.0))
+    return soft
+
+
+# ----------------------------------------------------------------------------------------------------
+# intensities
+
+CONTRAST_PRIORS = {
+    # (lo, hi) intensity ranges: WM, GM, CSF, BONE; lesion relative to cord (multiplier range)
+    "t2": {WM: (0.25, 0.45), GM: (0.3, 0.5), CSF: (0.75, 1.0), BONE: (0.05, 0.35), "lesion": (1.4, 2.2)},
+    "t2s": {WM: (0.25, 0.45), GM: (0.45, 0.7), CSF: (0.7, 1.0), BONE: (0.05, 0.3), "lesion": (1.3, 2.0)},
+    "t1": {WM: (0.5, 0.8), GM: (0.45, 0.75), CSF: (0.02, 0.2), BONE: (0.3, 0.9), "lesion": (0.5, 0.8)},
+}
+
+
+def synth_intensity(labels, rng, spacing, *, lesion=None, contrast=None, air=None):
+    """Random-contrast image of a label volume. `contrast` picks a prior family or None for any."""
+    means = rng.uniform(0.0, 1.0, MAX_LABEL + 1).astype(np.float32)
+    family = contrast if contrast is not None else (rng.choice(list(CONTRAST_PRIORS)) if rng.random() < 0.5 else None)
+    lesion_gain = rng.uniform(1.3, 2.2) if rng.random() < 0.5 else rng.uniform(0.4, 0.75)
+    if family is not None:
+        prior = CONTRAST_PRIORS[family]
+        for lab in (WM, GM, CSF, BONE):
+            means[lab] = rng.uniform(*prior[lab])
+        lesion_gain = rng.uniform(*prior["lesion"])
+    if rng.random() < 0.5:  # often grey and white matter are not distinguishable
+        means[GM] = means[WM]
+    # The cord must differ from the CSF around it, or there is nothing to see.
+    if abs(means[WM] - means[CSF]) < 0.15:
+        means[CSF] = np.clip(means[WM] + np.sign(rng.random() - 0.5) * rng.uniform(0.2, 0.5), 0, 1)
+    image = means[labels]
+    # texture: smooth per-voxel multiplicative variation
+    coarse = [max(2, int(n * s / 4.0)) for n, s in zip(labels.shape, spacing)]
+    image *= 1.0 + _smooth_field(rng, labels.shape, coarse, rng.uniform(0.0, 0.08))
+    if lesion is not None and lesion.any():
+        cord_level = 0.5 * (means[WM] + means[GM])
+        target = np.clip(cord_level * lesion_gain, 0.0, 1.5)
+        image = image * (1.0 - lesion) + target * lesion
+    if air is not None:
+        image[air] = rng.uniform(0.0, 0.05)
+    # bias field
+    coarse = [2, 2, 2]
+    image *= np.exp(_smooth_field(rng, labels.shape, coarse, rng.uniform(0.0, 0.3)))
+    return image.astype(np.float32)
+
+
+def degrade(image, rng, spacing, *, thickness_mm=None, inplane_mm=None):
+    """Simulate acquisition: in-plane resolution, slice thickness, noise, gamma."""
+    spacing = np.asarray(spacing, float)
+    sigma = [0.0, 0.0, 0.0]
+    if inplane_mm is not None and inplane_mm > spacing[0]:
+        s = np.sqrt(max(inplane_mm**2 - spacing[0] ** 2, 0.0)) / 2.355 / spacing[0]
+        sigma[0] = sigma[1] = s
+    sigma = [s + rng.uniform(0, 0.4) for s in sigma]
+    image = ndi.gaussian_filter(image, sigma, mode="nearest")
+    if thickness_mm is not None and thickness_mm > spacing[2] * 1.01 and image.shape[2] > 1:
+        image = _thick_slices(image, spacing[2], thickness_mm, rng)
+    noise = rng.uniform(0.0, 0.08)
+    if rng.random() < 0.5:  # Rician-like magnitude noise
+        image = np.sqrt((image + rng.normal(0, noise, image.shape)) ** 2 + rng.normal(0, noise, image.shape) ** 2)
+    else:
+        image = image + rng.normal(0, noise, image.shape)
+    image = np.clip(image, 0, None)
+    gamma = np.exp(rng.normal(0, 0.25))
+    peak = np.percentile(image, 99.5) + 1e-6
+    image = (image / peak) ** gamma * peak
+    return image.astype(np.float32)
+
+
+def _linear_matrix(positions, n):
+    """(len(positions), n) weights of linear interpolation at fractional indices (edge-clamped)."""
+    pos = np.clip(np.asarray(positions, float), 0, n - 1)
+    lo = np.minimum(np.floor(pos).astype(int), max(n - 2, 0))
+    t = pos - lo
+    w = np.zeros((len(pos), n), np.float32)
+    w[np.arange(len(pos)), lo] = 1 - t
+    if n > 1:
+        w[np.arange(len(pos)), lo + 1] += t
+    return w
+
+
+def _thick_slices(image, dz, thickness, rng):
+    """Average over slabs of `thickness` mm, sample every `thickness` mm, interpolate back linearly."""
+    nz = image.shape[2]
+    k = thickness / dz
+    box = max(1, int(round(k)))
+    slab = ndi.uniform_filter1d(image, box, axis=2, mode="nearest")
+    start = rng.uniform(0, k)
+    src = np.arange(start, nz, k)
+    if len(src) < 2:
+        return np.repeat(slab[:, :, [nz // 2]], nz, axis=2)
+    sampled = slab @ _linear_matrix(src, nz).T
+    back = _linear_matrix((np.arange(nz) - start) / k, len(src))
+    return sampled @ back.T
+
+
+def body_air_mask(shape, spacing, rng):
+    """Air outside an elliptical body outline (None half of the time or when the outline is off-grid)."""
+    if rng.random() < 0.5:
+        return None
+    axes = [(np.arange(n) - (n - 1) / 2.0) * s for n, s in zip(shape[:2], spacing[:2])]
+    c = rng.uniform(-20, 20, 2)
+    r = rng.uniform(35, 120, 2)
+    d = ((axes[0][:, None] - c[0]) / r[0]) ** 2 + ((axes[1][None, :] - c[1] - r[1] * 0.3) / r[1]) ** 2
+    air2d = d > 1.0
+    if not air2d.any():
+        return None
+    return np.repeat(air2d[:, :, None], shape[2], axis=2)
+
+
+# ----------------------------------------------------------------------------------------------------
+# samples for each network
+
+def _template_z(anatomy, rng, p_outside):
+    lo, hi = anatomy.cord_z
+    if rng.random() < p_outside:  # above the medulla (brain-like, no cord) or below the conus
+        return float(rng.choice([rng.uniform(hi + 10, hi + 120), rng.uniform(-60, lo - 6)]))
+    return float(rng.uniform(lo, hi))
+
+
+def heatmap_sample(anatomy, rng, *, size=96, zoom=1.0):
+    """One 2D slice for CNN1: (image (size, size), cord target (size, size)) at `zoom` mm in-plane."""
+    thickness = float(np.exp(rng.uniform(np.log(0.5), np.log(6.0))))
+    fine = ANATOMY_ZOOM
+    nz = max(1, int(round(thickness / fine)))
+    up = int(round(zoom / fine))
+    shape = (size * up, size * up, nz)
+    spacing = (fine, fine, fine)
+    offset = rng.uniform(-0.35, 0.35, 2) * size * zoom
+    z = _template_z(anatomy, rng, 0.12)
+    labels = sample_label_grid(anatomy, rng, shape, spacing, z, offset_mm=offset, max_tilt=25.0,
+                               max_inplane=25.0, elastic_mm=1.0, bend_mm=0.0)
+    if rng.random() < 0.5:
+        labels = labels[::-1]
+    cord = np.isin(labels, (WM, GM))
+    labels = add_clutter(labels, rng, spacing)
+    air = body_air_mask(shape, spacing, rng)
+    image = synth_intensity(labels, rng, spacing, air=air)
+    inplane = rng.uniform(0.5, 1.3)
+    image = degrade(image, rng, spacing, inplane_mm=inplane)
+    # thick slice: average the slab, then pool to the output in-plane grid
+    image = image.mean(axis=2).reshape(size, up, size, up).mean(axis=(1, 3))
+    target = cord.mean(axis=2).reshape(size, up, size, up).mean(axis=(1, 3)) >= 0.5
+    return image.astype(np.float32), target.astype(np.float32)
+
+
+def patch_sample(anatomy, rng, *, shape=(64, 64, 48), spacing=(0.5, 0.5, 1.0), lesions=False,
+                 center_sigma_mm=1.5):
+    """One 3D patch for CNN2 centred near the cord: (image, cord target, lesion target)."""
+    fine = np.array([spacing[0], spacing[1], min(spacing[2], ANATOMY_ZOOM)])
+    zup = int(round(spacing[2] / fine[2]))
+    fshape = (shape[0], shape[1], shape[2] * zup)
+    z = _template_z(anatomy, rng, 0.0)
+    offset = rng.normal(0, center_sigma_mm, 2)
+    labels = sample_label_grid(anatomy, rng, fshape, fine, z, offset_mm=offset, max_tilt=20.0, max_inplane=20.0)
+    if rng.random() < 0.5:
+        labels = labels[::-1]
+    cord = np.isin(labels, (WM, GM))
+    lesion = insert_lesions(labels, rng, fine, count=(0, 4)) if lesions and rng.random() < 0.8 else None
+    labels = add_clutter(labels, rng, fine, n_blobs=(0, 6), blob_radius_mm=(1.0, 6.0))
+    contrast = None
+    if lesions:  # lesion contrast follows a plausible T1/T2/T2* family
+        contrast = str(rng.choice(list(CONTRAST_PRIORS)))
+    image = synth_intensity(labels, rng, fine, lesion=lesion, contrast=contrast)
+    thickness = float(np.exp(rng.uniform(np.log(0.5), np.log(6.0))))
+    image = degrade(image, rng, fine, thickness_mm=thickness, inplane_mm=rng.uniform(0.5, 1.2))
+
+    def pool(a):
+        return a.reshape(shape[0], shape[1], shape[2], zup).mean(axis=3)
+
+    image = pool(image)
+    cord_t = (pool(cord.astype(np.float32)) >= 0.5).astype(np.float32)
+    if lesion is None:
+        lesion_t = np.zeros(shape, np.float32)
+    else:
+        lesion_t = (pool(lesion) >= 0.5).astype(np.float32)
+    return image.astype(np.float32), cord_t, lesion_t

@@ -1,0 +1,101 @@
+"""The three trained models: what each learns from, its input grid, normalisation and metadata.
+
+Every per-model number the runtime needs is defined here once and written into the ONNX file at export.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from cordseg.normalization import zscore_stack
+
+from . import synth
+
+
+@dataclass
+class TaskConfig:
+    task: str  # centerline | sc | lesion
+    voxel_size: tuple  # mm of the grid the network sees (x, y, z); z None = native slice thickness
+    patch_shape: tuple  # training patch; centerline runs fully convolutionally on whole slices
+    normalisation: str
+    threshold: float
+    batch_size: int
+    learning_rate: float
+    steps: int
+    network: dict = field(default_factory=dict)
+    contrasts: tuple = ("t1", "t2", "t2s", "dwi")
+
+
+TASKS = {
+    "centerline": TaskConfig("centerline", (1.0, 1.0, None), (96, 96), "percentile_slices", 0.5,
+                             batch_size=12, learning_rate=2e-3, steps=6000,
+                             network={"filters": (16, 32, 48)}),
+    "sc": TaskConfig("sc", (0.5, 0.5, 1.0), (64, 64, 48), "zscore_stack", 0.5,
+                     batch_size=2, learning_rate=2e-3, steps=6000, network={"base_filters": 8},
+                     contrasts=("t1", "t2", "t2s")),
+    "lesion": TaskConfig("lesion", (0.5, 0.5, 1.0), (48, 48, 48), "zscore_stack", 0.5,
+                         batch_size=2, learning_rate=2e-3, steps=6000, network={"base_filters": 8},
+                         contrasts=("t2", "t2s")),
+}
+
+
+def build_model(cfg: TaskConfig):
+    from .networks import build_cnn1, build_cnn2
+
+    if cfg.task == "centerline":
+        return build_cnn1(**cfg.network)
+    return build_cnn2(cfg.patch_shape, **cfg.network)
+
+
+def _window_percentiles(image, rng):
+    """Slice normalisation computed over a random window, as if the field of view were bigger or smaller."""
+    n = image.shape[0]
+    w = int(rng.integers(n // 2, n + 1))
+    i, j = rng.integers(0, n - w + 1, 2)
+    lo, hi = np.percentile(image[i:i + w, j:j + w], [1.0, 99.0])
+    return lo, max(hi - lo, 1e-6)
+
+
+class Sampler:
+    """Callable rng -> (x, y) batch for one task; picklable, so worker processes can each hold one."""
+
+    def __init__(self, cfg: TaskConfig, anatomy):
+        self.cfg, self.anatomy = cfg, anatomy
+
+    def __call__(self, rng):
+        cfg, xs, ys = self.cfg, [], []
+        for _ in range(cfg.batch_size):
+            if cfg.task == "centerline":
+                img, tgt = synth.heatmap_sample(self.anatomy, rng, size=cfg.patch_shape[0], zoom=cfg.voxel_size[0])
+                lo, scale = _window_percentiles(img, rng)
+                xs.append((img - lo) / scale)
+                ys.append(tgt)
+            else:
+                img, cord, lesion = synth.patch_sample(self.anatomy, rng, shape=cfg.patch_shape,
+                                                       spacing=cfg.voxel_size, lesions=cfg.task == "lesion")
+                xs.append(zscore_stack(img))
+                ys.append(lesion if cfg.task == "lesion" else cord)
+        return np.stack(xs)[..., None].astype(np.float32), np.stack(ys)[..., None].astype(np.float32)
+
+
+def make_sampler(cfg: TaskConfig, anatomy):
+    return Sampler(cfg, anatomy)
+
+
+def metadata(cfg: TaskConfig, *, contrast: str, steps: int, summary: str, version: str = "0.1.0") -> dict:
+    """The runtime's model contract, written as ONNX metadata_props (all values are strings)."""
+    vz = cfg.voxel_size
+    return {
+        "cordseg_task": cfg.task,
+        "cordseg_contrast": contrast,
+        "cordseg_layout": "NHWC" if cfg.task == "centerline" else "NXYZC",
+        "cordseg_patch_shape": "x".join(str(s) for s in cfg.patch_shape) if cfg.task != "centerline" else "slice",
+        "cordseg_voxel_size": ",".join("native" if v is None else f"{v:g}" for v in vz),
+        "cordseg_normalisation": cfg.normalisation,
+        "cordseg_threshold": f"{cfg.threshold:g}",
+        "cordseg_size_multiple": "4",
+        "cordseg_version": version,
+        "cordseg_training": summary,
+        "cordseg_steps": str(steps),
+    }

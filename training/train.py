@@ -1,0 +1,63 @@
+"""Train one of cordseg's networks from synthetic data: `python -m cordseg.training.train TASK --out DIR`.
+
+Also reachable as `cordseg train TASK ...`. Resumes from DIR/checkpoint.keras when it exists.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+
+def default_labelmaps() -> Path:
+    here = Path(__file__).resolve()
+    for base in [Path.cwd(), *here.parents]:
+        cand = base.parent / "shared" / "data" / "labelmaps" / "PAM50"
+        if cand.is_dir():
+            return cand
+    return Path("labelmaps/PAM50")
+
+
+def run(task, out, *, steps=None, batch_size=None, learning_rate=None, labelmaps=None, seed=0, log=print,
+        workers=0, max_minutes=None, network=None):
+    from . import losses, synth, tasks
+    from .loop import train
+
+    cfg = tasks.TASKS[task]
+    if steps:
+        cfg.steps = steps
+    if batch_size:
+        cfg.batch_size = batch_size
+    if learning_rate:
+        cfg.learning_rate = learning_rate
+    if network:
+        cfg.network.update(network)
+    anatomy = synth.Anatomy.load(labelmaps or default_labelmaps())
+    sampler = tasks.make_sampler(cfg, anatomy)
+    return train(lambda: tasks.build_model(cfg), losses.dice_bce_loss, sampler, out_dir=out, steps=cfg.steps,
+                 learning_rate=cfg.learning_rate, seed=seed, log=log, workers=workers,
+                 max_seconds=None if max_minutes is None else 60.0 * max_minutes)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("task", choices=["centerline", "sc", "lesion"])
+    p.add_argument("--out", required=True)
+    p.add_argument("--steps", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--learning-rate", type=float)
+    p.add_argument("--labelmaps", help="folder with the PAM50 label maps")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=0, help="processes making batches (0: one thread)")
+    p.add_argument("--max-minutes", type=float, help="stop (and save) after this long")
+    p.add_argument("--base-filters", type=int, help="CNN2 width")
+    a = p.parse_args(argv)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    run(a.task, a.out, steps=a.steps, batch_size=a.batch_size, learning_rate=a.learning_rate,
+        labelmaps=a.labelmaps, seed=a.seed, log=lambda m: print(m, flush=True), workers=a.workers,
+        max_minutes=a.max_minutes, network={"base_filters": a.base_filters} if a.base_filters else None)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
