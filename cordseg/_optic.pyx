@@ -220,6 +220,8 @@ cdef inline bint _reach(const double* f, int cnt, const int* v, const double* zb
         if b > s0 and a <= s1:
             right = b if b < s1 else s1
             break
+    if left >= <double>n or right < 0.0:          # (also keeps the int casts in range)
+        return False
     lo[0] = 0 if left < 0.0 else <int>left
     hi[0] = n - 1 if right >= <double>(n - 1) else <int>right + 1
     return lo[0] <= hi[0]
