@@ -1,0 +1,22 @@
+"""cordseg: spinal cord and MS lesion segmentation in MRI, on a CPU, in seconds.
+
+    import cordseg
+    cord = cordseg.segment_cord("t2.nii.gz")                 # nibabel image on the input grid
+    lesions = cordseg.segment_lesions(img, contrast="t2s")
+    mask, centerline = cordseg.detect_centerline(img, contrast="t2")
+"""
+from .errors import CordsegError, CordsegWarning, InputError, ModelError, NoCordError, OutputError
+
+__version__ = "0.1.0"
+
+
+def __getattr__(name):  # heavy modules load on first use, not at import
+    if name in ("detect_centerline", "segment_cord", "segment_lesions", "lesion_table", "guess_contrast"):
+        from . import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'cordseg' has no attribute {name!r}")
+
+
+__all__ = ["detect_centerline", "segment_cord", "segment_lesions", "lesion_table", "guess_contrast",
+           "CordsegError", "CordsegWarning", "InputError", "ModelError", "NoCordError", "OutputError"]

@@ -1,0 +1,143 @@
+"""The Python API: paths or nibabel images in, nibabel images out, on the input's own grid.
+
+    import cordseg
+    seg = cordseg.segment_cord("sub-01_T2w.nii.gz")             # contrast read from the name
+    les = cordseg.segment_lesions(img, contrast="t2s")           # any nibabel image
+    mask, centerline = cordseg.detect_centerline(img, contrast="t2")
+
+Errors are CordsegError subclasses; warnings are CordsegWarning. Nothing is printed.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from scipy import ndimage as ndi
+
+from . import centerline as _centerline
+from . import segmentation as _segmentation
+from .errors import CordsegError, InputError
+from .inference import CONTRASTS, find_model
+from .io import load_image
+from .orientation import to_rpi
+
+# BIDS suffixes first, then the names people give files.
+_CONTRAST_PATTERNS = [
+    ("t2s", r"(?:^|[_\-.])(t2star|t2s|t2\*|me-?gre|gre|mt0|mton|mtoff)(?:[_\-.]|$)"),
+    ("t1", r"(?:^|[_\-.])(t1w|t1)(?:[_\-.]|$)"),
+    ("t2", r"(?:^|[_\-.])(t2w|t2)(?:[_\-.]|$)"),
+    ("dwi", r"(?:^|[_\-.])(dwi|dmri|dti)(?:[_\-.]|$)"),
+]
+
+
+def guess_contrast(name) -> str | None:
+    """Contrast from a file name (BIDS T1w/T2w/T2star/dwi or t1/t2/t2s), or None."""
+    stem = Path(str(name)).name.lower()
+    stem = re.sub(r"\.nii(\.gz)?$", "", stem)
+    for contrast, pattern in _CONTRAST_PATTERNS:
+        if re.search(pattern, stem):
+            return contrast
+    return None
+
+
+def resolve_contrast(src, contrast) -> str:
+    if contrast is not None:
+        c = str(contrast).lower()
+        if c not in CONTRASTS:
+            raise InputError(f"unknown contrast '{contrast}' (choose from {', '.join(CONTRASTS)})")
+        return c
+    name = src if isinstance(src, (str, Path)) else (src.get_filename() if hasattr(src, "get_filename") else None)
+    guessed = guess_contrast(name) if name else None
+    if guessed is None:
+        raise InputError(f"cannot tell the contrast of {Path(str(name)).name if name else 'the image'}; "
+                         f"give it with -c/--contrast ({', '.join(CONTRASTS)})")
+    return guessed
+
+
+def _prepare(src, contrast, volume):
+    img = load_image(src, volume=volume)
+    return img, resolve_contrast(src, contrast), to_rpi(img)
+
+
+def _mask_image(data, ref, dtype=np.uint8):
+    """A new image on `ref`'s grid (same shape, affine, qform/sform and codes)."""
+    hdr = ref.header.copy()
+    hdr.set_data_dtype(dtype)
+    out = nib.Nifti1Image(np.asarray(data, dtype), ref.affine, hdr) if isinstance(ref, nib.Nifti1Image) else \
+        nib.Nifti2Image(np.asarray(data, dtype), ref.affine, hdr)
+    out.set_qform(ref.get_qform(), int(ref.header["qform_code"]))
+    out.set_sform(ref.get_sform(), int(ref.header["sform_code"]))
+    out.header.set_slope_inter(1.0, 0.0)
+    return out
+
+
+def detect_centerline(img, contrast=None, *, model=None, smoothness=_centerline.DEFAULT_SMOOTHNESS,
+                      volume=None, progress=None):
+    """Returns (centerline mask image on the input grid, Centerline)."""
+    image, contrast, rpi = _prepare(img, contrast, volume)
+    cl = _centerline.detect(rpi, find_model("centerline", contrast, model), smoothness=smoothness,
+                            progress=progress)
+    return _mask_image(cl.native_mask(), image), cl
+
+
+def segment_cord(img, contrast=None, soft=False, *, threshold=None, model=None, centerline_model=None,
+                 volume=None, progress=None):
+    """Spinal cord mask (uint8) or, with soft=True, its probability map (float32), on the input grid."""
+    image, contrast, rpi = _prepare(img, contrast, volume)
+    cl = _centerline.detect(rpi, find_model("centerline", contrast, centerline_model), progress=progress)
+    sc_model = find_model("sc", contrast, model)
+    prob = _segmentation.soft_segmentation(cl, sc_model, progress, stage="cord")
+    if soft:
+        return _mask_image(rpi.to_native(prob), image, np.float32)
+    thr = sc_model.threshold if threshold is None else float(threshold)
+    mask = _segmentation.keep_largest_component((prob >= thr).astype(np.uint8))
+    return _mask_image(rpi.to_native(mask), image)
+
+
+def segment_lesions(img, contrast=None, soft=False, *, threshold=None, model=None, centerline_model=None,
+                    volume=None, progress=None):
+    """MS lesion mask (uint8) or probability map (float32) in the cord, on the input grid."""
+    image, contrast, rpi = _prepare(img, contrast, volume)
+    cl = _centerline.detect(rpi, find_model("centerline", contrast, centerline_model), progress=progress)
+    lesion_model = find_model("lesion", contrast, model)
+    prob = _segmentation.soft_segmentation(cl, lesion_model, progress, stage="lesions")
+    if soft:
+        return _mask_image(rpi.to_native(prob), image, np.float32)
+    thr = lesion_model.threshold if threshold is None else float(threshold)
+    return _mask_image(rpi.to_native((prob >= thr).astype(np.uint8)), image)
+
+
+@dataclass
+class Lesion:
+    id: int
+    volume_mm3: float
+    centroid_mm: tuple
+    first_slice: int
+    last_slice: int
+
+
+def lesion_table(mask_img) -> list[Lesion]:
+    """One row per 3D connected lesion (26-connectivity), slices along the axial axis of the image."""
+    data = np.asarray(mask_img.dataobj) > 0
+    if not data.any():
+        return []
+    labels, n = ndi.label(data, structure=np.ones((3, 3, 3)))
+    zooms = mask_img.header.get_zooms()[:3]
+    voxel = float(np.prod(zooms))
+    axial = int(np.argmax(np.abs(mask_img.affine[2, :3])))  # voxel axis closest to inferior-superior
+    rows = []
+    for i, sl in enumerate(ndi.find_objects(labels), start=1):
+        comp = labels[sl] == i
+        idx = np.argwhere(comp) + [s.start for s in sl]
+        centroid = idx.mean(axis=0)
+        mm = mask_img.affine[:3, :3] @ centroid + mask_img.affine[:3, 3]
+        rows.append(Lesion(i, float(comp.sum() * voxel), tuple(float(v) for v in mm),
+                           int(idx[:, axial].min()), int(idx[:, axial].max())))
+    return rows
+
+
+__all__ = ["detect_centerline", "segment_cord", "segment_lesions", "lesion_table", "guess_contrast",
+           "CordsegError"]

@@ -1,0 +1,188 @@
+"""ONNX models: finding the file for a (task, contrast), reading its metadata, running it.
+
+Every per-model number (grid, patch shape, normalisation, threshold) comes from the file's metadata;
+nothing model-specific is hard-coded here. onnxruntime is imported only when a model is first opened.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import ModelError
+
+TASKS = ("centerline", "sc", "lesion")
+CONTRASTS = ("t1", "t2", "t2s", "dwi")
+REQUIRED_KEYS = ("cordseg_task", "cordseg_contrast", "cordseg_layout", "cordseg_patch_shape",
+                 "cordseg_voxel_size", "cordseg_normalisation", "cordseg_threshold")
+
+
+def model_dirs() -> list[Path]:
+    """Where models are looked for: $CORDSEG_MODEL_DIR first, then the installed package's models."""
+    dirs = []
+    env = os.environ.get("CORDSEG_MODEL_DIR")
+    if env:
+        dirs.extend(Path(p) for p in env.split(os.pathsep) if p)
+    try:
+        from . import models as _pkg  # installed wheel: cordseg/models
+
+        dirs.extend(Path(p) for p in _pkg.__path__)
+    except ImportError:
+        pass
+    source_models = Path(__file__).resolve().parent.parent / "models"  # running from a source checkout
+    if source_models.is_dir():
+        dirs.append(source_models)
+    seen, unique = set(), []
+    for d in dirs:
+        key = str(d.resolve()) if d.exists() else str(d)
+        if key not in seen:
+            seen.add(key)
+            unique.append(d)
+    return unique
+
+
+def read_metadata(path) -> dict:
+    """metadata_props of an ONNX file, without loading the weights into a session."""
+    import onnx
+
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:
+        raise ModelError(f"{path}: not a readable ONNX model ({type(exc).__name__})") from None
+    return {p.key: p.value for p in proto.metadata_props}
+
+
+def _floats(text: str) -> tuple:
+    return tuple(None if t.strip() == "native" else float(t) for t in text.split(","))
+
+
+@dataclass
+class Model:
+    """An ONNX model and its contract. The session is created on first use and reused."""
+
+    path: Path
+    metadata: dict
+    threads: int | None = None
+    _session: object = field(default=None, repr=False)
+
+    @classmethod
+    def open(cls, path, threads: int | None = None) -> "Model":
+        path = Path(path)
+        if not path.is_file():
+            raise ModelError(f"model file not found: {path}")
+        meta = read_metadata(path)
+        missing = [k for k in REQUIRED_KEYS if k not in meta]
+        if missing:
+            raise ModelError(f"{path.name}: not a cordseg model (metadata lacks {', '.join(missing)}); "
+                             "export it with cordseg's training tools or `cordseg import-keras`")
+        return cls(path, meta, threads)
+
+    # --- the contract, parsed ---
+    @property
+    def task(self) -> str:
+        return self.metadata["cordseg_task"]
+
+    @property
+    def contrasts(self) -> tuple:
+        return tuple(c.strip() for c in self.metadata["cordseg_contrast"].split(",") if c.strip())
+
+    @property
+    def layout(self) -> str:
+        return self.metadata["cordseg_layout"]
+
+    @property
+    def patch_shape(self) -> tuple | None:
+        text = self.metadata["cordseg_patch_shape"]
+        return None if text == "slice" else tuple(int(v) for v in text.split("x"))
+
+    @property
+    def voxel_size(self) -> tuple:
+        return _floats(self.metadata["cordseg_voxel_size"])
+
+    @property
+    def normalisation(self) -> str:
+        return self.metadata["cordseg_normalisation"]
+
+    @property
+    def normalisation_params(self) -> str | None:
+        return self.metadata.get("cordseg_normalisation_params") or None
+
+    @property
+    def threshold(self) -> float:
+        return float(self.metadata["cordseg_threshold"])
+
+    @property
+    def size_multiple(self) -> int:
+        return int(self.metadata.get("cordseg_size_multiple", "1"))
+
+    def describe(self) -> str:
+        return (f"{self.path.name}: task {self.task}, contrasts {','.join(self.contrasts)}, "
+                f"patch {self.metadata['cordseg_patch_shape']}, voxel {self.metadata['cordseg_voxel_size']} mm, "
+                f"threshold {self.threshold:g}, {self.metadata.get('cordseg_training', '')}")
+
+    # --- running ---
+    def session(self):
+        if self._session is None:
+            try:
+                import onnxruntime as ort
+            except ImportError:  # pragma: no cover - a hard dependency
+                raise ModelError("onnxruntime is not installed") from None
+            opts = ort.SessionOptions()
+            if self.threads:
+                opts.intra_op_num_threads = self.threads
+            opts.log_severity_level = 3
+            try:
+                self._session = ort.InferenceSession(str(self.path), sess_options=opts,
+                                                     providers=["CPUExecutionProvider"])
+            except Exception as exc:
+                raise ModelError(f"{self.path.name}: onnxruntime cannot load it ({exc})") from None
+        return self._session
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        """batch: (N, *spatial) float32 -> probabilities of the same shape."""
+        sess = self.session()
+        x = np.asarray(batch, np.float32)
+        if self.layout in ("NHWC", "NXYZC"):
+            x = x[..., None]
+        elif self.layout in ("NCHW", "NCXYZ"):
+            x = x[:, None]
+        else:
+            raise ModelError(f"{self.path.name}: unknown layout '{self.layout}'")
+        name = sess.get_inputs()[0].name
+        y = sess.run(None, {name: x})[0]
+        return y.reshape(batch.shape).astype(np.float32)
+
+
+def find_model(task: str, contrast: str | None, path=None, threads: int | None = None) -> Model:
+    """The model file for `task` and `contrast`: `path` when given, else the first match in model_dirs()."""
+    if path is not None:
+        model = Model.open(path, threads)
+        if model.task != task:
+            raise ModelError(f"{Path(path).name} is a '{model.task}' model, not a '{task}' model")
+        return model
+    for folder in model_dirs():
+        for candidate in sorted(Path(folder).glob("*.onnx")):
+            try:
+                meta = read_metadata(candidate)
+            except ModelError:
+                continue
+            if meta.get("cordseg_task") != task:
+                continue
+            served = [c.strip() for c in meta.get("cordseg_contrast", "").split(",")]
+            if contrast is None or contrast in served:
+                return Model.open(candidate, threads)
+    where = ", ".join(str(d) for d in model_dirs()) or "(no model folder)"
+    raise ModelError(f"no '{task}' model for contrast '{contrast}' in {where}")
+
+
+def list_models() -> list[Model]:
+    found = []
+    for folder in model_dirs():
+        for candidate in sorted(Path(folder).glob("*.onnx")):
+            try:
+                found.append(Model.open(candidate))
+            except ModelError:
+                continue
+    return found

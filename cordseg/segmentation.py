@@ -1,0 +1,123 @@
+"""CNN2 along the centerline: crop, resample to the model's grid, patches, blend, back to the input grid.
+
+Only a box around the centerline is resampled (the cord is a thin structure in a large field of view), and
+the soft map is brought back to that box's native voxels by the exact inverse resampling, then thresholded.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from .centerline import Centerline, model_grid
+from .errors import ModelError
+from .inference import Model
+from .normalization import normalize_with
+from .resampling import resample, resample_to_shape, resampled_zooms
+
+PATCH_BATCH = 4
+
+
+@dataclass
+class Box:
+    lo: tuple
+    hi: tuple
+
+    @property
+    def slices(self):
+        return tuple(slice(a, b) for a, b in zip(self.lo, self.hi))
+
+
+def cord_box(cl: Centerline, patch_mm, shape) -> Box:
+    """RPI voxel box holding every patch placed along the centerline (plus a margin)."""
+    zooms = cl.rpi.zooms
+    half = [0.5 * p / z + 2 for p, z in zip(patch_mm, zooms)]
+    lo = [np.floor(cl.x.min() - half[0]), np.floor(cl.y.min() - half[1]), np.floor(cl.z.min() - half[2] / 2)]
+    hi = [np.ceil(cl.x.max() + half[0]) + 1, np.ceil(cl.y.max() + half[1]) + 1, np.ceil(cl.z.max() + half[2] / 2) + 1]
+    lo = tuple(int(max(0, v)) for v in lo)
+    hi = tuple(int(min(n, v)) for v, n in zip(hi, shape))
+    return Box(lo, hi)
+
+
+def _patch_centres(z_first, z_last, depth):
+    """Patch centre slices (model grid) so that patches overlap by half along the cord."""
+    step = max(1, depth // 2)
+    if z_last - z_first + 1 <= depth:
+        return [0.5 * (z_first + z_last)]
+    centres = list(np.arange(z_first + depth / 2 - 0.5, z_last - depth / 2 + 0.5, step))
+    if centres[-1] < z_last - depth / 2 + 0.5:
+        centres.append(z_last - depth / 2 + 0.5)
+    return centres
+
+
+def _blend_weights(shape):
+    """Separable tent weights: a patch's centre counts more than its borders."""
+    w = [1.0 - np.abs(np.linspace(-1, 1, n)) * 0.9 for n in shape]
+    return (w[0][:, None, None] * w[1][None, :, None] * w[2][None, None, :]).astype(np.float32)
+
+
+def _extract(vol, corner, shape, fill):
+    out = np.full(shape, fill, np.float32)
+    src = [slice(max(0, c), min(n, c + s)) for c, s, n in zip(corner, shape, vol.shape)]
+    dst = [slice(a.start - c, a.stop - c) for a, c in zip(src, corner)]
+    if all(a.stop > a.start for a in src):
+        out[tuple(dst)] = vol[tuple(src)]
+    return out, src, dst
+
+
+def soft_segmentation(cl: Centerline, model: Model, progress=None, stage="segmentation") -> np.ndarray:
+    """Probability map on the RPI grid (zeros away from the cord)."""
+    if model.patch_shape is None or len(model.patch_shape) != 3:
+        raise ModelError(f"{model.path.name}: segmentation models need a 3D patch shape")
+    rpi = cl.rpi
+    patch = model.patch_shape
+    target = model_grid(rpi, model)
+    box = cord_box(cl, [p * t for p, t in zip(patch, target)], rpi.shape)
+    crop = rpi.data[box.slices]
+    vol = resample(crop, rpi.zooms, target, order=1)
+    zooms = resampled_zooms(crop.shape, rpi.zooms, target)
+    # centerline in crop-model coordinates
+    scale = [r / m for r, m in zip(rpi.zooms, zooms)]
+
+    def to_model(v, axis):
+        return (v - box.lo[axis] + 0.5) * scale[axis] - 0.5
+
+    zc_model = to_model(cl.z.astype(float), 2)
+    xc_model, yc_model = to_model(cl.x, 0), to_model(cl.y, 1)
+    centres = _patch_centres(max(0.0, zc_model.min()), min(vol.shape[2] - 1.0, zc_model.max()), patch[2])
+    corners = []
+    for zc in centres:
+        x = np.interp(zc, zc_model, xc_model)
+        y = np.interp(zc, zc_model, yc_model)
+        corners.append(tuple(int(round(c - s / 2 + 0.5)) for c, s in zip((x, y, zc), patch)))
+    fill = float(np.percentile(vol, 1)) if vol.size else 0.0
+    patches = np.stack([_extract(vol, c, patch, fill)[0] for c in corners])
+    patches = normalize_with(model.normalisation, patches, model.normalisation_params)
+    probs = np.empty_like(patches)
+    for start in range(0, len(patches), PATCH_BATCH):
+        probs[start:start + PATCH_BATCH] = model.predict(patches[start:start + PATCH_BATCH])
+        if progress:
+            progress(stage, min(1.0, (start + PATCH_BATCH) / len(patches)))
+    acc = np.zeros(vol.shape, np.float32)
+    wsum = np.zeros(vol.shape, np.float32)
+    weights = _blend_weights(patch)
+    for p, c in zip(probs, corners):
+        _, src, dst = _extract(vol, c, patch, 0.0)
+        if all(a.stop > a.start for a in src):
+            acc[tuple(src)] += p[tuple(dst)] * weights[tuple(dst)]
+            wsum[tuple(src)] += weights[tuple(dst)]
+    soft_crop = np.divide(acc, wsum, out=np.zeros_like(acc), where=wsum > 0)
+    back = resample_to_shape(soft_crop, zooms, crop.shape, order=1)
+    soft = np.zeros(rpi.shape, np.float32)
+    soft[box.slices] = np.clip(back, 0.0, 1.0)
+    return soft
+
+
+def keep_largest_component(mask: np.ndarray) -> np.ndarray:
+    """The cord is one connected object: drop islands a patch may have produced away from it."""
+    labels, n = ndi.label(mask, structure=np.ones((3, 3, 3)))
+    if n <= 1:
+        return mask
+    sizes = ndi.sum(mask, labels, index=np.arange(1, n + 1))
+    return (labels == 1 + int(np.argmax(sizes))).astype(mask.dtype)
