@@ -94,27 +94,35 @@ def reward(heat: np.ndarray, zooms, threshold: float) -> np.ndarray:
         if cord.any():
             depth = ndi.distance_transform_edt(cord, sampling=(sx, sy))
             dist = ndi.distance_transform_edt(~cord, sampling=(sx, sy))
-            r = np.where(cord, 0.5 + np.minimum(depth, 2.0) / 2.0, -0.5 - np.minimum(dist, 10.0) / 10.0)
+            r = np.where(cord, 0.5 + depth / 2.0, -0.5 - np.minimum(dist, 10.0) / 10.0)
         else:
             r = np.full(cord.shape, -1.5)
         out[z] = r * sz
     return out
 
 
-def refine(heat: np.ndarray, zooms, xs, ys, zs, radius_mm=4.0) -> tuple[np.ndarray, np.ndarray]:
-    """Sub-voxel centres: heat-weighted centroid near each path point (the path itself where no heat)."""
-    sx, sy, _ = zooms
-    rx, ry = max(1, int(round(radius_mm / sx))), max(1, int(round(radius_mm / sy)))
+def refine(heat: np.ndarray, threshold: float, xs, ys, zs) -> tuple[np.ndarray, np.ndarray]:
+    """Sub-voxel centres: heat-weighted centroid of the predicted cord region the path runs through.
+
+    Slices where the path crosses no predicted cord (signal gaps) take the centre interpolated from
+    their neighbours along the path, so one bad slice does not pull the curve.
+    """
     fx, fy = xs.astype(float), ys.astype(float)
+    found = np.zeros(len(zs), bool)
     for i, (x, y, z) in enumerate(zip(xs, ys, zs)):
-        x0, x1 = max(0, x - rx), min(heat.shape[0], x + rx + 1)
-        y0, y1 = max(0, y - ry), min(heat.shape[1], y + ry + 1)
-        w = heat[x0:x1, y0:y1, z]
-        w = np.where(w >= 0.5, w, 0.0)
-        total = w.sum()
-        if total > 0:
-            gx, gy = np.mgrid[x0:x1, y0:y1]
-            fx[i], fy[i] = (w * gx).sum() / total, (w * gy).sum() / total
+        h = heat[:, :, z]
+        if h[x, y] < threshold:
+            continue
+        labels, _ = ndi.label(h >= threshold)
+        region = labels == labels[x, y]
+        w = np.where(region, h, 0.0)
+        gx, gy = np.nonzero(region)
+        total = w[gx, gy].sum()
+        fx[i], fy[i] = (w[gx, gy] * gx).sum() / total, (w[gx, gy] * gy).sum() / total
+        found[i] = True
+    if found.any() and not found.all():
+        fx[~found] = np.interp(zs[~found], zs[found], fx[found])
+        fy[~found] = np.interp(zs[~found], zs[found], fy[found])
     return fx, fy
 
 
@@ -127,7 +135,7 @@ def detect(rpi: Reoriented, model: Model, *, smoothness: float = DEFAULT_SMOOTHN
     if path is None:
         raise NoCordError("no spinal cord found")
     zs = path.z
-    fx, fy = refine(heat, zooms, path.x, path.y, zs)
+    fx, fy = refine(heat, model.threshold, path.x, path.y, zs)
     # model grid -> RPI grid (extent-preserving voxel-centre mapping, as in resampling)
     scale = [z_m / z_r for z_m, z_r in zip(zooms, rpi.zooms)]
     x_r = (fx + 0.5) * scale[0] - 0.5

@@ -1,0 +1,116 @@
+"""Accuracy of the shipped models on every real image in ../shared/data (none of them seen in training).
+
+python bench/accuracy.py [--data DIR] [--json FILE]
+Prints one row per image: centerline MSE (mm², sub-voxel points vs the reference mask's per-slice centre of
+mass) and localization, cord Dice, lesions found, seconds for the whole cord (or lesion) pipeline.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+import cordseg
+from cordseg import metrics
+from cordseg.io import load_image
+from cordseg.orientation import to_rpi
+
+CORD_CASES = [  # image, contrast, reference cord mask
+    ("sct_testing/t2/t2.nii.gz", "t2", "sct_testing/t2/t2_seg-manual.nii.gz"),
+    ("sct_testing/t2/t2_fake_lesion.nii.gz", "t2", "sct_testing/t2/t2_fake_lesion_sc_seg.nii.gz"),
+    ("sct_testing/t1/t1w.nii.gz", "t1", "sct_testing/t1/t1w_seg-manual.nii.gz"),
+    ("sct_testing/mt/mt0.nii.gz", "t2s", "sct_testing/mt/mt0_seg.nii.gz"),
+    ("unf01/sub-unf01_T1w.nii.gz", "t1", "unf01/sub-unf01_T1w_seg-manual.nii.gz"),
+    ("unf01/sub-unf01_T2w.nii.gz", "t2", "unf01/sub-unf01_T2w_seg-manual.nii.gz"),
+]
+CENTERLINE_ONLY = [("sct_testing/dmri/dwi_mean.nii.gz", "dwi", "sct_testing/dmri/dwi_mean_centerline-optic.nii.gz")]
+LESION_FREE = ["sct_testing/t2/t2.nii.gz", "unf01/sub-unf01_T2w.nii.gz", "sct_testing/mt/mt0.nii.gz"]
+UNLABELED = [("unlabeled/t2_ms_axial.nii.gz", "t2"), ("unlabeled/t2_lumbar.nii.gz", "t2"),
+             ("unlabeled/sub-01_acq-MTon_MTS.nii.gz", "t2s"), ("unlabeled/sub-03_acq-MToff_MTS.nii.gz", "t2s")]
+
+
+def default_data() -> Path:
+    return Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def centerline_error(cl, ref_path):
+    """MSE (mm²) and localization of sub-voxel centerline points against a reference mask (RPI)."""
+    ref = to_rpi(load_image(ref_path))
+    mask = ref.data > 0.5
+    sx, sy = ref.zooms[:2]
+    errs, inside, n_ref = [], 0, 0
+    points = {int(z): (x, y) for z, x, y in zip(cl.z, cl.x, cl.y)}
+    for z in range(mask.shape[2]):
+        xs, ys = np.nonzero(mask[:, :, z])
+        if len(xs) == 0:
+            continue
+        n_ref += 1
+        if z not in points:
+            continue
+        x, y = points[z]
+        if xs.size > 1 or True:
+            errs.append(((x - xs.mean()) * sx) ** 2 + ((y - ys.mean()) * sy) ** 2)
+        xi, yi = int(round(x)), int(round(y))
+        if 0 <= xi < mask.shape[0] and 0 <= yi < mask.shape[1] and mask[xi, yi, z]:
+            inside += 1
+    return float(np.mean(errs)) if errs else float("nan"), inside / max(n_ref, 1), len(errs), n_ref
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data", type=Path, default=default_data())
+    p.add_argument("--json", type=Path)
+    a = p.parse_args(argv)
+    warnings.simplefilter("ignore")
+    rows = []
+    print(f"{'image':42s} {'contrast':8s} {'ctr mse mm2':>11s} {'localized':>10s} {'cord dice':>9s} {'seconds':>8s}")
+    for img, contrast, ref in CORD_CASES:
+        t0 = time.perf_counter()
+        seg = cordseg.segment_cord(a.data / img, contrast)
+        secs = time.perf_counter() - t0
+        _, cl = cordseg.detect_centerline(a.data / img, contrast)
+        mse, loc, n, n_ref = centerline_error(cl, a.data / ref)
+        d = metrics.dice(np.asarray(seg.dataobj), np.asarray(load_image(a.data / ref).dataobj) > 0.5)
+        rows.append(dict(image=img, contrast=contrast, centerline_mse_mm2=mse, localization_rate=loc,
+                         slices=f"{n}/{n_ref}", dice=d, seconds=secs))
+        print(f"{img:42s} {contrast:8s} {mse:11.3f} {loc:10.3f} {d:9.3f} {secs:8.2f}")
+    for img, contrast, ref in CENTERLINE_ONLY:
+        t0 = time.perf_counter()
+        _, cl = cordseg.detect_centerline(a.data / img, contrast)
+        secs = time.perf_counter() - t0
+        mse, loc, n, n_ref = centerline_error(cl, a.data / ref)
+        rows.append(dict(image=img, contrast=contrast, centerline_mse_mm2=mse, localization_rate=loc,
+                         slices=f"{n}/{n_ref}", seconds=secs))
+        print(f"{img:42s} {contrast:8s} {mse:11.3f} {loc:10.3f} {'-':>9s} {secs:8.2f}")
+    print("\nlesion-free scans (lesions reported; 0 expected):")
+    for img in LESION_FREE:
+        les = cordseg.segment_lesions(a.data / img, "t2s" if "mt0" in img else "t2")
+        n = len(cordseg.lesion_table(les))
+        rows.append(dict(image=img, lesions_on_lesion_free=n))
+        print(f"  {img:42s} {n}")
+    print("\nunlabelled scans (cord slices found / slices; lesions):")
+    for img, contrast in UNLABELED:
+        t0 = time.perf_counter()
+        try:
+            _, cl = cordseg.detect_centerline(a.data / img, contrast)
+            found = f"{len(cl.z)}/{load_image(a.data / img).shape[2] if 'lumbar' not in img else '?'}"
+        except cordseg.CordsegError as exc:
+            found = str(exc)
+        les = cordseg.segment_lesions(a.data / img, contrast) if "ms" in img else None
+        secs = time.perf_counter() - t0
+        extra = ""
+        if les is not None:
+            tab = cordseg.lesion_table(les)
+            extra = f"lesions {len(tab)} ({sum(r.volume_mm3 for r in tab):.0f} mm3)"
+        rows.append(dict(image=img, centerline_slices=found, note=extra, seconds=secs))
+        print(f"  {img:42s} {found:>8s} {extra} {secs:.2f} s")
+    if a.json:
+        a.json.write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()

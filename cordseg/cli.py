@@ -1,0 +1,248 @@
+"""Command line: parses, calls the API, prints, and turns CordsegError into one line on stderr."""
+from __future__ import annotations
+
+import csv
+import os
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import click
+
+from .errors import CordsegError, CordsegWarning, OutputError
+
+EXIT_ERROR = 2
+
+
+class Reporter:
+    """Progress bar and stage times on stderr (quiet: nothing but errors)."""
+
+    def __init__(self, quiet=False, verbose=False):
+        self.quiet, self.verbose = quiet, verbose
+        self.stage, self.t0, self.started = None, time.perf_counter(), time.perf_counter()
+        self.tty = sys.stderr.isatty()
+
+    def __call__(self, stage, fraction):
+        if stage != self.stage:
+            self.finish()
+            self.stage, self.t0 = stage, time.perf_counter()
+        if self.quiet:
+            return
+        width = 30
+        filled = int(round(width * min(1.0, fraction)))
+        line = f"{stage:<12} [{'#' * filled}{'.' * (width - filled)}] {100 * fraction:5.1f}%"
+        if self.tty:
+            click.echo("\r" + line, err=True, nl=False)
+        elif fraction >= 1.0:
+            click.echo(line, err=True)
+
+    def finish(self):
+        if self.stage is None:
+            return
+        if not self.quiet and self.tty:
+            click.echo("", err=True)
+        if self.verbose:
+            click.echo(f"{self.stage}: {time.perf_counter() - self.t0:.2f} s", err=True)
+        self.stage = None
+
+    def done(self):
+        self.finish()
+        if self.verbose:
+            click.echo(f"total: {time.perf_counter() - self.started:.2f} s", err=True)
+
+
+def _fail(message: str):
+    click.echo(f"cordseg: error: {message}", err=True)
+    sys.exit(EXIT_ERROR)
+
+
+def _run(fn):
+    """Call fn() mapping our errors to one stderr line; warnings become one line each."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", CordsegWarning)
+        try:
+            result = fn()
+        except CordsegError as exc:
+            _fail(str(exc))
+        except MemoryError:
+            _fail("out of memory")
+        except KeyboardInterrupt:
+            _fail("interrupted")
+    for w in caught:
+        if issubclass(w.category, CordsegWarning):
+            click.echo(f"cordseg: warning: {w.message}", err=True)
+    return result
+
+
+def _common(f):
+    f = click.option("-v", "--verbose", is_flag=True, help="print each stage's time")(f)
+    f = click.option("-q", "--quiet", is_flag=True, help="no progress bar")(f)
+    f = click.option("--volume", type=int, default=None, help="volume of a 4D image to use (0-based)")(f)
+    f = click.option("-o", "--output", "out", type=click.Path(), default=None,
+                     help="output file, or an existing folder (default: current folder)")(f)
+    f = click.option("-c", "--contrast", type=click.Choice(["t1", "t2", "t2s", "dwi"], case_sensitive=False),
+                     default=None, help="image contrast (default: read from the file name)")(f)
+    f = click.argument("image", type=click.Path(dir_okay=True))(f)
+    return f
+
+
+def _output(image, out, suffix):
+    from .io import default_output_path
+
+    return _run(lambda: default_output_path(image, out, suffix))
+
+
+def _save(img, path: Path):
+    from .io import save_like
+
+    _run(lambda: save_like(img.get_fdata(dtype="float32") if img.get_data_dtype().kind == "f" else
+                           img.dataobj, img, path, dtype=img.get_data_dtype()))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="cordseg", message="cordseg %(version)s")
+def main():
+    """Find the spinal cord in MRI and segment the cord and MS lesions, on a CPU."""
+
+
+@main.command()
+@_common
+@click.option("--model", type=click.Path(dir_okay=False), help="a CNN1 ONNX model file to use")
+@click.option("--smoothness", type=float, default=None, help="OptiC's curvature penalty (default 1.0)")
+def centerline(image, contrast, out, volume, quiet, verbose, model, smoothness):
+    """Cord centerline: a NIfTI mask (one voxel per slice) and a CSV beside it."""
+    from . import api
+    from .centerline import DEFAULT_SMOOTHNESS
+
+    path = _output(image, out, "_centerline")
+    rep = Reporter(quiet, verbose)
+    mask, cl = _run(lambda: api.detect_centerline(image, contrast, model=model, volume=volume, progress=rep,
+                                                  smoothness=DEFAULT_SMOOTHNESS if smoothness is None else smoothness))
+    rep.done()
+    _save(mask, path)
+    csv_path = path.with_name(path.name.replace(".nii.gz", "").replace(".nii", "") + ".csv")
+    # x, y, z: RPI working-space voxels (as the published tool writes them); i, j, k: the input's own voxels
+    rpi_pts, native, mm = cl.rpi_points, cl.native_points(), cl.scanner_mm()
+    _write_csv(csv_path, ["slice", "x", "y", "z", "i", "j", "k", "x_mm", "y_mm", "z_mm"],
+               [[int(z), *(f"{v:.3f}" for v in r), *(f"{v:.3f}" for v in n), *(f"{v:.3f}" for v in m)]
+                for z, r, n, m in zip(cl.z, rpi_pts, native, mm)])
+    if not quiet:
+        click.echo(f"centerline: {len(cl.z)} slices -> {path} and {csv_path}")
+
+
+@main.command()
+@_common
+@click.option("--soft", is_flag=True, help="write the float32 probability map instead of a mask")
+@click.option("--threshold", type=float, default=None, help="probability threshold (default: the model's)")
+@click.option("--model", type=click.Path(dir_okay=False), help="a CNN2 cord ONNX model file to use")
+def sc(image, contrast, out, volume, quiet, verbose, soft, threshold, model):
+    """Spinal cord segmentation -> <stem>_seg.nii.gz."""
+    from . import api
+
+    path = _output(image, out, "_seg")
+    rep = Reporter(quiet, verbose)
+    seg = _run(lambda: api.segment_cord(image, contrast, soft=soft, threshold=threshold, model=model,
+                                        volume=volume, progress=rep))
+    rep.done()
+    _save(seg, path)
+    if not quiet:
+        import numpy as np
+
+        vox = float(np.prod(seg.header.get_zooms()[:3]))
+        n = int((np.asarray(seg.dataobj) >= 0.5).sum())
+        click.echo(f"cord: {n * vox:.0f} mm3 -> {path}")
+
+
+@main.command()
+@_common
+@click.option("--csv", "csv_file", type=click.Path(dir_okay=False), help="write one row per lesion here")
+@click.option("--soft", is_flag=True, help="write the float32 probability map instead of a mask")
+@click.option("--threshold", type=float, default=None, help="probability threshold (default: the model's)")
+@click.option("--model", type=click.Path(dir_okay=False), help="a CNN2 lesion ONNX model file to use")
+def lesion(image, contrast, out, volume, quiet, verbose, csv_file, soft, threshold, model):
+    """MS lesion segmentation -> <stem>_lesionseg.nii.gz; prints lesion count and volume."""
+    from . import api
+
+    path = _output(image, out, "_lesionseg")
+    rep = Reporter(quiet, verbose)
+    seg = _run(lambda: api.segment_lesions(image, contrast, soft=soft, threshold=threshold, model=model,
+                                           volume=volume, progress=rep))
+    rep.done()
+    _save(seg, path)
+    if soft:
+        if not quiet:
+            click.echo(f"lesion probability map -> {path}")
+        return
+    rows = api.lesion_table(seg)
+    total = sum(r.volume_mm3 for r in rows)
+    click.echo(f"lesions: {len(rows)}, total volume {total:.1f} mm3 -> {path}")
+    if csv_file:
+        _write_csv(Path(csv_file), ["id", "volume_mm3", "x_mm", "y_mm", "z_mm", "first_slice", "last_slice"],
+                   [[r.id, f"{r.volume_mm3:.2f}", *(f"{v:.2f}" for v in r.centroid_mm), r.first_slice, r.last_slice]
+                    for r in rows])
+
+
+@main.command("models")
+def models_cmd():
+    """List the installed models and what each one is."""
+    from .inference import list_models, model_dirs
+
+    found = _run(list_models)
+    if not found:
+        _fail("no models found in " + ", ".join(str(d) for d in model_dirs()))
+    for m in found:
+        click.echo(m.describe())
+
+
+def _write_csv(path: Path, header, rows):
+    """Atomic CSV write (temporary file beside the target, then rename)."""
+    path = Path(path)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=str(path.parent or "."))
+    except OSError as exc:
+        _fail(f"cannot write {path}: {exc.strerror}")
+    try:
+        with os.fdopen(fd, "w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(header)
+            w.writerows(rows)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        _fail(f"cannot write {path}: {exc.strerror}")
+
+
+from .cli_evaluate import evaluate  # noqa: E402
+
+main.add_command(evaluate)
+
+
+@main.command("import-keras", context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+              add_help_option=False)
+@click.pass_context
+def import_keras(ctx):
+    """Convert a published Keras .h5 model to a cordseg ONNX model (needs cordseg[train])."""
+    try:
+        from .training.keras_import import main_import_keras
+    except ImportError as exc:
+        _fail(f"import-keras needs the training extra: pip install 'cordseg[train]' ({exc})")
+    sys.exit(main_import_keras(ctx.args))
+
+
+@main.command("train", context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+              add_help_option=False)
+@click.pass_context
+def train(ctx):
+    """Train a network from synthetic data (needs cordseg[train]); see `cordseg train -h`."""
+    try:
+        from .training.train import main as train_main
+    except ImportError as exc:
+        _fail(f"training needs the training extra: pip install 'cordseg[train]' ({exc})")
+    sys.exit(train_main(ctx.args))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
