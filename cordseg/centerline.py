@@ -79,7 +79,7 @@ def heatmap(rpi: Reoriented, model: Model, progress=None) -> tuple[np.ndarray, t
     heat = np.empty((nz, nx, ny), np.float32)
     for start in range(0, nz, SLICE_BATCH):
         stop = min(nz, start + SLICE_BATCH)
-        heat[start:stop] = model.predict(slices[start:stop])[:, :nx, :ny]
+        heat[start:stop] = model.predict(slices[start:stop], flip_average=True)[:, :nx, :ny]
         if progress:
             progress("centerline", stop / nz)
     return np.moveaxis(heat, 0, 2), zooms

@@ -140,8 +140,16 @@ class Model:
                 raise ModelError(f"{self.path.name}: onnxruntime cannot load it ({exc})") from None
         return self._session
 
-    def predict(self, batch: np.ndarray) -> np.ndarray:
-        """batch: (N, *spatial) float32 -> probabilities of the same shape."""
+    def predict(self, batch: np.ndarray, *, flip_average: bool = False) -> np.ndarray:
+        """batch: (N, *spatial) float32 -> probabilities of the same shape.
+
+        flip_average: also run the left-right mirror image and average (the cord is nearly symmetric, so this
+        cancels part of the network's own asymmetric errors at twice the cost).
+        """
+        if flip_average:
+            direct = self.predict(batch)
+            mirrored = self.predict(np.ascontiguousarray(batch[:, ::-1]))[:, ::-1]
+            return 0.5 * (direct + mirrored)
         sess = self.session()
         x = np.asarray(batch, np.float32)
         if self.layout in ("NHWC", "NXYZC"):

@@ -57,13 +57,18 @@ def _blend_weights(shape):
     return (w[0][:, None, None] * w[1][None, :, None] * w[2][None, None, :]).astype(np.float32)
 
 
-def _extract(vol, corner, shape, fill):
-    out = np.full(shape, fill, np.float32)
-    src = [slice(max(0, c), min(n, c + s)) for c, s, n in zip(corner, shape, vol.shape)]
+def _overlap(corner, shape, vol_shape):
+    """The part of a patch inside the volume: (volume slices, patch slices)."""
+    src = [slice(max(0, c), min(n, c + s)) for c, s, n in zip(corner, shape, vol_shape)]
     dst = [slice(a.start - c, a.stop - c) for a, c in zip(src, corner)]
-    if all(a.stop > a.start for a in src):
-        out[tuple(dst)] = vol[tuple(src)]
-    return out, src, dst
+    return src, dst
+
+
+def _extract(vol, corner, shape):
+    """Patch at `corner`; outside the volume the edge voxels repeat (the cord runs on, as it does in training,
+    instead of meeting a blank wall at the field of view's end)."""
+    idx = [np.clip(np.arange(c, c + s), 0, n - 1) for c, s, n in zip(corner, shape, vol.shape)]
+    return vol[np.ix_(*idx)].astype(np.float32)
 
 
 def soft_segmentation(cl: Centerline, model: Model, progress=None, stage="segmentation") -> np.ndarray:
@@ -91,19 +96,18 @@ def soft_segmentation(cl: Centerline, model: Model, progress=None, stage="segmen
         x = np.interp(zc, zc_model, xc_model)
         y = np.interp(zc, zc_model, yc_model)
         corners.append(tuple(int(round(c - s / 2 + 0.5)) for c, s in zip((x, y, zc), patch)))
-    fill = float(np.percentile(vol, 1)) if vol.size else 0.0
-    patches = np.stack([_extract(vol, c, patch, fill)[0] for c in corners])
+    patches = np.stack([_extract(vol, c, patch) for c in corners])
     patches = normalize_with(model.normalisation, patches, model.normalisation_params)
     probs = np.empty_like(patches)
     for start in range(0, len(patches), PATCH_BATCH):
-        probs[start:start + PATCH_BATCH] = model.predict(patches[start:start + PATCH_BATCH])
+        probs[start:start + PATCH_BATCH] = model.predict(patches[start:start + PATCH_BATCH], flip_average=True)
         if progress:
             progress(stage, min(1.0, (start + PATCH_BATCH) / len(patches)))
     acc = np.zeros(vol.shape, np.float32)
     wsum = np.zeros(vol.shape, np.float32)
     weights = _blend_weights(patch)
     for p, c in zip(probs, corners):
-        _, src, dst = _extract(vol, c, patch, 0.0)
+        src, dst = _overlap(c, patch, vol.shape)
         if all(a.stop > a.start for a in src):
             acc[tuple(src)] += p[tuple(dst)] * weights[tuple(dst)]
             wsum[tuple(src)] += weights[tuple(dst)]

@@ -20,7 +20,7 @@ def default_labelmaps() -> Path:
 
 
 def run(task, out, *, steps=None, batch_size=None, learning_rate=None, labelmaps=None, seed=0, log=print,
-        workers=0, max_minutes=None, network=None):
+        workers=0, max_minutes=None, network=None, init_weights=None):
     from . import losses, synth, tasks
     from .loop import train
 
@@ -35,7 +35,13 @@ def run(task, out, *, steps=None, batch_size=None, learning_rate=None, labelmaps
         cfg.network.update(network)
     anatomy = synth.Anatomy.load(labelmaps or default_labelmaps())
     sampler = tasks.make_sampler(cfg, anatomy)
-    return train(lambda: tasks.build_model(cfg), losses.dice_bce_loss, sampler, out_dir=out, steps=cfg.steps,
+    def build():
+        model = tasks.build_model(cfg)
+        if init_weights:  # fine-tuning: start from a previous run's (EMA) weights
+            model.load_weights(str(init_weights))
+        return model
+
+    return train(build, losses.dice_bce_loss, sampler, out_dir=out, steps=cfg.steps,
                  learning_rate=cfg.learning_rate, seed=seed, log=log, workers=workers,
                  max_seconds=None if max_minutes is None else 60.0 * max_minutes)
 
@@ -52,11 +58,12 @@ def main(argv=None):
     p.add_argument("--workers", type=int, default=0, help="processes making batches (0: one thread)")
     p.add_argument("--max-minutes", type=float, help="stop (and save) after this long")
     p.add_argument("--base-filters", type=int, help="CNN2 width")
+    p.add_argument("--init-weights", help="start from these *.weights.h5 (fine-tuning)")
     a = p.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     run(a.task, a.out, steps=a.steps, batch_size=a.batch_size, learning_rate=a.learning_rate,
         labelmaps=a.labelmaps, seed=a.seed, log=lambda m: print(m, flush=True), workers=a.workers,
-        max_minutes=a.max_minutes, network={"base_filters": a.base_filters} if a.base_filters else None)
+        max_minutes=a.max_minutes, init_weights=a.init_weights, network={"base_filters": a.base_filters} if a.base_filters else None)
 
 
 if __name__ == "__main__":
