@@ -1,0 +1,75 @@
+"""Shared fixtures: the real data folder beside the repository, and tiny ONNX models built with onnx.helper.
+
+The tiny models carry the cordseg_* metadata contract, so the runtime treats them like shipped models; they
+exercise the plumbing (metadata, layouts, model folders, patch geometry) without depending on trained weights.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+# Metadata a runtime-usable model must carry, per task (values are strings, as in the ONNX file).
+BASE_METADATA = {
+    "centerline": {
+        "cordseg_task": "centerline", "cordseg_contrast": "t1,t2,t2s,dwi", "cordseg_layout": "NHWC",
+        "cordseg_patch_shape": "slice", "cordseg_size_multiple": "4", "cordseg_voxel_size": "1,1,native",
+        "cordseg_normalisation": "percentile_slices", "cordseg_threshold": "0.5",
+    },
+    "sc": {
+        "cordseg_task": "sc", "cordseg_contrast": "t1,t2,t2s", "cordseg_layout": "NXYZC",
+        "cordseg_patch_shape": "64x64x48", "cordseg_size_multiple": "4", "cordseg_voxel_size": "0.5,0.5,1",
+        "cordseg_normalisation": "zscore_stack", "cordseg_threshold": "0.5",
+    },
+    "lesion": {
+        "cordseg_task": "lesion", "cordseg_contrast": "t2,t2s", "cordseg_layout": "NXYZC",
+        "cordseg_patch_shape": "48x48x48", "cordseg_size_multiple": "4", "cordseg_voxel_size": "0.5,0.5,1",
+        "cordseg_normalisation": "zscore_stack", "cordseg_threshold": "0.5",
+    },
+}
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """../shared/data beside the repository (read-only), or skip."""
+    if not (DATA / "README.md").is_file():
+        pytest.skip(f"shared real data not found at {DATA} (tests expect ../shared/data beside the repository)")
+    return DATA
+
+
+def build_onnx(path, *, op="identity", input_shape=("N", "H", "W", 1), metadata=None, task=None, extra=None):
+    """Write a one-node ONNX model to `path`.
+
+    op: "identity" (y = x) or "sigmoid" (y = 1 / (1 + exp(-x))). input_shape: dims, ints or symbolic names; a
+    fixed shape makes onnxruntime refuse inputs in any other layout. metadata: the whole metadata dict, or
+    None for BASE_METADATA[task] updated with `extra`; pass {} for a model without cordseg metadata.
+    """
+    import onnx
+    from onnx import TensorProto, helper
+
+    node = helper.make_node({"identity": "Identity", "sigmoid": "Sigmoid"}[op], ["x"], ["y"])
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, list(input_shape))
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, list(input_shape))
+    graph = helper.make_graph([node], f"tiny_{op}", [x], [y])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="cordseg-tests")
+    model.ir_version = 8  # old enough for any onnxruntime the package supports
+    if metadata is None:
+        metadata = dict(BASE_METADATA[task or "centerline"])
+        metadata.update(extra or {})
+    for key, value in metadata.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, str(value)
+    onnx.checker.check_model(model)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx():
+    """The builder above, as a fixture (tests call tiny_onnx(path, op=..., task=..., ...))."""
+    pytest.importorskip("onnx", reason="building test models needs onnx (pip install -e '.[test]')")
+    return build_onnx
