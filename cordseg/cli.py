@@ -116,6 +116,8 @@ def centerline(image, contrast, out, volume, quiet, verbose, model, smoothness):
     from . import api
     from .centerline import DEFAULT_SMOOTHNESS
 
+    if smoothness is not None and not (smoothness >= 0 and smoothness != float("inf")):  # also refuses nan
+        _fail(f"--smoothness must be a finite number >= 0, not {smoothness}")
     path = _output(image, out, "_centerline")
     rep = Reporter(quiet, verbose)
     mask, cl = _run(lambda: api.detect_centerline(image, contrast, model=model, volume=volume, progress=rep,
