@@ -168,6 +168,10 @@ def lesion(image, contrast, out, volume, quiet, verbose, csv_file, soft, thresho
     from . import api
 
     path = _output(image, out, "_lesionseg")
+    if csv_file:  # fail before any work (and before the mask is written) when the table cannot be written
+        folder = Path(csv_file).resolve().parent
+        if not folder.is_dir() or not os.access(folder, os.W_OK):
+            _fail(f"cannot write {csv_file}: folder {folder} does not exist or is not writable")
     rep = Reporter(quiet, verbose)
     seg = _run(lambda: api.segment_lesions(image, contrast, soft=soft, threshold=threshold, model=model,
                                            volume=volume, progress=rep))

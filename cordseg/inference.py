@@ -159,8 +159,12 @@ class Model:
         else:
             raise ModelError(f"{self.path.name}: unknown layout '{self.layout}'")
         name = sess.get_inputs()[0].name
-        y = sess.run(None, {name: x})[0]
-        return y.reshape(batch.shape).astype(np.float32)
+        try:
+            y = sess.run(None, {name: x})[0]
+            return y.reshape(batch.shape).astype(np.float32)
+        except Exception as exc:  # onnxruntime's errors, or an output of another shape
+            raise ModelError(f"{self.path.name}: the model does not accept its metadata's input "
+                             f"({self.layout}, {x.shape}): {str(exc).splitlines()[0][:200]}") from None
 
 
 def find_model(task: str, contrast: str | None, path=None, threads: int | None = None) -> Model:

@@ -288,8 +288,6 @@ def test_output_name_that_is_not_nifti(tmp_path, good, out_dir):
     assert_clean_error(invoke("centerline", good, "-o", out_dir / "mask.txt", "-q"), out_dir, ".nii")
 
 
-@pytest.mark.xfail(strict=True, reason="bug reported to the lead: cordseg lesion writes the mask before the "
-                   "--csv file fails, so a failed run leaves the mask behind (cli.py, lesion command)")
 def test_lesion_csv_in_a_missing_folder_leaves_nothing(tmp_path, good, out_dir):
     result = invoke("lesion", good, "-o", out_dir, "--csv", tmp_path / "nowhere" / "l.csv", "-q")
     assert result.exit_code != 0
@@ -321,9 +319,6 @@ def test_contrast_without_a_model(good, out_dir):
     assert_clean_error(invoke("sc", good, "-c", "dwi", "-o", out_dir), out_dir, "no 'sc' model")
 
 
-@pytest.mark.xfail(strict=True, reason="bug reported to the lead: a model whose input shape does not match its "
-                   "metadata (layout/patch) makes onnxruntime raise in Model.predict, not a ModelError, "
-                   "so the CLI prints a traceback (inference.py, Model.predict)")
 def test_model_whose_input_disagrees_with_its_metadata(tmp_path, good, out_dir, tiny_onnx):
     wrong = tiny_onnx(tmp_path / "wrong.onnx", task="sc", input_shape=("N", 1, 64, 64, 48))  # says NXYZC
     assert_clean_error(invoke("sc", good, "-o", out_dir, "--model", wrong), out_dir, "wrong.onnx")
