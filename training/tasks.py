@@ -60,13 +60,25 @@ def _window_percentiles(image, rng):
 class Sampler:
     """Callable rng -> (x, y) batch for one task; picklable, so worker processes can each hold one."""
 
-    def __init__(self, cfg: TaskConfig, anatomy):
+    def __init__(self, cfg: TaskConfig, anatomy, real=(), real_fraction=0.0):
         self.cfg, self.anatomy = cfg, anatomy
+        self.real, self.real_fraction = list(real), float(real_fraction) if real else 0.0
 
     def __call__(self, rng):
         cfg, xs, ys = self.cfg, [], []
         for _ in range(cfg.batch_size):
-            if cfg.task == "centerline":
+            if self.real_fraction and rng.random() < self.real_fraction:
+                from .augment import real_patch
+
+                vol = self.real[int(rng.integers(len(self.real)))]
+                img, tgt = real_patch(vol, rng, cfg.patch_shape, lesions=cfg.task == "lesion")
+                if cfg.task == "centerline":
+                    lo, scale = _window_percentiles(img, rng)
+                    xs.append((img - lo) / scale)
+                else:
+                    xs.append(zscore_stack(img))
+                ys.append(tgt)
+            elif cfg.task == "centerline":
                 img, tgt = synth.heatmap_sample(self.anatomy, rng, size=cfg.patch_shape[0], zoom=cfg.voxel_size[0])
                 lo, scale = _window_percentiles(img, rng)
                 xs.append((img - lo) / scale)
@@ -79,8 +91,18 @@ class Sampler:
         return np.stack(xs)[..., None].astype(np.float32), np.stack(ys)[..., None].astype(np.float32)
 
 
-def make_sampler(cfg: TaskConfig, anatomy):
-    return Sampler(cfg, anatomy)
+def make_sampler(cfg: TaskConfig, anatomy, real=(), real_fraction=0.0):
+    return Sampler(cfg, anatomy, real, real_fraction)
+
+
+def load_real(cfg: TaskConfig, data_dir, contrasts=None):
+    """Labelled real volumes of a BIDS dataset on the task's grid (those with the mask the task needs)."""
+    from .augment import RealVolume
+    from .bids import find_labelled
+
+    items = [it for it in find_labelled(data_dir, contrasts)
+             if (it.lesion if cfg.task == "lesion" else it.cord) is not None]
+    return [RealVolume(it, cfg.voxel_size) for it in items]
 
 
 def metadata(cfg: TaskConfig, *, contrast: str, steps: int, summary: str, version: str = "0.1.0") -> dict:

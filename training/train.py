@@ -20,7 +20,8 @@ def default_labelmaps() -> Path:
 
 
 def run(task, out, *, steps=None, batch_size=None, learning_rate=None, labelmaps=None, seed=0, log=print,
-        workers=0, max_minutes=None, network=None, init_weights=None):
+        workers=0, max_minutes=None, network=None, init_weights=None, data=None, real_fraction=0.5,
+        contrasts=None):
     from . import losses, synth, tasks
     from .loop import train
 
@@ -34,7 +35,10 @@ def run(task, out, *, steps=None, batch_size=None, learning_rate=None, labelmaps
     if network:
         cfg.network.update(network)
     anatomy = synth.Anatomy.load(labelmaps or default_labelmaps())
-    sampler = tasks.make_sampler(cfg, anatomy)
+    real = tasks.load_real(cfg, data, contrasts) if data else []
+    if data:
+        log(f"{len(real)} labelled real volumes from {data}; real fraction {real_fraction if real else 0}")
+    sampler = tasks.make_sampler(cfg, anatomy, real, real_fraction)
     def build():
         model = tasks.build_model(cfg)
         if init_weights:  # fine-tuning: start from a previous run's (EMA) weights
@@ -59,11 +63,28 @@ def main(argv=None):
     p.add_argument("--max-minutes", type=float, help="stop (and save) after this long")
     p.add_argument("--base-filters", type=int, help="CNN2 width")
     p.add_argument("--init-weights", help="start from these *.weights.h5 (fine-tuning)")
+    p.add_argument("--data", help="a BIDS dataset with manual masks to mix into training (see training/bids.py)")
+    p.add_argument("--real-fraction", type=float, default=0.5, help="share of samples from --data")
+    p.add_argument("--contrast", help="contrasts of --data to use and to write into the model, comma-separated")
+    p.add_argument("--export", help="after training, export the final weights to this ONNX file")
     a = p.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     run(a.task, a.out, steps=a.steps, batch_size=a.batch_size, learning_rate=a.learning_rate,
         labelmaps=a.labelmaps, seed=a.seed, log=lambda m: print(m, flush=True), workers=a.workers,
-        max_minutes=a.max_minutes, init_weights=a.init_weights, network={"base_filters": a.base_filters} if a.base_filters else None)
+        max_minutes=a.max_minutes, init_weights=a.init_weights, data=a.data, real_fraction=a.real_fraction,
+        contrasts=a.contrast.split(",") if a.contrast else None,
+        network={"base_filters": a.base_filters} if a.base_filters else None)
+    if a.export:
+        from . import tasks
+        from .export import export_from_weights
+
+        weights = sorted(Path(a.out).glob("ema_*.weights.h5"))[-1]
+        steps = int(weights.name.split("_")[1].split(".")[0])
+        contrast = a.contrast or ",".join(tasks.TASKS[a.task].contrasts)
+        summary = (f"trained with `cordseg train {a.task}`: {steps} steps, synthetic PAM50 images"
+                   + (f" mixed with {a.data} ({a.real_fraction:.0%})" if a.data else ""))
+        export_from_weights(a.task, weights, a.export, contrast=contrast, summary=summary, steps=steps)
+        print(f"exported {a.export}", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,59 @@
+"""Labelled volumes from a BIDS dataset: images with their manual cord and lesion masks.
+
+Layout read (the spine-generic / BIDS derivatives convention):
+    ROOT/sub-*/[ses-*/]anat/sub-*_{T1w,T2w,T2star,dwi}.nii.gz
+    ROOT/derivatives/labels/sub-*/[ses-*/]anat/<image stem>_seg-manual.nii.gz      (cord)
+    ROOT/derivatives/labels/sub-*/[ses-*/]anat/<image stem>_lesion-manual.nii.gz   (lesions)
+Masks may also sit beside the image. Images without any mask are skipped.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+SUFFIX_TO_CONTRAST = {"T1w": "t1", "T2w": "t2", "T2star": "t2s", "dwi": "dwi"}
+
+
+@dataclass(frozen=True)
+class LabelledVolume:
+    image: Path
+    contrast: str
+    cord: Path | None
+    lesion: Path | None
+    subject: str
+
+
+def _stem(path: Path) -> str:
+    name = path.name
+    for ext in (".nii.gz", ".nii"):
+        if name.endswith(ext):
+            return name[: -len(ext)]
+    return name
+
+
+def _find_mask(root: Path, image: Path, label: str) -> Path | None:
+    rel = image.parent.relative_to(root)
+    for folder in (root / "derivatives" / "labels" / rel, image.parent):
+        for ext in (".nii.gz", ".nii"):
+            cand = folder / f"{_stem(image)}_{label}{ext}"
+            if cand.is_file():
+                return cand
+    return None
+
+
+def find_labelled(root, contrasts=None) -> list[LabelledVolume]:
+    """Every image under ROOT/sub-*/ whose BIDS suffix is known and that has a cord or lesion mask."""
+    root = Path(root)
+    found = []
+    for image in sorted(root.glob("sub-*/**/anat/*.nii*")):
+        stem = _stem(image)
+        suffix = stem.rsplit("_", 1)[-1]
+        contrast = SUFFIX_TO_CONTRAST.get(suffix)
+        if contrast is None or (contrasts and contrast not in contrasts):
+            continue
+        cord = _find_mask(root, image, "seg-manual")
+        lesion = _find_mask(root, image, "lesion-manual")
+        if cord is None and lesion is None:
+            continue
+        found.append(LabelledVolume(image, contrast, cord, lesion, stem.split("_", 1)[0]))
+    return found
