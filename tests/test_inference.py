@@ -198,3 +198,22 @@ def test_predict_unknown_layout_is_a_model_error(tmp_path, tiny_onnx):
                              extra={"cordseg_layout": "NZYXC"}))
     with pytest.raises(ModelError, match="layout"):
         m.predict(np.zeros((1, 4, 5, 6), np.float32))
+
+
+def test_predict_refuses_input_the_model_rejects(tmp_path, tiny_onnx):
+    # metadata says NXYZC but the graph takes NCXYZ: a ModelError naming the file, not an onnxruntime error
+    m = Model.open(tiny_onnx(tmp_path / "mislabelled.onnx", task="sc", input_shape=("N", 1, 4, 5, 6)))
+    with pytest.raises(ModelError, match="mislabelled.onnx"):
+        m.predict(np.zeros((1, 4, 5, 6), np.float32))
+
+
+@pytest.mark.parametrize("layout, input_shape", [("NHWC", ("N", "H", "W", 1)), ("NXYZC", ("N", "X", "Y", "Z", 1))])
+def test_flip_average_undoes_its_flip(tmp_path, tiny_onnx, layout, input_shape):
+    """With an identity model the mirrored run, flipped back, is the input again: the average equals it."""
+    task = "centerline" if layout == "NHWC" else "sc"
+    m = Model.open(tiny_onnx(tmp_path / f"id_{layout}.onnx", task=task, input_shape=input_shape,
+                             extra={"cordseg_layout": layout}))
+    x = np.random.default_rng(1).normal(size=(2, 6, 5) if layout == "NHWC" else (2, 6, 5, 4)).astype(np.float32)
+    y = m.predict(x, flip_average=True)
+    assert y.shape == x.shape and y.dtype == np.float32
+    np.testing.assert_allclose(y, x, rtol=0, atol=1e-6)
