@@ -1,0 +1,146 @@
+"""bench/lesions.py: the evaluation-only lesion insertion (inside the cord, volume range, lesion/cord ratio,
+native grid) and one small evaluation case on a real scan."""
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from cordseg import metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def _load_bench():
+    spec = importlib.util.spec_from_file_location("bench_lesions", ROOT / "bench" / "lesions.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod
+
+
+bench = _load_bench()
+
+
+def _scan(name):
+    for path, cord_path, contrast in bench.SCANS:
+        if name in path:
+            if not (DATA / path).exists():
+                pytest.skip(f"shared test data not found at {DATA} (it sits beside the repository)")
+            img = nib.load(str(DATA / path))
+            cord = np.asarray(nib.load(str(DATA / cord_path)).dataobj) > 0.5
+            return img, np.asarray(img.dataobj, np.float32), cord, contrast
+    raise KeyError(name)
+
+
+def _insert(name, seed, **kw):
+    img, data, cord, _ = _scan(name)
+    ins = bench.insert_lesions(data, cord, img.header.get_zooms()[:3], metrics.axial_axis(img.affine),
+                               np.random.default_rng(seed), **kw)
+    return img, data, cord, ins
+
+
+def _local_cord(data, cord, comp, axis):
+    """Median real cord intensity on the slices (along `axis`) that the lesion covers."""
+    other = tuple(a for a in range(3) if a != axis)
+    zs = np.flatnonzero(comp.any(axis=other))
+    sl = [slice(None)] * 3
+    sl[axis] = slice(zs.min(), zs.max() + 1)
+    return float(np.median(data[tuple(sl)][cord[tuple(sl)]]))
+
+
+# t2: 1 mm isotropic, stored PSR (slice axis 1); mt0: 0.84 x 0.84 x 17 mm, LAS (thick slices, axis 2)
+@pytest.mark.parametrize("name, seed", [("t2/t2", 3), ("mt/mt0", 5)])
+def test_insertion_inside_cord_volume_and_ratio(name, seed):
+    img, data, cord, ins = _insert(name, seed)
+    zooms = img.header.get_zooms()[:3]
+    axis = metrics.axial_axis(img.affine)
+    assert ins.image.shape == data.shape and ins.labels.shape == data.shape
+    assert 1 <= len(ins.lesions) <= 4 and len(ins.lesions) <= ins.n_wanted
+    # lesions and every intensity change only inside the reference cord mask
+    assert not (ins.labels > 0)[~cord].any()
+    assert np.array_equal(ins.image[~cord], data[~cord])
+    assert (ins.image >= data - 1e-3).all()  # hyper-intense: nothing darkened
+    # one separate 26-connected lesion per inserted lesion, each 5-500 mm3, as reported
+    lab, n = metrics.label_lesions(ins.labels > 0)
+    assert n == len(ins.lesions)
+    vox = float(np.prod(zooms))
+    for les in ins.lesions:
+        comp = ins.labels == les.label
+        assert metrics.label_lesions(comp)[1] == 1
+        vol = comp.sum() * vox
+        assert 5.0 <= vol <= 500.0
+        assert vol == pytest.approx(les.volume_mm3, abs=0.01)
+        # lesion / cord ratio measured independently on the images: mean of the new image in the lesion over
+        # the median real cord intensity on the lesion's slices
+        ratio = ins.image[comp].mean() / _local_cord(data, cord, comp, axis)
+        assert 1.3 <= ratio <= 2.0
+        assert ratio == pytest.approx(les.ratio, rel=1e-4)
+        assert les.peak_gain > 1.0
+    # deterministic for a seed
+    again = _insert(name, seed)[3]
+    assert np.array_equal(again.labels, ins.labels) and np.array_equal(again.image, ins.image)
+
+
+def test_insertion_honours_requested_volume_range():
+    _, _, _, ins = _insert("t2/t2", 11, count=(3, 3), volume_mm3=(40.0, 60.0))
+    assert len(ins.lesions) == 3
+    for les in ins.lesions:
+        assert 40.0 <= (ins.labels == les.label).sum() * 1.0 <= 60.0
+
+
+def test_thick_slices_get_lesions_elongated_along_z():
+    img, _, _, ins = _insert("mt/mt0", 2)
+    zx, _, sz = img.header.get_zooms()[:3]
+    for les in ins.lesions:
+        idx = np.nonzero(ins.labels == les.label)
+        # each lesion fills one 17 mm slice: longer along the cord than it is wide
+        assert np.ptp(idx[2]) == 0
+        assert max(np.ptp(idx[0]), np.ptp(idx[1])) * zx + zx < sz
+
+
+def test_float_image_keeps_grid_and_header():
+    img, data, _, _ = _scan("t2/t2")
+    out = bench.float_image(data * 2, img)
+    assert out.get_data_dtype() == np.float32
+    assert np.allclose(out.affine, img.affine)
+    assert int(out.header["qform_code"]) == int(img.header["qform_code"])
+    assert int(out.header["sform_code"]) == int(img.header["sform_code"])
+    assert np.array_equal(np.asarray(out.dataobj), data * 2)
+
+
+def test_scoring_perfect_and_empty_predictions():
+    labels = np.zeros((20, 20, 10), np.int16)
+    labels[2:5, 2:5, 2:4] = 1
+    labels[10:14, 10:13, 5:8] = 2
+    perfect = bench.score((labels > 0).astype(np.float32), labels, (1, 1, 1), (0.1, 0.5), 0.5)["0.5"]
+    assert perfect["dice"] == 1.0 and perfect["lesion_sensitivity"] == 1.0 and perfect["lesion_precision"] == 1.0
+    empty = bench.score(np.zeros(labels.shape, np.float32), labels, (1, 1, 1), (0.1,), 0.5)
+    assert empty["0.5"]["dice"] == 0.0 and empty["0.5"]["fn"] == 2 and empty["0.5"]["n_pred"] == 0
+    assert math.isnan(empty["0.5"]["lesion_precision"])
+    assert set(empty) == {"0.1", "0.5"}
+
+
+def test_evaluation_of_one_small_case_is_finite():
+    """One mt0 case (thick-slice T2*-like, the smallest scan) through the shipped lesion model.
+
+    No quality bar: the shipped model (models/cordseg_lesion.onnx, commit d3925ea) outputs ~1e-7 everywhere
+    and detects none of the inserted lesions (python bench/lesions.py, seed 0: pooled sensitivity 0/32)."""
+    img, _, _, ins = _insert("mt/mt0", 0)
+    scores, per, default = bench.evaluate_case(bench.float_image(ins.image, img), "t2s", ins.labels,
+                                               thresholds=(0.1, 0.3))
+    assert set(scores) == {"0.1", "0.3", f"{default:g}"}
+    for row in scores.values():
+        assert math.isfinite(row["dice"]) and 0.0 <= row["dice"] <= 1.0
+        assert row["n_ref"] == len(ins.lesions)
+        assert row["tp_ref"] + row["fn"] == row["n_ref"] and row["tp_pred"] + row["fp"] == row["n_pred"]
+        assert math.isfinite(row["pred_mm3"])
+    d = scores[f"{default:g}"]
+    assert math.isfinite(d["lesion_sensitivity"]) and 0.0 <= d["lesion_sensitivity"] <= 1.0
+    assert math.isfinite(d["voxel_sensitivity"])
+    assert len(per) == len(ins.lesions)
+    assert all(0.0 <= p["peak_prob"] <= 1.0 and math.isfinite(p["mean_prob"]) for p in per)
