@@ -16,3 +16,17 @@ def dice_bce_loss(y_true, y_pred, bce_weight=1.0):
     y_pred_c = ops.clip(y_pred, 1e-6, 1.0 - 1e-6)
     bce = -ops.mean(y_true * ops.log(y_pred_c) + (1.0 - y_true) * ops.log(1.0 - y_pred_c))
     return soft_dice_loss(y_true, y_pred) + bce_weight * bce
+
+
+def lesion_loss(y_true, y_pred, bce_weight=1.0, pos_weight=5.0):
+    """For sparse targets (lesions): Dice over the whole batch plus positively weighted cross-entropy.
+
+    Batch-level Dice keeps lesion-free patches from rewarding an all-zero output; the cross-entropy uses
+    log(p + eps) rather than a clipped p, whose gradient vanishes once the output falls below the clip
+    (the first lesion model died that way: it learned to output ~1e-7 everywhere).
+    """
+    eps, smooth = 1e-6, 1.0
+    inter = ops.sum(y_true * y_pred)
+    dice = 1.0 - (2.0 * inter + smooth) / (ops.sum(y_true) + ops.sum(y_pred) + smooth)
+    bce = -ops.mean(pos_weight * y_true * ops.log(y_pred + eps) + (1.0 - y_true) * ops.log(1.0 - y_pred + eps))
+    return dice + bce_weight * bce

@@ -357,7 +357,7 @@ def patch_sample(anatomy, rng, *, shape=(64, 64, 48), spacing=(0.5, 0.5, 1.0), l
     if rng.random() < 0.5:
         labels = labels[::-1]
     cord = np.isin(labels, (WM, GM))
-    lesion = insert_lesions(labels, rng, fine, count=(0, 4)) if lesions and rng.random() < 0.8 else None
+    lesion = insert_lesions(labels, rng, fine, count=(1, 5)) if lesions and rng.random() < 0.85 else None
     labels = add_clutter(labels, rng, fine, n_blobs=(0, 6), blob_radius_mm=(1.0, 6.0))
     contrast = None
     if lesions:  # lesion contrast follows a plausible T1/T2/T2* family

@@ -45,7 +45,8 @@ def run(task, out, *, steps=None, batch_size=None, learning_rate=None, labelmaps
             model.load_weights(str(init_weights))
         return model
 
-    return train(build, losses.dice_bce_loss, sampler, out_dir=out, steps=cfg.steps,
+    loss = losses.lesion_loss if task == "lesion" else losses.dice_bce_loss
+    return train(build, loss, sampler, out_dir=out, steps=cfg.steps,
                  learning_rate=cfg.learning_rate, seed=seed, log=log, workers=workers,
                  max_seconds=None if max_minutes is None else 60.0 * max_minutes)
 

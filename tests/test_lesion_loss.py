@@ -1,0 +1,34 @@
+"""The lesion loss must keep a gradient when the output has collapsed towards zero (the failure it fixes)."""
+import numpy as np
+import pytest
+
+tf = pytest.importorskip("tensorflow")
+from training.losses import dice_bce_loss, lesion_loss  # noqa: E402
+
+
+def _grad(loss, y_true, logits):
+    z = tf.Variable(logits)
+    with tf.GradientTape() as tape:
+        value = loss(tf.constant(y_true), tf.sigmoid(z))
+    return float(value), tape.gradient(value, z).numpy()
+
+
+def test_gradient_survives_a_collapsed_output():
+    y = np.zeros((2, 8, 8, 8, 1), np.float32)
+    y[0, 2:5, 2:5, 2:5] = 1.0
+    logits = np.full(y.shape, -18.0, np.float32)  # sigmoid ~ 1.5e-8, below the old clip
+    _, g_old = _grad(dice_bce_loss, y, logits)
+    _, g_new = _grad(lesion_loss, y, logits)
+    assert np.abs(g_old[y > 0]).max() < 1e-6  # the old loss is stuck there
+    assert (g_new[y > 0] < -1e-5).all()  # the new one pushes lesion voxels up
+    assert np.abs(g_new[y > 0]).min() > 100 * np.abs(g_old[y > 0]).max()
+
+
+def test_perfect_prediction_scores_near_zero_and_empty_batch_is_cheap():
+    y = np.zeros((2, 4, 4, 4, 1), np.float32)
+    y[0, 1:3, 1:3, 1:3] = 1.0
+    good = float(lesion_loss(tf.constant(y), tf.constant(np.clip(y, 1e-4, 1 - 1e-4))))
+    bad = float(lesion_loss(tf.constant(y), tf.constant(np.full_like(y, 1e-4))))
+    assert good < 0.01 < 0.9 < bad
+    empty = np.zeros_like(y)
+    assert float(lesion_loss(tf.constant(empty), tf.constant(np.full_like(y, 1e-4)))) < 0.05
