@@ -19,7 +19,7 @@ from scipy import ndimage as ndi
 
 from . import centerline as _centerline
 from . import segmentation as _segmentation
-from .errors import CordsegError, InputError
+from .errors import CordsegError, InputError, NoCordError
 from .inference import CONTRASTS, find_model
 from .io import load_image
 from .orientation import to_rpi
@@ -33,14 +33,31 @@ _CONTRAST_PATTERNS = [
 ]
 
 
+_BIDS_SUFFIX = {"t1w": "t1", "t2w": "t2", "t2star": "t2s", "dwi": "dwi"}
+
+
 def guess_contrast(name) -> str | None:
-    """Contrast from a file name (BIDS T1w/T2w/T2star/dwi or t1/t2/t2s), or None."""
+    """Contrast from a file name: the BIDS suffix (T1w, T2w, T2star, dwi) when there is one, otherwise
+    common names (t1, t2, t2s, …) anywhere in it; None when nothing matches."""
     stem = Path(str(name)).name.lower()
     stem = re.sub(r"\.nii(\.gz)?$", "", stem)
+    suffix = stem.rsplit("_", 1)[-1]
+    if suffix in _BIDS_SUFFIX:
+        return _BIDS_SUFFIX[suffix]
     for contrast, pattern in _CONTRAST_PATTERNS:
         if re.search(pattern, stem):
             return contrast
     return None
+
+
+def _check_threshold(threshold):
+    if threshold is not None and not (0.0 < float(threshold) < 1.0):
+        raise InputError(f"threshold must be between 0 and 1 (exclusive), not {threshold}")
+
+
+def _check_smoothness(smoothness):
+    if not (np.isfinite(smoothness) and smoothness >= 0):
+        raise InputError(f"smoothness must be a finite number >= 0, not {smoothness}")
 
 
 def resolve_contrast(src, contrast) -> str:
@@ -77,6 +94,7 @@ def _mask_image(data, ref, dtype=np.uint8):
 def detect_centerline(img, contrast=None, *, model=None, smoothness=_centerline.DEFAULT_SMOOTHNESS,
                       volume=None, progress=None):
     """Returns (centerline mask image on the input grid, Centerline)."""
+    _check_smoothness(smoothness)
     image, contrast, rpi = _prepare(img, contrast, volume)
     cl = _centerline.detect(rpi, find_model("centerline", contrast, model), smoothness=smoothness,
                             progress=progress)
@@ -86,23 +104,28 @@ def detect_centerline(img, contrast=None, *, model=None, smoothness=_centerline.
 def segment_cord(img, contrast=None, soft=False, *, threshold=None, model=None, centerline_model=None,
                  volume=None, progress=None):
     """Spinal cord mask (uint8) or, with soft=True, its probability map (float32), on the input grid."""
+    _check_threshold(threshold)
     image, contrast, rpi = _prepare(img, contrast, volume)
+    sc_model = find_model("sc", contrast, model)  # before any work: a missing model fails fast
     cl = _centerline.detect(rpi, find_model("centerline", contrast, centerline_model), progress=progress)
-    sc_model = find_model("sc", contrast, model)
     prob = _segmentation.soft_segmentation(cl, sc_model, progress, stage="cord")
     if soft:
         return _mask_image(rpi.to_native(prob), image, np.float32)
     thr = sc_model.threshold if threshold is None else float(threshold)
     mask = _segmentation.keep_largest_component((prob >= thr).astype(np.uint8))
+    if not mask.any():
+        raise NoCordError("no spinal cord found (the centerline was found, but no voxel reached the "
+                          f"cord threshold {thr:g})")
     return _mask_image(rpi.to_native(mask), image)
 
 
 def segment_lesions(img, contrast=None, soft=False, *, threshold=None, model=None, centerline_model=None,
                     volume=None, progress=None):
     """MS lesion mask (uint8) or probability map (float32) in the cord, on the input grid."""
+    _check_threshold(threshold)
     image, contrast, rpi = _prepare(img, contrast, volume)
-    cl = _centerline.detect(rpi, find_model("centerline", contrast, centerline_model), progress=progress)
     lesion_model = find_model("lesion", contrast, model)
+    cl = _centerline.detect(rpi, find_model("centerline", contrast, centerline_model), progress=progress)
     prob = _segmentation.soft_segmentation(cl, lesion_model, progress, stage="lesions")
     if soft:
         return _mask_image(rpi.to_native(prob), image, np.float32)

@@ -59,20 +59,23 @@ def _fail(message: str):
 
 
 def _run(fn):
-    """Call fn() mapping our errors to one stderr line; warnings become one line each."""
+    """Call fn() mapping our errors to one stderr line; warnings become one line each (before any error)."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", CordsegWarning)
+        error = None
         try:
             result = fn()
         except CordsegError as exc:
-            _fail(str(exc))
+            error = str(exc)
         except MemoryError:
-            _fail("out of memory")
+            error = "out of memory"
         except KeyboardInterrupt:
-            _fail("interrupted")
+            error = "interrupted"
     for w in caught:
         if issubclass(w.category, CordsegWarning):
             click.echo(f"cordseg: warning: {w.message}", err=True)
+    if error is not None:
+        _fail(error)
     return result
 
 
@@ -89,9 +92,22 @@ def _common(f):
 
 
 def _output(image, out, suffix):
+    """The output path, checked before any work: a folder that exists and can be written, a NIfTI name."""
     from .io import default_output_path
 
-    return _run(lambda: default_output_path(image, out, suffix))
+    path = _run(lambda: default_output_path(image, out, suffix))
+    folder = path.resolve().parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK):
+        _fail(f"cannot write {path}: folder {folder} does not exist or is not writable")
+    if not (path.name.endswith(".nii.gz") or path.name.endswith(".nii")):
+        _fail(f"cannot write {path}: the output name must end in .nii.gz or .nii")
+    return path
+
+
+def _threshold(value):
+    if value is not None and not 0.0 < value < 1.0:
+        _fail(f"--threshold must be between 0 and 1 (exclusive), not {value}")
+    return value
 
 
 def _save(img, path: Path):
@@ -144,6 +160,7 @@ def sc(image, contrast, out, volume, quiet, verbose, soft, threshold, model):
     from . import api
 
     path = _output(image, out, "_seg")
+    _threshold(threshold)
     rep = Reporter(quiet, verbose)
     seg = _run(lambda: api.segment_cord(image, contrast, soft=soft, threshold=threshold, model=model,
                                         volume=volume, progress=rep))
@@ -168,6 +185,7 @@ def lesion(image, contrast, out, volume, quiet, verbose, csv_file, soft, thresho
     from . import api
 
     path = _output(image, out, "_lesionseg")
+    _threshold(threshold)
     if csv_file:  # fail before any work (and before the mask is written) when the table cannot be written
         folder = Path(csv_file).resolve().parent
         if not folder.is_dir() or not os.access(folder, os.W_OK):

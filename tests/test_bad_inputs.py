@@ -44,7 +44,8 @@ def assert_clean_error(result, out_dir=None, *fragments):
     assert "Traceback" not in err and "Traceback" not in result.stdout
     lines = err.splitlines()
     assert err.endswith("\n") and lines and lines[-1].startswith("cordseg: error:"), err
-    assert all(PROGRESS.fullmatch(ln) for ln in lines[:-1]), err
+    # warnings raised before the error (e.g. a repaired header) are shown too, each on its own line
+    assert all(PROGRESS.fullmatch(ln) or ln.startswith("cordseg: warning:") for ln in lines[:-1]), err
     for text in fragments:
         assert text in lines[-1], err
     if out_dir is not None:
@@ -328,3 +329,30 @@ def test_no_warning_on_a_clean_image(good):
     with warnings.catch_warnings():
         warnings.simplefilter("error", CordsegWarning)
         cordseg.detect_centerline(good)
+
+
+def test_threshold_out_of_range_is_refused_before_any_work(tmp_path, good, out_dir):
+    for value in ("2", "0", "nan"):
+        assert_clean_error(invoke("sc", good, "-o", out_dir, "--threshold", value, "-q"), out_dir, "threshold")
+
+
+def test_output_folder_missing_is_refused_before_any_work(tmp_path, good):
+    result = invoke("sc", good, "-o", tmp_path / "nowhere" / "x_seg.nii.gz", "-q")
+    assert_clean_error(result, None, "does not exist")
+    assert "[" not in result.stderr  # no stage ran
+
+
+def test_bids_suffix_wins_over_other_name_parts():
+    from cordseg.api import guess_contrast
+
+    assert guess_contrast("sub-01_acq-t1_T2w.nii.gz") == "t2"
+    assert guess_contrast("sub-01_acq-gre_T1w.nii.gz") == "t1"
+
+
+def test_api_rejects_bad_smoothness_and_threshold(good):
+    import cordseg
+
+    with pytest.raises(cordseg.InputError):
+        cordseg.detect_centerline(good, smoothness=-1)
+    with pytest.raises(cordseg.InputError):
+        cordseg.segment_cord(good, threshold=1.5)
