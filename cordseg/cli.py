@@ -244,28 +244,28 @@ from .cli_evaluate import evaluate  # noqa: E402
 main.add_command(evaluate)
 
 
-@main.command("import-keras", context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
-              add_help_option=False)
-@click.pass_context
-def import_keras(ctx):
-    """Convert a published Keras .h5 model to a cordseg ONNX model (needs cordseg[train])."""
-    try:
-        from .training.keras_import import main_import_keras
-    except ImportError as exc:
-        _fail(f"import-keras needs the training extra: pip install 'cordseg[train]' ({exc})")
-    sys.exit(main_import_keras(ctx.args))
+def _extra_command(name, module, function, doc):
+    """A command that hands its arguments to the training extra's own parser (TensorFlow loads only then)."""
+
+    @main.command(name, help=doc, add_help_option=False,
+                  context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+    @click.pass_context
+    def command(ctx):
+        import importlib
+
+        try:
+            entry = getattr(importlib.import_module(f"cordseg.training.{module}"), function)
+        except ImportError as exc:
+            _fail(f"{name} needs the training extra: pip install 'cordseg[train]' ({exc})")
+        sys.exit(entry(ctx.args))
+
+    return command
 
 
-@main.command("train", context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
-              add_help_option=False)
-@click.pass_context
-def train(ctx):
-    """Train a network from synthetic data (needs cordseg[train]); see `cordseg train -h`."""
-    try:
-        from .training.train import main as train_main
-    except ImportError as exc:
-        _fail(f"training needs the training extra: pip install 'cordseg[train]' ({exc})")
-    sys.exit(train_main(ctx.args))
+_extra_command("import-keras", "keras_import", "main_import_keras",
+               "Convert a published Keras .h5 model to a cordseg ONNX model (needs cordseg[train]).")
+_extra_command("train", "train", "main",
+               "Train a network from synthetic (and BIDS) data (needs cordseg[train]); see `cordseg train -h`.")
 
 
 if __name__ == "__main__":  # pragma: no cover

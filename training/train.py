@@ -52,7 +52,7 @@ def run(task, out, *, steps=None, batch_size=None, learning_rate=None, labelmaps
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__)
+    p = argparse.ArgumentParser(prog="cordseg train", description=__doc__.split("\n")[0])
     p.add_argument("task", choices=["centerline", "sc", "lesion"])
     p.add_argument("--out", required=True)
     p.add_argument("--steps", type=int)
