@@ -5,6 +5,7 @@ Also reachable as `cordseg train TASK ...`. Resumes from DIR/checkpoint.keras wh
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -21,11 +22,11 @@ def default_labelmaps() -> Path:
 
 def run(task, out, *, steps=None, batch_size=None, learning_rate=None, labelmaps=None, seed=0, log=print,
         workers=0, max_minutes=None, network=None, init_weights=None, data=None, real_fraction=0.5,
-        contrasts=None):
+        contrasts=None, patch_shape=None):
     from . import losses, synth, tasks
     from .loop import train
 
-    cfg = tasks.TASKS[task]
+    cfg = dataclasses.replace(tasks.TASKS[task], network=dict(tasks.TASKS[task].network))  # a copy to adjust
     if steps:
         cfg.steps = steps
     if batch_size:
@@ -34,6 +35,8 @@ def run(task, out, *, steps=None, batch_size=None, learning_rate=None, labelmaps
         cfg.learning_rate = learning_rate
     if network:
         cfg.network.update(network)
+    if patch_shape:  # CNN2 is fully convolutional: it may train on smaller patches than it runs on
+        cfg.patch_shape = tuple(patch_shape)
     anatomy = synth.Anatomy.load(labelmaps or default_labelmaps())
     real = tasks.load_real(cfg, data, contrasts) if data else []
     if data:
@@ -68,12 +71,15 @@ def main(argv=None):
     p.add_argument("--real-fraction", type=float, default=0.5, help="share of samples from --data")
     p.add_argument("--contrast", help="contrasts of --data to use and to write into the model, comma-separated")
     p.add_argument("--export", help="after training, export the final weights to this ONNX file")
+    p.add_argument("--patch-shape", help="training patch, e.g. 32x32x32 (CNN2 is fully convolutional; the "
+                   "exported model keeps the task's run-time patch)")
     a = p.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     run(a.task, a.out, steps=a.steps, batch_size=a.batch_size, learning_rate=a.learning_rate,
         labelmaps=a.labelmaps, seed=a.seed, log=lambda m: print(m, flush=True), workers=a.workers,
         max_minutes=a.max_minutes, init_weights=a.init_weights, data=a.data, real_fraction=a.real_fraction,
         contrasts=a.contrast.split(",") if a.contrast else None,
+        patch_shape=[int(v) for v in a.patch_shape.split("x")] if a.patch_shape else None,
         network={"base_filters": a.base_filters} if a.base_filters else None)
     if a.export:
         from . import tasks
