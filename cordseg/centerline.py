@@ -23,6 +23,10 @@ from .resampling import resample, resampled_zooms
 
 DEFAULT_SMOOTHNESS = 1.0  # OptiC's lambda, per mm^2 of displacement over mm of slice thickness
 SLICE_BATCH = 8
+# CNN1 need not see every thin slice: the centerline is smooth along z, so slices thinner than this are
+# resampled to it for the heatmap (a 1 mm sagittal volume: half the CNN1 work), and the centerline is
+# interpolated back onto every input slice.
+CENTERLINE_SLICE_MM = 2.0
 
 
 @dataclass
@@ -59,16 +63,20 @@ class Centerline:
         return np.interp(z_rpi, self.z, self.x), np.interp(z_rpi, self.z, self.y)
 
 
-def model_grid(rpi: Reoriented, model: Model) -> tuple:
-    """Target zooms for a model: its voxel size, the input's where the metadata says 'native'."""
-    return tuple(rpi.zooms[i] if v is None else v for i, v in enumerate(model.voxel_size))
+def model_grid(rpi: Reoriented, model: Model, min_slice_mm: float = 0.0) -> tuple:
+    """Target zooms for a model: its voxel size, the input's where the metadata says 'native' (along z no
+    thinner than `min_slice_mm`)."""
+    zooms = [rpi.zooms[i] if v is None else v for i, v in enumerate(model.voxel_size)]
+    if model.voxel_size[2] is None:
+        zooms[2] = max(zooms[2], min_slice_mm)
+    return tuple(zooms)
 
 
 def heatmap(rpi: Reoriented, model: Model, progress=None) -> tuple[np.ndarray, tuple]:
     """CNN1 probability volume on the model's grid, and that grid's exact zooms."""
     if model.patch_shape is not None:
         raise ModelError(f"{model.path.name}: centerline models must be fully convolutional (patch 'slice')")
-    target = model_grid(rpi, model)
+    target = model_grid(rpi, model, CENTERLINE_SLICE_MM)
     vol = resample(rpi.data, rpi.zooms, target, order=1)
     zooms = resampled_zooms(rpi.shape, rpi.zooms, target)
     vol = normalize_with(model.normalisation, vol, model.normalisation_params)
