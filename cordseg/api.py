@@ -10,6 +10,7 @@ Errors are CordsegError subclasses; warnings are CordsegWarning. Nothing is prin
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from scipy import ndimage as ndi
 
 from . import centerline as _centerline
 from . import segmentation as _segmentation
-from .errors import CordsegError, InputError, NoCordError
+from .errors import CordsegError, CordsegWarning, InputError, NoCordError
 from .inference import CONTRASTS, find_model
 from .io import load_image
 from .orientation import to_rpi
@@ -74,6 +75,11 @@ def resolve_contrast(src, contrast) -> str:
     return guessed
 
 
+def _warn_if_flagged(model):
+    if model.warning:
+        warnings.warn(f"{model.path.name}: {model.warning}", CordsegWarning, stacklevel=3)
+
+
 def _prepare(src, contrast, volume):
     img = load_image(src, volume=volume)
     return img, resolve_contrast(src, contrast), to_rpi(img)
@@ -107,6 +113,7 @@ def segment_cord(img, contrast=None, soft=False, *, threshold=None, model=None, 
     _check_threshold(threshold)
     image, contrast, rpi = _prepare(img, contrast, volume)
     sc_model = find_model("sc", contrast, model)  # before any work: a missing model fails fast
+    _warn_if_flagged(sc_model)
     cl = _centerline.detect(rpi, find_model("centerline", contrast, centerline_model), progress=progress)
     prob = _segmentation.soft_segmentation(cl, sc_model, progress, stage="cord")
     if soft:
@@ -125,6 +132,7 @@ def segment_lesions(img, contrast=None, soft=False, *, threshold=None, model=Non
     _check_threshold(threshold)
     image, contrast, rpi = _prepare(img, contrast, volume)
     lesion_model = find_model("lesion", contrast, model)
+    _warn_if_flagged(lesion_model)
     cl = _centerline.detect(rpi, find_model("centerline", contrast, centerline_model), progress=progress)
     prob = _segmentation.soft_segmentation(cl, lesion_model, progress, stage="lesions")
     if soft:

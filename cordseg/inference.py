@@ -117,10 +117,16 @@ class Model:
     def size_multiple(self) -> int:
         return int(self.metadata.get("cordseg_size_multiple", "1"))
 
+    @property
+    def warning(self) -> str | None:
+        """A caveat the model's authors wrote into the file (e.g. not validated), shown to users."""
+        return self.metadata.get("cordseg_warning") or None
+
     def describe(self) -> str:
         return (f"{self.path.name}: task {self.task}, contrasts {','.join(self.contrasts)}, "
                 f"patch {self.metadata['cordseg_patch_shape']}, voxel {self.metadata['cordseg_voxel_size']} mm, "
-                f"threshold {self.threshold:g}, {self.metadata.get('cordseg_training', '')}")
+                f"threshold {self.threshold:g}, {self.metadata.get('cordseg_training', '')}"
+                + (f" WARNING: {self.warning}" if self.warning else ""))
 
     # --- running ---
     def session(self):
