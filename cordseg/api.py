@@ -107,15 +107,22 @@ def detect_centerline(img, contrast=None, *, model=None, smoothness=_centerline.
     return _mask_image(cl.native_mask(), image), cl
 
 
+def _soft_map(task, img, contrast, threshold, model, centerline_model, volume, progress):
+    """Shared by cord and lesion segmentation: (input image, RPI view, probability map, CNN2 model)."""
+    _check_threshold(threshold)
+    image, contrast, rpi = _prepare(img, contrast, volume)
+    cnn2 = find_model(task, contrast, model)  # before any work: a missing model fails fast
+    _warn_if_flagged(cnn2)
+    cl = _centerline.detect(rpi, find_model("centerline", contrast, centerline_model), progress=progress)
+    prob = _segmentation.soft_segmentation(cl, cnn2, progress, stage={"sc": "cord", "lesion": "lesions"}[task])
+    return image, rpi, prob, cnn2
+
+
 def segment_cord(img, contrast=None, soft=False, *, threshold=None, model=None, centerline_model=None,
                  volume=None, progress=None):
     """Spinal cord mask (uint8) or, with soft=True, its probability map (float32), on the input grid."""
-    _check_threshold(threshold)
-    image, contrast, rpi = _prepare(img, contrast, volume)
-    sc_model = find_model("sc", contrast, model)  # before any work: a missing model fails fast
-    _warn_if_flagged(sc_model)
-    cl = _centerline.detect(rpi, find_model("centerline", contrast, centerline_model), progress=progress)
-    prob = _segmentation.soft_segmentation(cl, sc_model, progress, stage="cord")
+    image, rpi, prob, sc_model = _soft_map("sc", img, contrast, threshold, model, centerline_model, volume,
+                                           progress)
     if soft:
         return _mask_image(rpi.to_native(prob), image, np.float32)
     thr = sc_model.threshold if threshold is None else float(threshold)
@@ -129,12 +136,8 @@ def segment_cord(img, contrast=None, soft=False, *, threshold=None, model=None, 
 def segment_lesions(img, contrast=None, soft=False, *, threshold=None, model=None, centerline_model=None,
                     volume=None, progress=None):
     """MS lesion mask (uint8) or probability map (float32) in the cord, on the input grid."""
-    _check_threshold(threshold)
-    image, contrast, rpi = _prepare(img, contrast, volume)
-    lesion_model = find_model("lesion", contrast, model)
-    _warn_if_flagged(lesion_model)
-    cl = _centerline.detect(rpi, find_model("centerline", contrast, centerline_model), progress=progress)
-    prob = _segmentation.soft_segmentation(cl, lesion_model, progress, stage="lesions")
+    image, rpi, prob, lesion_model = _soft_map("lesion", img, contrast, threshold, model, centerline_model,
+                                               volume, progress)
     if soft:
         return _mask_image(rpi.to_native(prob), image, np.float32)
     thr = lesion_model.threshold if threshold is None else float(threshold)
