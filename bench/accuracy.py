@@ -38,26 +38,11 @@ def default_data() -> Path:
 
 
 def centerline_error(cl, ref_path):
-    """MSE (mm²) and localization of sub-voxel centerline points against a reference mask (RPI)."""
+    """MSE (mm²), localization and slice counts of sub-voxel centerline points against a reference mask,
+    both in RPI space (cordseg.metrics.centerline_errors)."""
     ref = to_rpi(load_image(ref_path))
-    mask = ref.data > 0.5
-    sx, sy = ref.zooms[:2]
-    errs, inside, n_ref = [], 0, 0
-    points = {int(z): (x, y) for z, x, y in zip(cl.z, cl.x, cl.y)}
-    for z in range(mask.shape[2]):
-        xs, ys = np.nonzero(mask[:, :, z])
-        if len(xs) == 0:
-            continue
-        n_ref += 1
-        if z not in points:
-            continue
-        x, y = points[z]
-        if xs.size > 1 or True:
-            errs.append(((x - xs.mean()) * sx) ** 2 + ((y - ys.mean()) * sy) ** 2)
-        xi, yi = int(round(x)), int(round(y))
-        if 0 <= xi < mask.shape[0] and 0 <= yi < mask.shape[1] and mask[xi, yi, z]:
-            inside += 1
-    return float(np.mean(errs)) if errs else float("nan"), inside / max(n_ref, 1), len(errs), n_ref
+    e = metrics.centerline_errors(cl.rpi_points, ref.data > 0.5, zooms=ref.zooms)
+    return e.mse_mm2, e.localization_rate, e.n_slices_compared, e.n_slices_ref
 
 
 def main(argv=None):

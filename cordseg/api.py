@@ -22,6 +22,7 @@ from . import centerline as _centerline
 from . import segmentation as _segmentation
 from .errors import CordsegError, CordsegWarning, InputError, NoCordError
 from .inference import CONTRASTS, find_model
+from .metrics import label_lesions
 from .io import load_image
 from .orientation import to_rpi
 
@@ -158,7 +159,7 @@ def lesion_table(mask_img) -> list[Lesion]:
     data = np.asarray(mask_img.dataobj) > 0
     if not data.any():
         return []
-    labels, n = ndi.label(data, structure=np.ones((3, 3, 3)))
+    labels, _ = label_lesions(data)
     zooms = mask_img.header.get_zooms()[:3]
     voxel = float(np.prod(zooms))
     axial = int(np.argmax(np.abs(mask_img.affine[2, :3])))  # voxel axis closest to inferior-superior

@@ -4,7 +4,6 @@ from __future__ import annotations
 import csv
 import os
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -222,21 +221,15 @@ def models_cmd():
 
 def _write_csv(path: Path, header, rows):
     """Atomic CSV write (temporary file beside the target, then rename)."""
-    path = Path(path)
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=str(path.parent or "."))
-    except OSError as exc:
-        _fail(f"cannot write {path}: {exc.strerror}")
-    try:
-        with os.fdopen(fd, "w", newline="") as fh:
-            w = csv.writer(fh)
-            w.writerow(header)
-            w.writerows(rows)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except OSError as exc:
-        Path(tmp).unlink(missing_ok=True)
-        _fail(f"cannot write {path}: {exc.strerror}")
+    import io as _io
+
+    from .io import write_bytes_atomic
+
+    buf = _io.StringIO(newline="")
+    w = csv.writer(buf)
+    w.writerow(header)
+    w.writerows(rows)
+    _run(lambda: write_bytes_atomic(buf.getvalue().encode("utf-8"), path))
 
 
 from .cli_evaluate import evaluate  # noqa: E402

@@ -382,6 +382,32 @@ def _cast(arr: np.ndarray, dtype: np.dtype, path: Path) -> np.ndarray:
     raise OutputError(f"{path}: cannot write voxels of type {dtype}.")
 
 
+def write_bytes_atomic(data: bytes, path) -> Path:
+    """Write `data` to `path` through a temporary file in the same folder and a rename (never a partial
+    file); permissions 0644. Errors -> OutputError."""
+    import tempfile
+
+    path = Path(path)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent or "."))
+    except OSError as exc:
+        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from exc
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except OSError as exc:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from exc
+    return path
+
+
 def _atomic_write(img, path: Path, suffix: str) -> None:
     folder = path.parent if str(path.parent) else Path(".")
     tmp = None
