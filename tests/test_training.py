@@ -149,6 +149,90 @@ def test_pam50_anatomy_loads(tmp_path):
     assert again.cord_z == anat.cord_z and np.array_equal(again.labels, anat.labels)
 
 
+def _write_mask(path, mask, zooms):
+    import nibabel as nib
+
+    nib.save(nib.Nifti1Image(mask.astype(np.uint8), np.diag([*zooms, 1.0])), str(path))  # RAS
+
+
+def _thick_slice_masks(n=80, nz=8, dz=5.0, radius_mm=3.5, ring_mm=2.0):
+    """A straight cord (radius 3.5 mm) at voxel (30, 45) in a CSF ring, 0.5 mm in-plane, 5 mm slices, RAS."""
+    x, y = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")
+    r = np.hypot(x - 30, y - 45) * 0.5
+    cord = np.repeat((r <= radius_mm)[:, :, None], nz, axis=2)
+    csf = np.repeat(((r > radius_mm) & (r <= radius_mm + ring_mm))[:, :, None], nz, axis=2)
+    return cord, csf, (0.5, 0.5, dz)
+
+
+def test_thick_slice_mask_becomes_an_isotropic_anatomy(tmp_path):
+    cord, csf, zooms = _thick_slice_masks()
+    _write_mask(tmp_path / "c.nii.gz", cord, zooms)
+    _write_mask(tmp_path / "f.nii.gz", csf, zooms)
+    anat = synth.Anatomy.from_masks(tmp_path / "c.nii.gz", tmp_path / "f.nii.gz", margin_mm=5.0)
+    assert anat.extend_z and anat.labels.shape[2] == 80  # 8 slices of 5 mm at 0.5 mm
+    area = (anat.labels == synth.WM).sum(axis=(0, 1)) * 0.25  # mm² per slice
+    assert np.allclose(area, np.pi * 3.5**2, rtol=0.08)
+    canal = np.isin(anat.labels, (synth.WM, synth.CSF)).sum(axis=(0, 1)) * 0.25
+    assert np.allclose(canal, np.pi * 5.5**2, rtol=0.08)
+    assert not np.isnan(anat.center).any() and anat.cord_z == (0, 79)
+    # the crop keeps the cord's half-width (7 voxels) + a 5 mm margin (10 voxels) + a 1-voxel border
+    assert np.allclose(anat.center, 18.0, atol=0.6)
+    # the background border lets edge repetition continue the cord past the field of view, not the crop
+    labels = synth.sample_label_grid(anat, np.random.default_rng(0), (60, 60, 60), (0.5, 0.5, 1.0), 40,
+                                     max_tilt=0, max_inplane=0, scale_range=(1, 1), elastic_mm=0, bend_mm=0)
+    assert (labels == synth.WM).any(axis=(0, 1)).all() and (labels[[0, -1]] == synth.BG).all()
+
+
+def test_cord_mask_without_csf_gets_a_ring(tmp_path):
+    cord, _, zooms = _thick_slice_masks()
+    _write_mask(tmp_path / "c.nii.gz", cord, zooms)
+    anat = synth.Anatomy.from_masks(tmp_path / "c.nii.gz", csf_ring_mm=1.5, margin_mm=5.0)
+    canal = np.isin(anat.labels, (synth.WM, synth.CSF)).sum(axis=(0, 1)) * 0.25
+    assert np.allclose(canal, np.pi * 5.0**2, rtol=0.1)
+
+
+def test_load_anatomies_from_a_labelmap_folder(tmp_path):
+    cord, csf, zooms = _thick_slice_masks()
+    pam = tmp_path / "PAM50"
+    pam.mkdir()
+    big = np.zeros((40, 40, 30), bool)
+    big[15:25, 15:25, 5:25] = True
+    for name, m in [("cord", big), ("gm", np.zeros_like(big)), ("csf", np.zeros_like(big)), ("spine", np.zeros_like(big))]:
+        _write_mask(pam / f"PAM50_{name}.nii.gz", m, (0.5, 0.5, 0.5))
+    sg = tmp_path / "spinegeneric"
+    sg.mkdir()
+    for subject in ("sub-a01", "sub-unf01"):  # sub-unf01 is a validation subject: never a training anatomy
+        _write_mask(sg / f"{subject}_T2w_seg-manual.nii.gz", cord, zooms)
+        _write_mask(sg / f"{subject}_T2w_csfseg-manual.nii.gz", csf, zooms)
+        _write_mask(sg / f"{subject}_T1w_seg-manual.nii.gz", cord, zooms)  # a copy of the T2w mask: skipped
+        _write_mask(sg / f"{subject}_T2star_seg-manual.nii.gz", cord, zooms)  # no CSF mask: a ring
+    anats = synth.load_anatomies(tmp_path)
+    assert len(anats) == 3 and not anats[0].extend_z and all(a.extend_z for a in anats[1:])
+    assert anats[0].cord_z == (5, 24)
+    out = tmp_path / "npz"
+    out.mkdir()
+    for i, a in enumerate(anats):
+        a.save(out / f"{i:02d}.npz")
+    again = synth.load_anatomies(out)
+    assert [a.extend_z for a in again] == [False, True, True]
+    assert all(np.array_equal(a.labels, b.labels) for a, b in zip(anats, again))
+
+
+def test_sampler_mixes_anatomies_and_keeps_no_cord_slices_to_the_template(anatomy):
+    from training import tasks
+
+    masks = dataclasses.replace(_anatomy(nz=40), extend_z=True)
+    s = tasks.Sampler(tasks.TASKS["centerline"], [anatomy, masks])
+    picks = [s._anatomy(np.random.default_rng(i)) for i in range(200)]
+    from_masks = [p for p in picks if p[0] is masks]
+    assert 60 < len(from_masks) < 140 and all(p[1] == 0.0 for p in from_masks)
+    assert all(p[1] == pytest.approx(0.24) for p in picks if p[0] is anatomy)
+    # an anatomy cut by its field of view never gives a slice without cord
+    for seed in range(10):
+        _img, tgt = synth.heatmap_sample(masks, np.random.default_rng(seed), size=32, p_outside=1.0)
+        assert tgt.sum() > 0
+
+
 # ----------------------------------------------------------------------------------------------------
 # losses
 

@@ -33,6 +33,9 @@ class Anatomy:
     labels: np.ndarray  # uint8 (nx, ny, nz)
     center: np.ndarray  # float32 (nz, 2): cord centre in voxels, NaN where no cord
     cord_z: tuple  # first and last slice with cord
+    # Manual masks stop where their scan's field of view stopped, not where the cord does: such an anatomy
+    # repeats its end slices along z, and never stands for "no cord here".
+    extend_z: bool = False
 
     @classmethod
     def from_pam50(cls, folder) -> "Anatomy":
@@ -62,16 +65,114 @@ class Anatomy:
         return cls(labels, center, (int(zs[0]), int(zs[-1])))
 
     @classmethod
+    def from_masks(cls, cord_path, csf_path=None, *, csf_ring_mm=2.0, margin_mm=30.0) -> "Anatomy":
+        """From a manual cord mask (and CSF mask) of a real scan, resampled to 0.5 mm isotropic.
+
+        Thick axial slices are interpolated along z through signed distance maps, so the outline changes
+        smoothly between them. Without a CSF mask, a ring of `csf_ring_mm` around the cord stands in for it.
+        """
+        import nibabel as nib
+
+        def load(path):
+            img = nib.as_closest_canonical(nib.load(str(path)))
+            return np.asarray(img.dataobj)[::-1] > 0.5, np.asarray(img.header.get_zooms()[:3], float)
+
+        cord, zooms = load(cord_path)
+        if csf_path is not None:
+            csf, _ = load(csf_path)
+        else:
+            canal = ndi.distance_transform_edt(~cord, sampling=zooms[:2].tolist() + [1e6]) <= csf_ring_mm
+            csf = canal & ~cord
+        zs = np.where(cord.any((0, 1)))[0]
+        cord, csf = cord[:, :, zs[0]:zs[-1] + 1], csf[:, :, zs[0]:zs[-1] + 1]
+        # crop in-plane around the cord, keeping a background border (so edge repetition stays background)
+        xs, ys = np.nonzero(cord.any(2))
+        m = int(np.ceil(margin_mm / zooms[0]))
+        box = (slice(max(xs.min() - m, 0), xs.max() + m + 1), slice(max(ys.min() - m, 0), ys.max() + m + 1))
+        cord, csf = cord[box], csf[box]
+        cord_fine = _resample_mask(cord, zooms, ANATOMY_ZOOM)
+        canal_fine = _resample_mask(cord | csf, zooms, ANATOMY_ZOOM)
+        labels = np.zeros(cord_fine.shape, np.uint8)
+        labels[canal_fine] = CSF
+        labels[cord_fine] = WM
+        labels = np.pad(labels, ((1, 1), (1, 1), (0, 0)))
+        return cls._with_centres(labels, extend_z=True)
+
+    @classmethod
+    def _with_centres(cls, labels, extend_z=False) -> "Anatomy":
+        cord = np.isin(labels, (WM, GM))
+        center = np.full((labels.shape[2], 2), np.nan, np.float32)
+        zs = np.where(cord.any((0, 1)))[0]
+        for z in zs:
+            xs, ys = np.nonzero(cord[:, :, z])
+            center[z] = xs.mean(), ys.mean()
+        if extend_z:  # slices without cord inside the range take their neighbours' centre
+            good = ~np.isnan(center[:, 0])
+            for k in range(2):
+                center[:, k] = np.interp(np.arange(len(center)), np.where(good)[0], center[good, k])
+        return cls(labels, center, (int(zs[0]), int(zs[-1])), extend_z)
+
+    @classmethod
     def load(cls, source) -> "Anatomy":
         """From the PAM50 folder, or from an .npz written by `save` (no nibabel needed)."""
         source = Path(source)
         if source.suffix == ".npz":
             d = np.load(source)
-            return cls(d["labels"], d["center"], tuple(int(v) for v in d["cord_z"]))
+            return cls(d["labels"], d["center"], tuple(int(v) for v in d["cord_z"]),
+                       bool(d["extend_z"]) if "extend_z" in d else False)
         return cls.from_pam50(source)
 
     def save(self, path) -> None:
-        np.savez_compressed(path, labels=self.labels, center=self.center, cord_z=np.array(self.cord_z))
+        np.savez_compressed(path, labels=self.labels, center=self.center, cord_z=np.array(self.cord_z),
+                            extend_z=np.array(self.extend_z))
+
+
+# Subjects whose images are used for validation here: their masks never become training anatomies.
+HELD_OUT_SUBJECTS = ("sub-unf01",)
+
+
+def load_anatomies(source) -> list:
+    """Every training anatomy under `source`, PAM50 first.
+
+    `source`: the PAM50 folder; a label-map folder holding `PAM50/` and optionally `spinegeneric/` (manual
+    cord and CSF masks, `*_seg-manual` / `*_csfseg-manual`); an .npz of one anatomy (`Anatomy.save`); or a
+    folder of such .npz files (the first in name order must be PAM50).
+    """
+    source = Path(source)
+    if source.suffix == ".npz":
+        return [Anatomy.load(source)]
+    if (source / "PAM50_cord.nii.gz").exists():
+        return [Anatomy.from_pam50(source)]
+    npz = sorted(source.glob("*.npz"))
+    if npz:
+        return [Anatomy.load(f) for f in npz]
+    if not (source / "PAM50").is_dir():
+        raise FileNotFoundError(f"no PAM50 label maps in {source}")
+    out = [Anatomy.from_pam50(source / "PAM50")]
+    for cord in sorted((source / "spinegeneric").glob("*_seg-manual.nii.gz")):
+        subject, acq = cord.name.split("_")[:2]
+        if subject in HELD_OUT_SUBJECTS or acq == "T1w":  # T1w masks here repeat the same subject's T2w mask
+            continue
+        csf = cord.with_name(cord.name.replace("_seg-manual", "_csfseg-manual"))
+        out.append(Anatomy.from_masks(cord, csf if csf.exists() else None))
+    return out
+
+
+def _resample_mask(mask, zooms, new_zoom):
+    """A binary mask onto an isotropic grid of `new_zoom` mm: in-plane signed distances, linear along z."""
+    sdf = np.empty(mask.shape, np.float32)
+    for z in range(mask.shape[2]):
+        m = mask[:, :, z]
+        if not m.any():
+            sdf[:, :, z] = 1e3
+            continue
+        sdf[:, :, z] = (ndi.distance_transform_edt(~m, sampling=zooms[:2]) -
+                        ndi.distance_transform_edt(m, sampling=zooms[:2]))
+    shape = [max(1, int(round(n * zm / new_zoom))) for n, zm in zip(mask.shape, zooms)]
+    coords = [np.clip((np.arange(n) + 0.5) * new_zoom / zm - 0.5, 0, old - 1)
+              for n, zm, old in zip(shape, zooms, mask.shape)]
+    grid = np.meshgrid(*coords, indexing="ij")
+    return ndi.map_coordinates(sdf, grid, order=1, mode="nearest") < 0
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -139,7 +240,8 @@ def sample_label_grid(anatomy, rng, shape, spacing, center_z, *, offset_mm=(0.0,
     cz = int(np.clip(center_z, anatomy.cord_z[0], anatomy.cord_z[1]))
     cx, cy = anatomy.center[cz]
     vox = src / ANATOMY_ZOOM + np.array([cx, cy, center_z])
-    labels = ndi.map_coordinates(anatomy.labels, vox.T, order=0, mode="constant", cval=BG, prefilter=False)
+    labels = ndi.map_coordinates(anatomy.labels, vox.T, order=0, mode="nearest" if anatomy.extend_z else "constant",
+                                 cval=BG, prefilter=False)
     return labels.reshape(shape)
 
 
@@ -226,9 +328,11 @@ def synth_intensity(labels, rng, spacing, *, lesion=None, contrast=None, air=Non
         lesion_gain = rng.uniform(*prior["lesion"])
     if rng.random() < 0.5:  # often grey and white matter are not distinguishable
         means[GM] = means[WM]
-    # The cord must differ from the CSF around it, or there is nothing to see.
-    if abs(means[WM] - means[CSF]) < 0.15:
-        means[CSF] = np.clip(means[WM] + np.sign(rng.random() - 0.5) * rng.uniform(0.2, 0.5), 0, 1)
+    # The cord must differ from the CSF around it, or there is nothing to see; but only a little on some
+    # scans (full-field gradient echo), so the smallest gap allowed varies.
+    min_gap = rng.uniform(0.06, 0.15)
+    if abs(means[WM] - means[CSF]) < min_gap:
+        means[CSF] = np.clip(means[WM] + np.sign(rng.random() - 0.5) * rng.uniform(min_gap, 0.5), 0, 1)
     image = means[labels]
     # texture: smooth per-voxel multiplicative variation
     coarse = [max(2, int(n * s / 4.0)) for n, s in zip(labels.shape, spacing)]
@@ -314,13 +418,16 @@ def body_air_mask(shape, spacing, rng):
 
 def _template_z(anatomy, rng, p_outside):
     lo, hi = anatomy.cord_z
-    if rng.random() < p_outside:  # above the medulla (brain-like, no cord) or below the conus
+    # above the medulla (brain-like, no cord) or below the conus
+    if rng.random() < p_outside and not anatomy.extend_z:
         return float(rng.choice([rng.uniform(hi + 10, hi + 120), rng.uniform(-60, lo - 6)]))
     return float(rng.uniform(lo, hi))
 
 
-def heatmap_sample(anatomy, rng, *, size=96, zoom=1.0):
-    """One 2D slice for CNN1: (image (size, size), cord target (size, size)) at `zoom` mm in-plane."""
+def heatmap_sample(anatomy, rng, *, size=96, zoom=1.0, p_outside=0.12):
+    """One 2D slice for CNN1: (image (size, size), cord target (size, size)) at `zoom` mm in-plane.
+
+    A share `p_outside` of the slices lies above the medulla or below the conus (no cord)."""
     thickness = float(np.exp(rng.uniform(np.log(0.5), np.log(6.0))))
     fine = ANATOMY_ZOOM
     nz = max(1, int(round(thickness / fine)))
@@ -328,7 +435,7 @@ def heatmap_sample(anatomy, rng, *, size=96, zoom=1.0):
     shape = (size * up, size * up, nz)
     spacing = (fine, fine, fine)
     offset = rng.uniform(-0.35, 0.35, 2) * size * zoom
-    z = _template_z(anatomy, rng, 0.12)
+    z = _template_z(anatomy, rng, p_outside)
     labels = sample_label_grid(anatomy, rng, shape, spacing, z, offset_mm=offset, max_tilt=25.0,
                                max_inplane=25.0, elastic_mm=1.0, bend_mm=0.0)
     if rng.random() < 0.5:

@@ -58,11 +58,23 @@ def _window_percentiles(image, rng):
 
 
 class Sampler:
-    """Callable rng -> (x, y) batch for one task; picklable, so worker processes can each hold one."""
+    """Callable rng -> (x, y) batch for one task; picklable, so worker processes can each hold one.
+
+    `anatomy`: one synth.Anatomy or a list of them with the PAM50 template first; then half of the samples
+    come from the template and half from the others (manual masks of real subjects)."""
 
     def __init__(self, cfg: TaskConfig, anatomy, real=(), real_fraction=0.0):
-        self.cfg, self.anatomy = cfg, anatomy
+        self.cfg = cfg
+        self.anatomies = list(anatomy) if isinstance(anatomy, (list, tuple)) else [anatomy]
         self.real, self.real_fraction = list(real), float(real_fraction) if real else 0.0
+
+    def _anatomy(self, rng):
+        """(anatomy, share of no-cord slices for it) keeping the overall share of no-cord slices at 12%."""
+        if len(self.anatomies) == 1:
+            return self.anatomies[0], 0.12
+        if rng.random() < 0.5:
+            return self.anatomies[0], 0.24
+        return self.anatomies[1 + int(rng.integers(len(self.anatomies) - 1))], 0.0
 
     def __call__(self, rng):
         cfg, xs, ys = self.cfg, [], []
@@ -79,12 +91,14 @@ class Sampler:
                     xs.append(zscore_stack(img))
                 ys.append(tgt)
             elif cfg.task == "centerline":
-                img, tgt = synth.heatmap_sample(self.anatomy, rng, size=cfg.patch_shape[0], zoom=cfg.voxel_size[0])
+                anatomy, p_outside = self._anatomy(rng)
+                img, tgt = synth.heatmap_sample(anatomy, rng, size=cfg.patch_shape[0], zoom=cfg.voxel_size[0],
+                                                p_outside=p_outside)
                 lo, scale = _window_percentiles(img, rng)
                 xs.append((img - lo) / scale)
                 ys.append(tgt)
             else:
-                img, cord, lesion = synth.patch_sample(self.anatomy, rng, shape=cfg.patch_shape,
+                img, cord, lesion = synth.patch_sample(self._anatomy(rng)[0], rng, shape=cfg.patch_shape,
                                                        spacing=cfg.voxel_size, lesions=cfg.task == "lesion")
                 xs.append(zscore_stack(img))
                 ys.append(lesion if cfg.task == "lesion" else cord)

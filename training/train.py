@@ -14,15 +14,15 @@ from pathlib import Path
 def default_labelmaps() -> Path:
     here = Path(__file__).resolve()
     for base in [Path.cwd(), *here.parents]:
-        cand = base.parent / "shared" / "data" / "labelmaps" / "PAM50"
-        if cand.is_dir():
+        cand = base.parent / "shared" / "data" / "labelmaps"
+        if (cand / "PAM50").is_dir():
             return cand
-    return Path("labelmaps/PAM50")
+    return Path("labelmaps")
 
 
 def run(task, out, *, steps=None, batch_size=None, learning_rate=None, labelmaps=None, seed=0, log=print,
         workers=0, max_minutes=None, network=None, init_weights=None, data=None, real_fraction=0.5,
-        contrasts=None, patch_shape=None):
+        contrasts=None, patch_shape=None, pos_weight=None):
     from . import losses, synth, tasks
     from .loop import train
 
@@ -37,7 +37,7 @@ def run(task, out, *, steps=None, batch_size=None, learning_rate=None, labelmaps
         cfg.network.update(network)
     if patch_shape:  # CNN2 is fully convolutional: it may train on smaller patches than it runs on
         cfg.patch_shape = tuple(patch_shape)
-    anatomy = synth.Anatomy.load(labelmaps or default_labelmaps())
+    anatomy = synth.load_anatomies(labelmaps or default_labelmaps())
     real = tasks.load_real(cfg, data, contrasts) if data else []
     if data:
         log(f"{len(real)} labelled real volumes from {data}; real fraction {real_fraction if real else 0}")
@@ -49,6 +49,10 @@ def run(task, out, *, steps=None, batch_size=None, learning_rate=None, labelmaps
         return model
 
     loss = losses.lesion_loss if task == "lesion" else losses.dice_bce_loss
+    if task == "lesion" and pos_weight is not None:
+        def lesion_loss(y_true, y_pred):
+            return losses.lesion_loss(y_true, y_pred, pos_weight=pos_weight)
+        loss = lesion_loss
     return train(build, loss, sampler, out_dir=out, steps=cfg.steps,
                  learning_rate=cfg.learning_rate, seed=seed, log=log, workers=workers,
                  max_seconds=None if max_minutes is None else 60.0 * max_minutes)
@@ -61,7 +65,8 @@ def main(argv=None):
     p.add_argument("--steps", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--learning-rate", type=float)
-    p.add_argument("--labelmaps", help="folder with the PAM50 label maps")
+    p.add_argument("--labelmaps", help="label maps: a folder with PAM50/ and spinegeneric/ (default: "
+                   "../shared/data/labelmaps), the PAM50 folder alone, or .npz anatomies (synth.load_anatomies)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=0, help="processes making batches (0: one thread)")
     p.add_argument("--max-minutes", type=float, help="stop (and save) after this long")
@@ -70,6 +75,8 @@ def main(argv=None):
     p.add_argument("--data", help="a BIDS dataset with manual masks to mix into training (see training/bids.py)")
     p.add_argument("--real-fraction", type=float, default=0.5, help="share of samples from --data")
     p.add_argument("--contrast", help="contrasts of --data to use and to write into the model, comma-separated")
+    p.add_argument("--pos-weight", type=float, help="lesion task: weight of lesion voxels in the cross-entropy "
+                   "(default 5; higher finds more, lower over-segments less)")
     p.add_argument("--export", help="after training, export the final weights to this ONNX file")
     p.add_argument("--patch-shape", help="training patch, e.g. 32x32x32 (CNN2 is fully convolutional; the "
                    "exported model keeps the task's run-time patch)")
@@ -79,7 +86,7 @@ def main(argv=None):
         labelmaps=a.labelmaps, seed=a.seed, log=lambda m: print(m, flush=True), workers=a.workers,
         max_minutes=a.max_minutes, init_weights=a.init_weights, data=a.data, real_fraction=a.real_fraction,
         contrasts=a.contrast.split(",") if a.contrast else None,
-        patch_shape=[int(v) for v in a.patch_shape.split("x")] if a.patch_shape else None,
+        patch_shape=[int(v) for v in a.patch_shape.split("x")] if a.patch_shape else None, pos_weight=a.pos_weight,
         network={"base_filters": a.base_filters} if a.base_filters else None)
     if a.export:
         from . import tasks
