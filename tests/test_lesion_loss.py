@@ -32,3 +32,16 @@ def test_perfect_prediction_scores_near_zero_and_empty_batch_is_cheap():
     assert good < 0.01 < 0.9 < bad
     empty = np.zeros_like(y)
     assert float(lesion_loss(tf.constant(empty), tf.constant(np.full_like(y, 1e-4)))) < 0.05
+
+
+def test_pos_weight_prices_missed_lesion_voxels_only():
+    y = np.zeros((1, 4, 4, 4, 1), np.float32)
+    y[0, 1:3, 1:3, 1:3] = 1.0
+    miss = np.where(y > 0, 0.2, 1e-4).astype(np.float32)  # lesion under-called, background right
+    extra = np.where(y > 0, 1 - 1e-4, 0.3).astype(np.float32)  # lesion right, background over-called
+
+    def loss(p, w):
+        return float(lesion_loss(tf.constant(y), tf.constant(p), pos_weight=w))
+
+    assert loss(miss, 5.0) > loss(miss, 2.0) + 0.1
+    assert loss(extra, 5.0) == pytest.approx(loss(extra, 2.0), abs=1e-3)
