@@ -62,6 +62,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(prog="cordseg train", description=__doc__.split("\n")[0])
     p.add_argument("task", choices=["centerline", "sc", "lesion"])
     p.add_argument("--out", required=True)
+    p.add_argument("--recipe", choices=["shipped"], help="run every stage the shipped model went through "
+                   "(training/recipes.py), each in DIR/stageN; the other training options are then ignored")
     p.add_argument("--steps", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--learning-rate", type=float)
@@ -82,23 +84,39 @@ def main(argv=None):
                    "exported model keeps the task's run-time patch)")
     a = p.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    log = lambda m: print(m, flush=True)  # noqa: E731
+    if a.recipe:
+        from .recipes import run_recipe
+
+        weights, steps = run_recipe(a.task, a.out, a.labelmaps or default_labelmaps(), workers=a.workers, log=log)
+        summary = f"trained with `cordseg train {a.task} --recipe shipped`: {steps} steps over its stages"
+        if a.export:
+            _export(a, weights, steps, summary)
+        return 0
     run(a.task, a.out, steps=a.steps, batch_size=a.batch_size, learning_rate=a.learning_rate,
-        labelmaps=a.labelmaps, seed=a.seed, log=lambda m: print(m, flush=True), workers=a.workers,
+        labelmaps=a.labelmaps, seed=a.seed, log=log, workers=a.workers,
         max_minutes=a.max_minutes, init_weights=a.init_weights, data=a.data, real_fraction=a.real_fraction,
         contrasts=a.contrast.split(",") if a.contrast else None,
         patch_shape=[int(v) for v in a.patch_shape.split("x")] if a.patch_shape else None, pos_weight=a.pos_weight,
         network={"base_filters": a.base_filters} if a.base_filters else None)
     if a.export:
-        from . import tasks
-        from .export import export_from_weights
+        from .recipes import last_snapshot, snapshot_steps
 
-        weights = sorted(Path(a.out).glob("ema_*.weights.h5"))[-1]
-        steps = int(weights.name.split("_")[1].split(".")[0])
-        contrast = a.contrast or ",".join(tasks.TASKS[a.task].contrasts)
-        summary = (f"trained with `cordseg train {a.task}`: {steps} steps, synthetic PAM50 images"
+        weights = last_snapshot(a.out)
+        steps = snapshot_steps(weights)
+        summary = (f"trained with `cordseg train {a.task}`: {steps} steps, synthetic images"
                    + (f" mixed with {a.data} ({a.real_fraction:.0%})" if a.data else ""))
-        export_from_weights(a.task, weights, a.export, contrast=contrast, summary=summary, steps=steps)
-        print(f"exported {a.export}", flush=True)
+        _export(a, weights, steps, summary)
+    return 0
+
+
+def _export(a, weights, steps, summary):
+    from . import tasks
+    from .export import export_from_weights
+
+    contrast = a.contrast or ",".join(tasks.TASKS[a.task].contrasts)
+    export_from_weights(a.task, weights, a.export, contrast=contrast, summary=summary, steps=steps)
+    print(f"exported {a.export}", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,73 @@
+"""`cordseg train TASK --recipe shipped`: stages chain through their snapshots and a stopped recipe resumes."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from training import recipes
+from training.recipes import Stage
+
+
+def _fake_run(calls):
+    """Stand-in for train.run: records its arguments and writes the snapshot a real run would."""
+    def run(task, out, *, labelmaps, workers, init_weights, log, steps, **kw):
+        calls.append(dict(task=task, out=out, labelmaps=labelmaps, init=init_weights, steps=steps, **kw))
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"ema_{steps:06d}.weights.h5").write_text("w")
+    return run
+
+
+def test_stages_chain_and_pick_their_label_maps(tmp_path):
+    maps = tmp_path / "labelmaps"
+    (maps / "PAM50").mkdir(parents=True)
+    plan = {"sc": [Stage("PAM50", dict(steps=3, learning_rate=1e-3)), Stage("all", dict(steps=5, pos_weight=2.0))]}
+    calls = []
+    weights, total = recipes.run_recipe("sc", tmp_path / "out", maps, recipes=plan, run=_fake_run(calls),
+                                        log=lambda m: None)
+    assert [c["labelmaps"] for c in calls] == [maps / "PAM50", maps]
+    assert calls[0]["init"] is None and calls[1]["init"] == tmp_path / "out/stage1/ema_000003.weights.h5"
+    assert calls[1]["pos_weight"] == 2.0 and calls[0]["learning_rate"] == 1e-3
+    assert weights == tmp_path / "out/stage2/ema_000005.weights.h5" and total == 8
+    # run again: both stages are done and nothing trains
+    calls.clear()
+    assert recipes.run_recipe("sc", tmp_path / "out", maps, recipes=plan, run=_fake_run(calls),
+                              log=lambda m: None) == (weights, 8)
+    assert calls == []
+
+
+def test_a_stage_without_snapshot_is_an_error(tmp_path):
+    plan = {"sc": [Stage("all", dict(steps=3))]}
+    with pytest.raises(RuntimeError, match="wrote no snapshot"):
+        recipes.run_recipe("sc", tmp_path, tmp_path, recipes=plan, run=lambda *a, **k: None, log=lambda m: None)
+
+
+def test_shipped_recipes_cover_every_task_with_known_options():
+    import inspect
+
+    from training.train import run
+
+    allowed = set(inspect.signature(run).parameters)
+    assert set(recipes.RECIPES) == {"centerline", "sc", "lesion"}
+    for stages in recipes.RECIPES.values():
+        assert stages and all(s.labelmaps in ("PAM50", "all") for s in stages)
+        assert all(set(s.options) <= allowed for s in stages)
+
+
+def test_tiny_recipe_trains_end_to_end(tmp_path):
+    """Two real stages of CNN1 (a few steps each) on a hand-made anatomy: the second starts from the first."""
+    pytest.importorskip("keras")
+    from training import synth
+    from training.train import run
+
+    n, nz = 60, 80
+    x, y = np.meshgrid(np.arange(n) - 29.5, np.arange(n) - 29.5, indexing="ij")
+    sl = np.where(np.hypot(x, y) * 0.5 <= 3, synth.WM, np.where(np.hypot(x, y) * 0.5 <= 5, synth.CSF, 0))
+    anat = synth.Anatomy(np.repeat(sl[:, :, None], nz, 2).astype(np.uint8), np.full((nz, 2), 29.5, np.float32),
+                         (0, nz - 1))
+    anat.save(tmp_path / "a.npz")
+    tiny = dict(batch_size=2, network={"filters": (4, 8, 8)}, patch_shape=None)
+    plan = {"centerline": [Stage("all", dict(steps=2, **tiny)), Stage("all", dict(steps=3, **tiny))]}
+    weights, total = recipes.run_recipe("centerline", tmp_path / "out", tmp_path / "a.npz", recipes=plan,
+                                        run=run, log=lambda m: None)
+    assert weights.name == "ema_000003.weights.h5" and total == 5
+    assert (tmp_path / "out/stage1/done").read_text().strip() == "2"
