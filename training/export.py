@@ -31,11 +31,23 @@ def _input_signature(model):
 
 
 def convert(model, *, opset: int = 17):
-    """Keras 3 (TensorFlow backend) model -> onnx.ModelProto, in memory."""
+    """Keras 3 (TensorFlow backend) model -> onnx.ModelProto, in memory.
+
+    We trace the model ourselves and hand tf2onnx the function: `from_keras` picks between a legacy
+    tf.keras tracer and tf.function depending on what the process has imported before, and in long
+    processes (the test suite) it now and then produced a graph with a wrong input rank.
+    """
+    import tensorflow as tf
     import tf2onnx
 
+    spec = _input_signature(model)
+
+    @tf.function(input_signature=spec)
+    def forward(x):
+        return model(x, training=False)
+
     try:
-        proto, _ = tf2onnx.convert.from_keras(model, input_signature=_input_signature(model), opset=opset)
+        proto, _ = tf2onnx.convert.from_function(forward, input_signature=spec, opset=opset)
     except Exception as exc:  # tf2onnx raises many kinds; the caller only needs to know it failed
         raise ModelError(f"tf2onnx could not convert model '{model.name}': {type(exc).__name__}: {exc}") from exc
     return proto
