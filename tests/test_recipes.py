@@ -71,3 +71,21 @@ def test_tiny_recipe_trains_end_to_end(tmp_path):
                                         run=run, log=lambda m: None)
     assert weights.name == "ema_000003.weights.h5" and total == 5
     assert (tmp_path / "out/stage1/done").read_text().strip() == "2"
+
+
+def test_export_after_jax_training_runs_in_a_tensorflow_process(tmp_path, monkeypatch):
+    """tf2onnx needs TensorFlow: a run on the JAX backend hands the export to a fresh TensorFlow process."""
+    keras = pytest.importorskip("keras")
+    import argparse
+    import subprocess
+
+    from training import train
+
+    seen = {}
+    monkeypatch.setattr(keras.backend, "backend", lambda: "jax")
+    monkeypatch.setattr(subprocess, "run", lambda cmd, env, check: seen.update(cmd=cmd, env=env))
+    a = argparse.Namespace(task="lesion", contrast=None, export=str(tmp_path / "m.onnx"))
+    train._export(a, tmp_path / "ema_000010.weights.h5", 10, "summary")
+    assert seen["env"]["KERAS_BACKEND"] == "tensorflow"
+    assert seen["cmd"][1:4] == ["-m", "training.export", "lesion"]
+    assert seen["cmd"][-6:] == ["--contrast", "t2,t2s", "--summary", "summary", "--steps", "10"]

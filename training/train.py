@@ -111,11 +111,21 @@ def main(argv=None):
 
 
 def _export(a, weights, steps, summary):
+    import keras
+
     from . import tasks
-    from .export import export_from_weights
 
     contrast = a.contrast or ",".join(tasks.TASKS[a.task].contrasts)
-    export_from_weights(a.task, weights, a.export, contrast=contrast, summary=summary, steps=steps)
+    if keras.backend.backend() == "tensorflow":
+        from .export import export_from_weights
+
+        export_from_weights(a.task, weights, a.export, contrast=contrast, summary=summary, steps=steps)
+    else:  # trained on JAX (GPU): tf2onnx needs the TensorFlow backend, so export in a fresh process
+        import subprocess
+
+        cmd = [sys.executable, "-m", f"{__package__}.export", a.task, str(weights), a.export,
+               "--contrast", contrast, "--summary", summary, "--steps", str(steps)]
+        subprocess.run(cmd, env={**os.environ, "KERAS_BACKEND": "tensorflow"}, check=True)
     print(f"exported {a.export}", flush=True)
 
 
