@@ -168,11 +168,21 @@ def lesion_summary(img) -> tuple[int, int]:
     return len(cordseg.lesion_table(img)), int(data.sum())
 
 
+def lesion_agreement(ours, pub) -> tuple[int, int, int, int]:
+    """Without a reference: (our lesions touching a published one, ours, published touching ours, published)."""
+    lo, no = metrics.label_lesions(ours)
+    lp, npub = metrics.label_lesions(pub)
+    ours_hit = len(set(np.unique(lo[pub])) - {0})
+    pub_hit = len(set(np.unique(lp[ours])) - {0})
+    return ours_hit, no, pub_hit, npub
+
+
 def run_case(case: Case, data: Path, pub: dict, ours_sc_contrasts, ours_lesion_contrasts) -> dict:
     path = data / case.image
     row = {"image": case.image, "contrast": case.contrast, "pub_ctr": PUB_CTR.get(case.contrast),
            "pub_lesion": PUB_LESION.get(case.contrast) if case.lesion_role else None}
     sides = {"ours": (None, None), "pub": (pub.get(PUB_CTR[case.contrast]), pub.get(PUB_LESION.get(case.contrast, ""), None))}
+    lesion_masks = {}
     for side, (ctr_model, les_model) in sides.items():
         if side == "pub" and ctr_model is None:
             continue
@@ -205,6 +215,7 @@ def run_case(case: Case, data: Path, pub: dict, ours_sc_contrasts, ours_lesion_c
                 continue
             n, vox = lesion_summary(les)
             row[f"{side}_les_found"], row[f"{side}_les_voxels"] = n, vox
+            lesion_masks[side] = np.asarray(les.dataobj) > 0
             if case.lesion_ref:
                 ref, _ = ref_array(data, case.lesion_ref)
                 pred = np.asarray(les.dataobj) > 0
@@ -217,6 +228,8 @@ def run_case(case: Case, data: Path, pub: dict, ours_sc_contrasts, ours_lesion_c
                 if soft is not None:
                     row[f"{side}_les_pmax_in_ref"] = float(np.asarray(soft.dataobj)[ref].max()) if ref.any() else None
                     row[f"{side}_les_threshold"] = find_model("lesion", case.contrast, les_model).threshold
+    if case.lesion_role == "ms" and len(lesion_masks) == 2:
+        row["ms_agreement"] = lesion_agreement(lesion_masks["ours"], lesion_masks["pub"])
     if case.saved_sc and case.cord_ref:
         mask, _ = ref_array(data, case.cord_ref)
         row["saved_sc_dice"] = {k: metrics.dice(ref_array(data, v)[0], mask) for k, v in case.saved_sc.items()}
@@ -306,6 +319,9 @@ def main_table(rows) -> str:
         found = lesions_cell(r)
         if "ms" in r["image"]:
             found += f" (published tool: {PUB_MS_FACTS})"
+            if r.get("ms_agreement"):
+                a, n_a, b, n_b = r["ms_agreement"]
+                found += f"; {a} of our {n_a} touch a published one, {b} of its {n_b} touch one of ours"
         pubs = " / ".join(x for x in (r.get("pub_ctr"), r.get("pub_lesion")) if x)
         lines.append("| " + " | ".join([
             r["image"], r["contrast"], pubs, ctr, loc, cord, saved,
