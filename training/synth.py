@@ -316,7 +316,7 @@ CONTRAST_PRIORS = {
 }
 
 
-def synth_intensity(labels, rng, spacing, *, lesion=None, contrast=None, air=None, p_gm_like_wm=0.5):
+def synth_intensity(labels, rng, spacing, *, lesion=None, contrast=None, air=None):
     """Random-contrast image of a label volume. `contrast` picks a prior family or None for any."""
     means = rng.uniform(0.0, 1.0, MAX_LABEL + 1).astype(np.float32)
     family = contrast if contrast is not None else (rng.choice(list(CONTRAST_PRIORS)) if rng.random() < 0.5 else None)
@@ -326,7 +326,7 @@ def synth_intensity(labels, rng, spacing, *, lesion=None, contrast=None, air=Non
         for lab in (WM, GM, CSF, BONE):
             means[lab] = rng.uniform(*prior[lab])
         lesion_gain = rng.uniform(*prior["lesion"])
-    if rng.random() < p_gm_like_wm:  # often grey and white matter are not distinguishable
+    if rng.random() < 0.5:  # often grey and white matter are not distinguishable
         means[GM] = means[WM]
     # The cord must differ from the CSF around it, or there is nothing to see; but only a little on some
     # scans (full-field gradient echo), so the smallest gap allowed varies.
@@ -464,17 +464,13 @@ def patch_sample(anatomy, rng, *, shape=(64, 64, 48), spacing=(0.5, 0.5, 1.0), l
     if rng.random() < 0.5:
         labels = labels[::-1]
     cord = np.isin(labels, (WM, GM))
-    # Lesion patches: 30% lesion-free, and grey matter mostly visible, so that the bright grey matter of
-    # T2*-like scans (the butterfly, smeared by thick slices) is not taken for a lesion.
-    lesion = insert_lesions(labels, rng, fine, count=(1, 5)) if lesions and rng.random() < 0.7 else None
+    lesion = insert_lesions(labels, rng, fine, count=(1, 5)) if lesions and rng.random() < 0.85 else None
     labels = add_clutter(labels, rng, fine, n_blobs=(0, 6), blob_radius_mm=(1.0, 6.0))
     contrast = None
     if lesions:  # lesion contrast follows a plausible T1/T2/T2* family
         contrast = str(rng.choice(list(CONTRAST_PRIORS)))
-    image = synth_intensity(labels, rng, fine, lesion=lesion, contrast=contrast,
-                            p_gm_like_wm=0.2 if lesions else 0.5)
-    # lesion models also meet very thick axial slices (7.5 mm clinical T2, 17 mm MT)
-    thickness = float(np.exp(rng.uniform(np.log(0.5), np.log(10.0 if lesions else 6.0))))
+    image = synth_intensity(labels, rng, fine, lesion=lesion, contrast=contrast)
+    thickness = float(np.exp(rng.uniform(np.log(0.5), np.log(6.0))))
     image = degrade(image, rng, fine, thickness_mm=thickness, inplane_mm=rng.uniform(0.5, 1.2))
 
     def pool(a):

@@ -72,8 +72,7 @@ class Sampler:
         """(anatomy, share of no-cord slices for it) keeping the overall share of no-cord slices at 12%."""
         if len(self.anatomies) == 1:
             return self.anatomies[0], 0.12
-        # The lesion model sees the template more often: only it has grey matter inside the cord.
-        if rng.random() < (0.75 if self.cfg.task == "lesion" else 0.5):
+        if rng.random() < 0.5:
             return self.anatomies[0], 0.24
         return self.anatomies[1 + int(rng.integers(len(self.anatomies) - 1))], 0.0
 
