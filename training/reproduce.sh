@@ -3,7 +3,7 @@
 # shipped file went through (training/recipes.py), then exports it to ONNX with its metadata.
 #
 # The shipped files were trained on one GPU with Keras 3 on JAX (KERAS_BACKEND=jax; 4-5 CPU workers per
-# network, several networks at once), except the lesion model's last stage, on two CPU cores (TensorFlow).
+# network, several networks at once).
 # On a CPU every command runs, only slower (the model cards give the speeds). Stages limited by time
 # (--max-minutes in the recipe) do as many steps as the machine allows in that time. A stopped command
 # resumes where it stopped when run again with the same --out.
