@@ -21,12 +21,14 @@ class Stage:
 RECIPES = {
     "centerline": [
         Stage("PAM50", dict(steps=1500, batch_size=32, learning_rate=2e-3, max_minutes=11.3),
-              "shipped run: stopped by its 11.3-minute limit at step 1,298 (one GPU, 5 workers)"),
+              "shipped run: stopped by its 11.3-minute limit at step 1,298 (one GPU, 5 workers), with the "
+              "smallest cord/CSF intensity gap then fixed at 0.15 (now drawn from 0.06-0.15)"),
         Stage("all", dict(steps=1100, batch_size=32, learning_rate=1e-3, seed=3)),
     ],
     "sc": [
         Stage("PAM50", dict(steps=3000, batch_size=8, learning_rate=2e-3, max_minutes=11.3),
-              "shipped run: stopped by its 11.3-minute limit at step 2,096 (one GPU, 5 workers)"),
+              "shipped run: stopped by its 11.3-minute limit at step 2,096 (one GPU, 5 workers), with the "
+              "smallest cord/CSF intensity gap then fixed at 0.15 (now drawn from 0.06-0.15)"),
     ],
     "lesion": [
         Stage("all", dict(steps=4000, batch_size=8, learning_rate=2e-3, pos_weight=2.0, seed=1),
