@@ -164,6 +164,36 @@ def _thick_slice_masks(n=80, nz=8, dz=5.0, radius_mm=3.5, ring_mm=2.0):
     return cord, csf, (0.5, 0.5, dz)
 
 
+@pytest.mark.parametrize("slice_axis", [0, 2])
+def test_thick_slices_blur_along_the_acquisition_axis_only(slice_axis):
+    """Axial acquisitions are thick along z, sagittal ones along x (left-right)."""
+    other = 1 if slice_axis == 0 else 0
+    line_axis = 3 - slice_axis - other
+    img = np.zeros((40, 40, 40), np.float32)
+    idx = [20, 20, 20]
+    idx[line_axis] = slice(None)
+    img[tuple(idx)] = 50.0  # a bright line, across both axes compared (noise is at most 0.08)
+    out = synth.degrade(img, np.random.default_rng(0), (0.5, 0.5, 0.5), thickness_mm=5.0, inplane_mm=0.5,
+                        slice_axis=slice_axis)
+
+    def spread(axis):  # width of the response through the line along `axis`, in voxels
+        line = np.moveaxis(out, axis, 0)[:, 20, 20]
+        return int((line > 0.2 * out.max()).sum())
+
+    assert spread(slice_axis) >= 6 and spread(other) <= 3
+    assert np.all(np.isfinite(out))
+
+
+def test_samples_with_sagittal_acquisitions_keep_their_targets(anatomy, monkeypatch):
+    monkeypatch.setattr(synth, "synth_intensity", _indicator_intensity)
+    monkeypatch.setattr(synth, "degrade", _no_degrade)
+    for seed in range(4):
+        img, tgt = synth.heatmap_sample(anatomy, np.random.default_rng(seed), size=32, p_sagittal=1.0, p_outside=0)
+        assert tgt.sum() > 0 and np.corrcoef(img.ravel(), tgt.ravel())[0, 1] > 0.9
+        img, cord, _ = synth.patch_sample(anatomy, np.random.default_rng(seed), shape=(24, 24, 8), p_sagittal=1.0)
+        assert cord.sum() > 0 and np.corrcoef(img.ravel(), cord.ravel())[0, 1] > 0.9
+
+
 def test_thick_slice_mask_becomes_an_isotropic_anatomy(tmp_path):
     cord, csf, zooms = _thick_slice_masks()
     _write_mask(tmp_path / "c.nii.gz", cord, zooms)

@@ -4,6 +4,10 @@
 Each stage trains from the previous stage's last EMA snapshot, in its own folder under DIR (a stopped
 recipe resumes: finished stages are skipped, the interrupted one resumes from its checkpoint). Label maps:
 "PAM50" is the template alone, "all" adds the spine-generic manual masks (synth.load_anatomies).
+
+A rerun follows the shipped recipe with today's generator, not bit for bit the shipped weights: the
+generator has gained since (stage notes below; and sagittal acquisitions, 25% of samples, added after
+every shipped run), and batches depend on the number of workers.
 """
 from __future__ import annotations
 

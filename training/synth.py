@@ -349,17 +349,23 @@ def synth_intensity(labels, rng, spacing, *, lesion=None, contrast=None, air=Non
     return image.astype(np.float32)
 
 
-def degrade(image, rng, spacing, *, thickness_mm=None, inplane_mm=None):
-    """Simulate acquisition: in-plane resolution, slice thickness, noise, gamma."""
+def degrade(image, rng, spacing, *, thickness_mm=None, inplane_mm=None, slice_axis=2):
+    """Simulate acquisition: in-plane resolution, slice thickness, noise, gamma.
+
+    `slice_axis` is the axis the slices were stacked along: 2 for axial acquisitions, 0 for sagittal ones
+    (thick left-right), whose in-plane resolution then applies to the other two axes.
+    """
     spacing = np.asarray(spacing, float)
     sigma = [0.0, 0.0, 0.0]
-    if inplane_mm is not None and inplane_mm > spacing[0]:
-        s = np.sqrt(max(inplane_mm**2 - spacing[0] ** 2, 0.0)) / 2.355 / spacing[0]
-        sigma[0] = sigma[1] = s
+    inplane_axes = [a for a in range(3) if a != slice_axis]
+    if inplane_mm is not None and inplane_mm > spacing[inplane_axes[0]]:
+        for a in inplane_axes:
+            sigma[a] = np.sqrt(max(inplane_mm**2 - spacing[a] ** 2, 0.0)) / 2.355 / spacing[a]
     sigma = [s + rng.uniform(0, 0.4) for s in sigma]
     image = ndi.gaussian_filter(image, sigma, mode="nearest")
-    if thickness_mm is not None and thickness_mm > spacing[2] * 1.01 and image.shape[2] > 1:
-        image = _thick_slices(image, spacing[2], thickness_mm, rng)
+    if thickness_mm is not None and thickness_mm > spacing[slice_axis] * 1.01 and image.shape[slice_axis] > 1:
+        image = np.moveaxis(_thick_slices(np.moveaxis(image, slice_axis, 2), spacing[slice_axis], thickness_mm,
+                                          rng), 2, slice_axis)
     noise = rng.uniform(0.0, 0.08)
     if rng.random() < 0.5:  # Rician-like magnitude noise
         image = np.sqrt((image + rng.normal(0, noise, image.shape)) ** 2 + rng.normal(0, noise, image.shape) ** 2)
@@ -424,13 +430,16 @@ def _template_z(anatomy, rng, p_outside):
     return float(rng.uniform(lo, hi))
 
 
-def heatmap_sample(anatomy, rng, *, size=96, zoom=1.0, p_outside=0.12):
+def heatmap_sample(anatomy, rng, *, size=96, zoom=1.0, p_outside=0.12, p_sagittal=0.25):
     """One 2D slice for CNN1: (image (size, size), cord target (size, size)) at `zoom` mm in-plane.
 
-    A share `p_outside` of the slices lies above the medulla or below the conus (no cord)."""
+    A share `p_outside` of the slices lies above the medulla or below the conus (no cord); a share
+    `p_sagittal` comes from sagittal acquisitions (thick left-right, fine along the cord)."""
     thickness = float(np.exp(rng.uniform(np.log(0.5), np.log(6.0))))
+    inplane = rng.uniform(0.5, 1.3)
+    sagittal = rng.random() < p_sagittal
     fine = ANATOMY_ZOOM
-    nz = max(1, int(round(thickness / fine)))
+    nz = max(1, int(round((inplane if sagittal else thickness) / fine)))
     up = int(round(zoom / fine))
     shape = (size * up, size * up, nz)
     spacing = (fine, fine, fine)
@@ -444,17 +453,21 @@ def heatmap_sample(anatomy, rng, *, size=96, zoom=1.0, p_outside=0.12):
     labels = add_clutter(labels, rng, spacing)
     air = body_air_mask(shape, spacing, rng)
     image = synth_intensity(labels, rng, spacing, air=air)
-    inplane = rng.uniform(0.5, 1.3)
-    image = degrade(image, rng, spacing, inplane_mm=inplane)
-    # thick slice: average the slab, then pool to the output in-plane grid
+    if sagittal:
+        image = degrade(image, rng, spacing, inplane_mm=inplane, thickness_mm=thickness, slice_axis=0)
+    else:
+        image = degrade(image, rng, spacing, inplane_mm=inplane)
+    # the slab along z (axial thickness, or sagittal in-plane resolution): average, then pool in-plane
     image = image.mean(axis=2).reshape(size, up, size, up).mean(axis=(1, 3))
     target = cord.mean(axis=2).reshape(size, up, size, up).mean(axis=(1, 3)) >= 0.5
     return image.astype(np.float32), target.astype(np.float32)
 
 
 def patch_sample(anatomy, rng, *, shape=(64, 64, 48), spacing=(0.5, 0.5, 1.0), lesions=False,
-                 center_sigma_mm=1.5):
-    """One 3D patch for CNN2 centred near the cord: (image, cord target, lesion target)."""
+                 center_sigma_mm=1.5, p_sagittal=0.25):
+    """One 3D patch for CNN2 centred near the cord: (image, cord target, lesion target).
+
+    A share `p_sagittal` is acquired sagittally (thick slices left-right), the rest axially."""
     fine = np.array([spacing[0], spacing[1], min(spacing[2], ANATOMY_ZOOM)])
     zup = int(round(spacing[2] / fine[2]))
     fshape = (shape[0], shape[1], shape[2] * zup)
@@ -471,7 +484,9 @@ def patch_sample(anatomy, rng, *, shape=(64, 64, 48), spacing=(0.5, 0.5, 1.0), l
         contrast = str(rng.choice(list(CONTRAST_PRIORS)))
     image = synth_intensity(labels, rng, fine, lesion=lesion, contrast=contrast)
     thickness = float(np.exp(rng.uniform(np.log(0.5), np.log(6.0))))
-    image = degrade(image, rng, fine, thickness_mm=thickness, inplane_mm=rng.uniform(0.5, 1.2))
+    slice_axis = 0 if rng.random() < p_sagittal else 2
+    image = degrade(image, rng, fine, thickness_mm=thickness, inplane_mm=rng.uniform(0.5, 1.2),
+                    slice_axis=slice_axis)
 
     def pool(a):
         return a.reshape(shape[0], shape[1], shape[2], zup).mean(axis=3)
