@@ -149,7 +149,7 @@ def test_evaluation_of_one_small_case_is_finite():
 def test_shipped_lesion_model_on_inserted_lesions():
     """The shipped lesion model on bench/lesions.py's 12 cases (seed 0), with the bars it meets today.
 
-    Measured: median Dice 0.578, pooled lesion-wise sensitivity 22/32, precision 22/30; one false lesion on the
+    Measured: median Dice 0.578, pooled lesion-wise sensitivity 22/32, precision 22/32; one false lesion on the
     three lesion-free scans (mt0). The issue's targets (Dice 0.6, sensitivity 0.83, precision 0.77, no false
     lesion) are not all met yet: see models/cordseg_lesion.md.
     """
