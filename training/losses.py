@@ -18,7 +18,7 @@ def dice_bce_loss(y_true, y_pred, bce_weight=1.0):
     return soft_dice_loss(y_true, y_pred) + bce_weight * bce
 
 
-def lesion_loss(y_true, y_pred, bce_weight=1.0, pos_weight=5.0):
+def lesion_loss(y_true, y_pred, bce_weight=1.0, pos_weight=2.0):
     """For sparse targets (lesions): Dice over the whole batch plus positively weighted cross-entropy.
 
     Batch-level Dice keeps lesion-free patches from rewarding an all-zero output; the cross-entropy uses

@@ -78,7 +78,7 @@ def main(argv=None):
     p.add_argument("--real-fraction", type=float, default=0.5, help="share of samples from --data")
     p.add_argument("--contrast", help="contrasts of --data to use and to write into the model, comma-separated")
     p.add_argument("--pos-weight", type=float, help="lesion task: weight of lesion voxels in the cross-entropy "
-                   "(default 5; higher finds more, lower over-segments less)")
+                   "(default 2, as the shipped model; 5 found fewer lesions in bench/lesions.py)")
     p.add_argument("--export", help="after training, export the final weights to this ONNX file")
     p.add_argument("--patch-shape", help="training patch, e.g. 32x32x32 (CNN2 is fully convolutional; the "
                    "exported model keeps the task's run-time patch)")
