@@ -40,6 +40,7 @@ from scipy.special import sph_harm_y
 import cordseg
 from cordseg import metrics
 from cordseg.inference import find_model
+from cordseg.io import image_like
 
 SCANS = [  # image, reference cord mask, contrast the model is asked for
     ("sct_testing/t2/t2.nii.gz", "sct_testing/t2/t2_seg-manual.nii.gz", "t2"),
@@ -287,13 +288,7 @@ def insert_lesions(image, cord, zooms, slice_axis, rng, *, count=COUNT, volume_m
 
 def float_image(data, ref: nib.Nifti1Image) -> nib.Nifti1Image:
     """`data` as float32 on `ref`'s grid with its header (affine, qform/sform and codes kept)."""
-    hdr = ref.header.copy()
-    hdr.set_data_dtype(np.float32)
-    out = nib.Nifti1Image(np.asarray(data, np.float32), ref.affine, hdr)
-    out.set_qform(ref.get_qform(), int(ref.header["qform_code"]))
-    out.set_sform(ref.get_sform(), int(ref.header["sform_code"]))
-    out.header.set_slope_inter(1.0, 0.0)
-    return out
+    return image_like(np.asarray(data, np.float32), ref)
 
 
 # ------------------------------------------------------------------------------------------ evaluation

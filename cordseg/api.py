@@ -14,7 +14,6 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 from scipy import ndimage as ndi
 
@@ -23,7 +22,7 @@ from . import segmentation as _segmentation
 from .errors import CordsegError, CordsegWarning, InputError, NoCordError
 from .inference import CONTRASTS, find_model
 from .metrics import label_lesions
-from .io import load_image
+from .io import image_like, load_image
 from .orientation import to_rpi
 
 # BIDS suffixes first, then the names people give files.
@@ -88,14 +87,7 @@ def _prepare(src, contrast, volume):
 
 def _mask_image(data, ref, dtype=np.uint8):
     """A new image on `ref`'s grid (same shape, affine, qform/sform and codes)."""
-    hdr = ref.header.copy()
-    hdr.set_data_dtype(dtype)
-    out = nib.Nifti1Image(np.asarray(data, dtype), ref.affine, hdr) if isinstance(ref, nib.Nifti1Image) else \
-        nib.Nifti2Image(np.asarray(data, dtype), ref.affine, hdr)
-    out.set_qform(ref.get_qform(), int(ref.header["qform_code"]))
-    out.set_sform(ref.get_sform(), int(ref.header["sform_code"]))
-    out.header.set_slope_inter(1.0, 0.0)
-    return out
+    return image_like(np.asarray(data, dtype), ref)
 
 
 def detect_centerline(img, contrast=None, *, model=None, smoothness=_centerline.DEFAULT_SMOOTHNESS,

@@ -343,6 +343,13 @@ def save_like(data, reference_img, path, *, dtype=np.uint8) -> Path:
     if path.is_dir():
         raise OutputError(f"{path}: is a folder; give an output file name.")
 
+    _atomic_write(image_like(arr, reference_img), path, suffix)
+    return path
+
+
+def image_like(arr: np.ndarray, reference_img):
+    """An in-memory image of `arr` (stored as its own dtype) on `reference_img`'s grid: same affine, qform
+    and sform with their codes (exact header bits); scaling reset so values are stored as given."""
     ref_hdr = reference_img.header
     cls = nib.Nifti2Image if isinstance(reference_img, nib.Nifti2Image) else nib.Nifti1Image
     if isinstance(reference_img, (nib.Nifti1Image, nib.Nifti2Image)):
@@ -359,9 +366,7 @@ def save_like(data, reference_img, path, *, dtype=np.uint8) -> Path:
     hdr["cal_max"] = 0.0
     hdr.set_intent("none")
     hdr["descrip"] = b"cordseg"
-
-    _atomic_write(img, path, suffix)
-    return path
+    return img
 
 
 def _cast(arr: np.ndarray, dtype: np.dtype, path: Path) -> np.ndarray:
