@@ -21,7 +21,7 @@ from . import centerline as _centerline
 from . import segmentation as _segmentation
 from .errors import CordsegError, CordsegWarning, InputError, NoCordError
 from .inference import CONTRASTS, find_model
-from .metrics import label_lesions
+from .metrics import axial_axis, label_lesions
 from .io import image_like, load_image
 from .orientation import to_rpi
 
@@ -154,7 +154,7 @@ def lesion_table(mask_img) -> list[Lesion]:
     labels, _ = label_lesions(data)
     zooms = mask_img.header.get_zooms()[:3]
     voxel = float(np.prod(zooms))
-    axial = int(np.argmax(np.abs(mask_img.affine[2, :3])))  # voxel axis closest to inferior-superior
+    axial = axial_axis(mask_img.affine)
     rows = []
     for i, sl in enumerate(ndi.find_objects(labels), start=1):
         comp = labels[sl] == i
