@@ -22,28 +22,14 @@ def percentile_slices(volume: np.ndarray, low: float = 1.0, high: float = 99.0) 
     return ((v - lo) / scale).astype(np.float32)
 
 
-def robust_zscore(values: np.ndarray, low: float = 0.5, high: float = 99.5) -> tuple[float, float]:
-    """Mean and std of `values` after clipping to their `low`..`high` percentiles."""
-    v = np.asarray(values, np.float32).ravel()
-    lo, hi = np.percentile(v, [low, high])
-    c = np.clip(v, lo, hi)
-    std = float(c.std())
-    return float(c.mean()), (std if std > 1e-6 else 1.0)
-
-
-def apply_zscore(patches: np.ndarray, mean: float, std: float, low_high=None) -> np.ndarray:
-    out = np.asarray(patches, np.float32)
-    if low_high is not None:
-        out = np.clip(out, *low_high)
-    return ((out - mean) / std).astype(np.float32)
-
-
 def zscore_stack(patches: np.ndarray) -> np.ndarray:
-    """Z-score over all stacked patches together (percentile-clipped), as CNN2 expects."""
+    """Z-score over all stacked patches together, after clipping to their 0.5..99.5th percentiles, as CNN2
+    expects."""
     v = np.asarray(patches, np.float32)
     lo, hi = np.percentile(v, [0.5, 99.5])
-    mean, std = robust_zscore(v)
-    return apply_zscore(v, mean, std, (lo, hi))
+    c = np.clip(v, lo, hi)
+    std = float(c.std())
+    return ((c - float(c.mean())) / (std if std > 1e-6 else 1.0)).astype(np.float32)
 
 
 SCHEMES = {"percentile_slices": percentile_slices, "zscore_stack": zscore_stack}
