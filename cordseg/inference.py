@@ -72,7 +72,11 @@ class Model:
         path = Path(path)
         if not path.is_file():
             raise ModelError(f"model file not found: {path}")
-        meta = read_metadata(path)
+        return cls.from_metadata(path, read_metadata(path), threads)
+
+    @classmethod
+    def from_metadata(cls, path: Path, meta: dict, threads: int | None = None) -> "Model":
+        """A model whose metadata was already read; refuses files that lack the runtime's contract."""
         missing = [k for k in REQUIRED_KEYS if k not in meta]
         if missing:
             raise ModelError(f"{path.name}: not a cordseg model (metadata lacks {', '.join(missing)}); "
@@ -190,7 +194,7 @@ def find_model(task: str, contrast: str | None, path=None, threads: int | None =
                 continue
             served = [c.strip() for c in meta.get("cordseg_contrast", "").split(",")]
             if contrast is None or contrast in served:
-                return Model.open(candidate, threads)
+                return Model.from_metadata(candidate, meta, threads)
     where = ", ".join(str(d) for d in model_dirs()) or "(no model folder)"
     raise ModelError(f"no '{task}' model for contrast '{contrast}' in {where}")
 
