@@ -51,14 +51,16 @@ def guess_contrast(name) -> str | None:
     return None
 
 
-def _check_threshold(threshold):
+def check_threshold(threshold, name="threshold"):
+    """InputError unless `threshold` is None or strictly between 0 and 1 (`name`: what the user called it)."""
     if threshold is not None and not (0.0 < float(threshold) < 1.0):
-        raise InputError(f"threshold must be between 0 and 1 (exclusive), not {threshold}")
+        raise InputError(f"{name} must be between 0 and 1 (exclusive), not {threshold}")
 
 
-def _check_smoothness(smoothness):
+def check_smoothness(smoothness, name="smoothness"):
+    """InputError unless `smoothness` is a finite number >= 0."""
     if not (np.isfinite(smoothness) and smoothness >= 0):
-        raise InputError(f"smoothness must be a finite number >= 0, not {smoothness}")
+        raise InputError(f"{name} must be a finite number >= 0, not {smoothness}")
 
 
 def resolve_contrast(src, contrast) -> str:
@@ -93,7 +95,7 @@ def _mask_image(data, ref, dtype=np.uint8):
 def detect_centerline(img, contrast=None, *, model=None, smoothness=_centerline.DEFAULT_SMOOTHNESS,
                       volume=None, progress=None):
     """Returns (centerline mask image on the input grid, Centerline)."""
-    _check_smoothness(smoothness)
+    check_smoothness(smoothness)
     image, contrast, rpi = _prepare(img, contrast, volume)
     cl = _centerline.detect(rpi, find_model("centerline", contrast, model), smoothness=smoothness,
                             progress=progress)
@@ -102,7 +104,7 @@ def detect_centerline(img, contrast=None, *, model=None, smoothness=_centerline.
 
 def _soft_map(task, img, contrast, threshold, model, centerline_model, volume, progress):
     """Shared by cord and lesion segmentation: (input image, RPI view, probability map, CNN2 model)."""
-    _check_threshold(threshold)
+    check_threshold(threshold)
     image, contrast, rpi = _prepare(img, contrast, volume)
     cnn2 = find_model(task, contrast, model)  # before any work: a missing model fails fast
     _warn_if_flagged(cnn2)

@@ -103,12 +103,6 @@ def _output(image, out, suffix):
     return path
 
 
-def _threshold(value):
-    if value is not None and not 0.0 < value < 1.0:
-        _fail(f"--threshold must be between 0 and 1 (exclusive), not {value}")
-    return value
-
-
 def _save(img, path: Path):
     from .io import save_like
 
@@ -131,8 +125,8 @@ def centerline(image, contrast, out, volume, quiet, verbose, model, smoothness):
     from . import api
     from .centerline import DEFAULT_SMOOTHNESS
 
-    if smoothness is not None and not (smoothness >= 0 and smoothness != float("inf")):  # also refuses nan
-        _fail(f"--smoothness must be a finite number >= 0, not {smoothness}")
+    if smoothness is not None:
+        _run(lambda: api.check_smoothness(smoothness, "--smoothness"))
     path = _output(image, out, "_centerline")
     rep = Reporter(quiet, verbose)
     mask, cl = _run(lambda: api.detect_centerline(image, contrast, model=model, volume=volume, progress=rep,
@@ -159,7 +153,7 @@ def sc(image, contrast, out, volume, quiet, verbose, soft, threshold, model):
     from . import api
 
     path = _output(image, out, "_seg")
-    _threshold(threshold)
+    _run(lambda: api.check_threshold(threshold, "--threshold"))
     rep = Reporter(quiet, verbose)
     seg = _run(lambda: api.segment_cord(image, contrast, soft=soft, threshold=threshold, model=model,
                                         volume=volume, progress=rep))
@@ -184,7 +178,7 @@ def lesion(image, contrast, out, volume, quiet, verbose, csv_file, soft, thresho
     from . import api
 
     path = _output(image, out, "_lesionseg")
-    _threshold(threshold)
+    _run(lambda: api.check_threshold(threshold, "--threshold"))
     if csv_file:  # fail before any work (and before the mask is written) when the table cannot be written
         folder = Path(csv_file).resolve().parent
         if not folder.is_dir() or not os.access(folder, os.W_OK):
