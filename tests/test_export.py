@@ -13,6 +13,7 @@ onnx = pytest.importorskip("onnx")
 
 from cordseg.errors import ModelError  # noqa: E402
 from training import export  # noqa: E402
+from training.loop import snapshot_step  # noqa: E402
 from training.networks import build_cnn1, build_cnn2  # noqa: E402
 
 META = {"cordseg_task": "centerline", "cordseg_contrast": "t1,t2", "cordseg_layout": "NHWC",
@@ -145,5 +146,5 @@ def test_cli_errors_are_one_line_and_exit_2(tmp_path, capsys):
                       "--summary", "x", "--steps", "5"])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and err.startswith("error:") and "missing.weights.h5" in err and "\n" not in err
-    assert export._steps_from_name(tmp_path / "ema_004000.weights.h5") == 4000
-    assert export._steps_from_name(tmp_path / "final.weights.h5") is None
+    assert snapshot_step(tmp_path / "ema_004000.weights.h5") == 4000
+    assert snapshot_step(tmp_path / "final.weights.h5") is None

@@ -20,6 +20,8 @@ import numpy as np
 from cordseg.errors import ModelError, OutputError
 from cordseg.io import write_bytes_atomic
 
+from .loop import snapshot_step
+
 
 def _input_signature(model):
     """Batch always dynamic; spatial sides as the Keras model declares them (None stays dynamic)."""
@@ -266,13 +268,6 @@ def _with_network(cfg, network):
     return cfg
 
 
-def _steps_from_name(path: Path) -> int | None:
-    """ema_001500.weights.h5 -> 1500."""
-    stem = path.name.split(".")[0]
-    digits = stem.rsplit("_", 1)[-1]
-    return int(digits) if digits.isdigit() else None
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m training.export", description=__doc__.split("\n")[0])
     p.add_argument("task", choices=["centerline", "sc", "lesion"])
@@ -286,7 +281,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     weights = Path(a.weights)
-    steps = a.steps if a.steps is not None else _steps_from_name(weights)
+    steps = a.steps if a.steps is not None else snapshot_step(weights)
     if steps is None:
         print("error: give --steps (the snapshot's name does not say)", file=sys.stderr)
         return 2

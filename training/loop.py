@@ -57,6 +57,23 @@ def _put(q, batch, stop):
     return False
 
 
+def snapshot_path(out_dir, step: int) -> Path:
+    """Where `train` saves the EMA weights after `step` steps."""
+    return Path(out_dir) / f"ema_{step:06d}.weights.h5"
+
+
+def snapshot_step(path) -> int | None:
+    """The step of a snapshot written by `train` (ema_001500.weights.h5 -> 1500), None for other names."""
+    digits = Path(path).name.split(".")[0].rsplit("_", 1)[-1]
+    return int(digits) if digits.isdigit() else None
+
+
+def last_snapshot(out_dir) -> Path | None:
+    """The latest EMA snapshot in a training folder, or None."""
+    snaps = sorted(Path(out_dir).glob("ema_*.weights.h5"))
+    return snaps[-1] if snaps else None
+
+
 def ema_weights(model):
     """The optimiser's moving average of the trainable weights (the model's own where there is none)."""
     opt = model.optimizer
@@ -124,7 +141,7 @@ def train(build_model, loss, sample_batch, *, out_dir, steps, learning_rate, see
                 os.replace(tmp, ckpt)
                 state_file.write_text(json.dumps({"step": step}))
             if step % snapshot_every == 0 or step == steps or out_of_time:
-                save_snapshot(model, out / f"ema_{step:06d}.weights.h5")
+                save_snapshot(model, snapshot_path(out, step))
             if out_of_time:
                 log(f"stopping at step {step}: time budget of {max_seconds:.0f} s spent")
                 break

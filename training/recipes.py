@@ -14,6 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .loop import last_snapshot, snapshot_step
+
 
 @dataclass(frozen=True)
 class Stage:
@@ -42,15 +44,6 @@ RECIPES = {
 }
 
 
-def last_snapshot(folder) -> Path | None:
-    snaps = sorted(Path(folder).glob("ema_*.weights.h5"))
-    return snaps[-1] if snaps else None
-
-
-def snapshot_steps(path) -> int:
-    return int(Path(path).name.split("_")[1].split(".")[0])
-
-
 def run_recipe(task, out, labelmaps_root, *, workers=0, log=print, recipes=None, run=None) -> tuple[Path, int]:
     """Run every stage of `task`'s recipe; returns (the last EMA snapshot, total steps over all stages)."""
     if run is None:
@@ -68,7 +61,7 @@ def run_recipe(task, out, labelmaps_root, *, workers=0, log=print, recipes=None,
         prev = last_snapshot(folder)
         if prev is None:
             raise RuntimeError(f"stage {i} of the {task} recipe wrote no snapshot in {folder}")
-        steps = snapshot_steps(prev)
+        steps = snapshot_step(prev)
         if not done:  # finished, or stopped by its time limit: either way a rerun moves on
             (folder / "done").write_text(f"{steps}\n")
         total += steps

@@ -100,10 +100,10 @@ def main(argv=None):
         patch_shape=[int(v) for v in a.patch_shape.split("x")] if a.patch_shape else None, pos_weight=a.pos_weight,
         network={"base_filters": a.base_filters} if a.base_filters else None)
     if a.export:
-        from .recipes import last_snapshot, snapshot_steps
+        from .loop import last_snapshot, snapshot_step
 
         weights = last_snapshot(a.out)
-        steps = snapshot_steps(weights)
+        steps = snapshot_step(weights)
         summary = (f"trained with `cordseg train {a.task}`: {steps} steps, synthetic images"
                    + (f" mixed with {a.data} ({a.real_fraction:.0%})" if a.data else ""))
         _export(a, weights, steps, summary)
