@@ -12,12 +12,11 @@ from pathlib import Path
 
 
 def default_labelmaps() -> Path:
-    here = Path(__file__).resolve()
-    for base in [Path.cwd(), *here.parents]:
-        cand = base.parent / "shared" / "data" / "labelmaps"
-        if (cand / "PAM50").is_dir():
-            return cand
-    return Path("labelmaps")
+    """../shared/data/labelmaps beside the checkout (or the working folder), else ./labelmaps."""
+    from .export import shared_data_dir
+
+    data = shared_data_dir()
+    return data / "labelmaps" if data is not None else Path("labelmaps")
 
 
 def run(task, out, *, steps=None, batch_size=None, learning_rate=None, labelmaps=None, seed=0, log=print,
