@@ -64,11 +64,11 @@ def _overlap(corner, shape, vol_shape):
     return src, dst
 
 
-def _extract(vol, corner, shape):
+def extract_patch(vol, corner, shape):
     """Patch at `corner`; outside the volume the edge voxels repeat (the cord runs on, as it does in training,
     instead of meeting a blank wall at the field of view's end)."""
     idx = [np.clip(np.arange(c, c + s), 0, n - 1) for c, s, n in zip(corner, shape, vol.shape)]
-    return vol[np.ix_(*idx)].astype(np.float32)
+    return vol[np.ix_(*idx)]
 
 
 def soft_segmentation(cl: Centerline, model: Model, progress=None, stage="segmentation") -> np.ndarray:
@@ -96,7 +96,7 @@ def soft_segmentation(cl: Centerline, model: Model, progress=None, stage="segmen
         x = np.interp(zc, zc_model, xc_model)
         y = np.interp(zc, zc_model, yc_model)
         corners.append(tuple(int(round(c - s / 2 + 0.5)) for c, s in zip((x, y, zc), patch)))
-    patches = np.stack([_extract(vol, c, patch) for c in corners])
+    patches = np.stack([extract_patch(vol, c, patch) for c in corners]).astype(np.float32, copy=False)
     patches = normalize_with(model.normalisation, patches, model.normalisation_params)
     probs = np.empty_like(patches)
     for start in range(0, len(patches), PATCH_BATCH):

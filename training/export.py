@@ -180,14 +180,11 @@ def _crop_multiple(a: np.ndarray, m: int) -> np.ndarray:
 
 
 def _take(a: np.ndarray, centre, shape) -> np.ndarray:
-    """Patch of `shape` centred at `centre`, edge-padded where it leaves the volume."""
-    pads, sl = [], []
-    for c, n, size in zip(centre, a.shape, shape):
-        start = int(round(c)) - size // 2
-        lo, hi = max(start, 0), min(start + size, n)
-        pads.append((lo - start, start + size - hi))
-        sl.append(slice(lo, hi))
-    return np.pad(a[tuple(sl)], pads, mode="edge")
+    """Patch of `shape` centred at `centre`, edge voxels repeated where it leaves the volume (as at run time)."""
+    from cordseg.segmentation import extract_patch
+
+    corner = [int(round(c)) - size // 2 for c, size in zip(centre, shape)]
+    return extract_patch(a, corner, shape)
 
 
 def check_inputs_for(cfg, *, n: int = 4, rng=None, data_dir: Path | None = None, patch_shape=None) -> np.ndarray:
