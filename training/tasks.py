@@ -76,37 +76,33 @@ class Sampler:
             return self.anatomies[0], 0.24
         return self.anatomies[1 + int(rng.integers(len(self.anatomies) - 1))], 0.0
 
-    def __call__(self, rng):
-        cfg, xs, ys = self.cfg, [], []
-        for _ in range(cfg.batch_size):
-            if self.real_fraction and rng.random() < self.real_fraction:
-                from .augment import real_patch
+    def _sample(self, rng):
+        """One (image, target) pair, before normalisation: real (augmented) or synthetic."""
+        cfg = self.cfg
+        if self.real_fraction and rng.random() < self.real_fraction:
+            from .augment import real_patch
 
-                vol = self.real[int(rng.integers(len(self.real)))]
-                img, tgt = real_patch(vol, rng, cfg.patch_shape, lesions=cfg.task == "lesion")
-                if cfg.task == "centerline":
-                    lo, scale = _window_percentiles(img, rng)
-                    xs.append((img - lo) / scale)
-                else:
-                    xs.append(zscore_stack(img))
-                ys.append(tgt)
-            elif cfg.task == "centerline":
-                anatomy, p_outside = self._anatomy(rng)
-                img, tgt = synth.heatmap_sample(anatomy, rng, size=cfg.patch_shape[0], zoom=cfg.voxel_size[0],
-                                                p_outside=p_outside)
+            vol = self.real[int(rng.integers(len(self.real)))]
+            return real_patch(vol, rng, cfg.patch_shape, lesions=cfg.task == "lesion")
+        if cfg.task == "centerline":
+            anatomy, p_outside = self._anatomy(rng)
+            return synth.heatmap_sample(anatomy, rng, size=cfg.patch_shape[0], zoom=cfg.voxel_size[0],
+                                        p_outside=p_outside)
+        img, cord, lesion = synth.patch_sample(self._anatomy(rng)[0], rng, shape=cfg.patch_shape,
+                                               spacing=cfg.voxel_size, lesions=cfg.task == "lesion")
+        return img, (lesion if cfg.task == "lesion" else cord)
+
+    def __call__(self, rng):
+        xs, ys = [], []
+        for _ in range(self.cfg.batch_size):
+            img, tgt = self._sample(rng)
+            if self.cfg.task == "centerline":
                 lo, scale = _window_percentiles(img, rng)
                 xs.append((img - lo) / scale)
-                ys.append(tgt)
             else:
-                img, cord, lesion = synth.patch_sample(self._anatomy(rng)[0], rng, shape=cfg.patch_shape,
-                                                       spacing=cfg.voxel_size, lesions=cfg.task == "lesion")
                 xs.append(zscore_stack(img))
-                ys.append(lesion if cfg.task == "lesion" else cord)
+            ys.append(tgt)
         return np.stack(xs)[..., None].astype(np.float32), np.stack(ys)[..., None].astype(np.float32)
-
-
-def make_sampler(cfg: TaskConfig, anatomy, real=(), real_fraction=0.0):
-    return Sampler(cfg, anatomy, real, real_fraction)
 
 
 def load_real(cfg: TaskConfig, data_dir, contrasts=None):

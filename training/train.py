@@ -40,7 +40,7 @@ def run(task, out, *, steps=None, batch_size=None, learning_rate=None, labelmaps
     real = tasks.load_real(cfg, data, contrasts) if data else []
     if data:
         log(f"{len(real)} labelled real volumes from {data}; real fraction {real_fraction if real else 0}")
-    sampler = tasks.make_sampler(cfg, anatomy, real, real_fraction)
+    sampler = tasks.Sampler(cfg, anatomy, real, real_fraction)
     def build():
         model = tasks.build_model(cfg)
         if init_weights:  # fine-tuning: start from a previous run's (EMA) weights
