@@ -39,14 +39,10 @@ class Anatomy:
 
     @classmethod
     def from_pam50(cls, folder) -> "Anatomy":
-        import nibabel as nib
-
         folder = Path(folder)
 
         def load(name):
-            img = nib.load(str(folder / f"PAM50_{name}.nii.gz"))
-            img = nib.as_closest_canonical(img)  # RAS
-            return np.asarray(img.dataobj)[::-1]  # RAS -> LAS (working space)
+            return _load_las(folder / f"PAM50_{name}.nii.gz")[0]
 
         cord = load("cord") > 0
         gm = load("gm") > 0.5
@@ -57,12 +53,7 @@ class Anatomy:
         labels[csf] = CSF
         labels[cord] = WM
         labels[cord & gm] = GM
-        center = np.full((cord.shape[2], 2), np.nan, np.float32)
-        zs = np.where(cord.any((0, 1)))[0]
-        for z in zs:
-            xs, ys = np.nonzero(cord[:, :, z])
-            center[z] = xs.mean(), ys.mean()
-        return cls(labels, center, (int(zs[0]), int(zs[-1])))
+        return cls._with_centres(labels)
 
     @classmethod
     def from_masks(cls, cord_path, csf_path=None, *, csf_ring_mm=2.0, margin_mm=30.0) -> "Anatomy":
@@ -71,15 +62,10 @@ class Anatomy:
         Thick axial slices are interpolated along z through signed distance maps, so the outline changes
         smoothly between them. Without a CSF mask, a ring of `csf_ring_mm` around the cord stands in for it.
         """
-        import nibabel as nib
-
-        def load(path):
-            img = nib.as_closest_canonical(nib.load(str(path)))
-            return np.asarray(img.dataobj)[::-1] > 0.5, np.asarray(img.header.get_zooms()[:3], float)
-
-        cord, zooms = load(cord_path)
+        cord, zooms = _load_las(cord_path)
+        cord = cord > 0.5
         if csf_path is not None:
-            csf, _ = load(csf_path)
+            csf = _load_las(csf_path)[0] > 0.5
         else:
             canal = ndi.distance_transform_edt(~cord, sampling=zooms[:2].tolist() + [1e6]) <= csf_ring_mm
             csf = canal & ~cord
@@ -125,6 +111,14 @@ class Anatomy:
     def save(self, path) -> None:
         np.savez_compressed(path, labels=self.labels, center=self.center, cord_z=np.array(self.cord_z),
                             extend_z=np.array(self.extend_z))
+
+
+def _load_las(path):
+    """A label map's voxels in working space (nibabel's RAS flipped to LAS), and its zooms in mm."""
+    import nibabel as nib
+
+    img = nib.as_closest_canonical(nib.load(str(path)))
+    return np.asarray(img.dataobj)[::-1], np.asarray(img.header.get_zooms()[:3], float)
 
 
 # Subjects whose images are used for validation here: their masks never become training anatomies.
