@@ -390,30 +390,27 @@ def _cast(arr: np.ndarray, dtype: np.dtype, path: Path) -> np.ndarray:
 def write_bytes_atomic(data: bytes, path) -> Path:
     """Write `data` to `path` through a temporary file in the same folder and a rename (never a partial
     file); permissions 0644. Errors -> OutputError."""
-    import tempfile
-
     path = Path(path)
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent or "."))
-    except OSError as exc:
-        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from exc
-    try:
-        with os.fdopen(fd, "wb") as fh:
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
         os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except OSError as exc:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from exc
+
+    _replace_atomically(path, ".tmp", write)
     return path
 
 
 def _atomic_write(img, path: Path, suffix: str) -> None:
+    # nibabel picks the compression from the name, so the temporary file keeps the output's suffix
+    _replace_atomically(path, suffix, lambda tmp: nib.save(img, str(tmp)))
+
+
+def _replace_atomically(path: Path, suffix: str, write) -> None:
+    """`write(tmp)` to a new temporary file beside `path`, then rename it onto `path`; on any failure the
+    temporary file is removed, `path` is untouched and an OutputError is raised."""
     folder = path.parent if str(path.parent) else Path(".")
     tmp = None
     try:
@@ -430,7 +427,7 @@ def _atomic_write(img, path: Path, suffix: str) -> None:
             break
         else:  # pragma: no cover - 100 random collisions
             raise OutputError(f"{path}: cannot create a temporary file in {folder}.")
-        nib.save(img, str(tmp))
+        write(tmp)
         os.replace(tmp, path)
         tmp = None
     except OutputError:
