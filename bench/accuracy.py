@@ -52,17 +52,20 @@ def main(argv=None):
     a = p.parse_args(argv)
     warnings.simplefilter("ignore")
     rows = []
-    print(f"{'image':42s} {'contrast':8s} {'ctr mse mm2':>11s} {'localized':>10s} {'cord dice':>9s} {'seconds':>8s}")
+    print(f"{'image':42s} {'contrast':8s} {'ctr mse mm2':>11s} {'localized':>10s} {'cord dice':>9s} "
+          f"{'vol ratio':>9s} {'seconds':>8s}")
     for img, contrast, ref in CORD_CASES:
         t0 = time.perf_counter()
         seg = cordseg.segment_cord(a.data / img, contrast)
         secs = time.perf_counter() - t0
         _, cl = cordseg.detect_centerline(a.data / img, contrast)
         mse, loc, n, n_ref = centerline_error(cl, a.data / ref)
-        d = metrics.dice(np.asarray(seg.dataobj), np.asarray(load_image(a.data / ref).dataobj) > 0.5)
+        pred, truth = np.asarray(seg.dataobj) > 0, np.asarray(load_image(a.data / ref).dataobj) > 0.5
+        d = metrics.dice(pred, truth)
+        ratio = pred.sum() / truth.sum()  # predicted / reference volume: > 1 means too wide an outline
         rows.append(dict(image=img, contrast=contrast, centerline_mse_mm2=mse, localization_rate=loc,
-                         slices=f"{n}/{n_ref}", dice=d, seconds=secs))
-        print(f"{img:42s} {contrast:8s} {mse:11.3f} {loc:10.3f} {d:9.3f} {secs:8.2f}")
+                         slices=f"{n}/{n_ref}", dice=d, volume_ratio=float(ratio), seconds=secs))
+        print(f"{img:42s} {contrast:8s} {mse:11.3f} {loc:10.3f} {d:9.3f} {ratio:9.2f} {secs:8.2f}")
     for img, contrast, ref in CENTERLINE_ONLY:
         t0 = time.perf_counter()
         _, cl = cordseg.detect_centerline(a.data / img, contrast)
@@ -70,7 +73,7 @@ def main(argv=None):
         mse, loc, n, n_ref = centerline_error(cl, a.data / ref)
         rows.append(dict(image=img, contrast=contrast, centerline_mse_mm2=mse, localization_rate=loc,
                          slices=f"{n}/{n_ref}", seconds=secs))
-        print(f"{img:42s} {contrast:8s} {mse:11.3f} {loc:10.3f} {'-':>9s} {secs:8.2f}")
+        print(f"{img:42s} {contrast:8s} {mse:11.3f} {loc:10.3f} {'-':>9s} {'-':>9s} {secs:8.2f}")
     print("\nlesion-free scans (lesions reported; 0 expected):")
     for img in LESION_FREE:
         les = cordseg.segment_lesions(a.data / img, "t2s" if "mt0" in img else "t2")
