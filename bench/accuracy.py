@@ -1,6 +1,6 @@
 """Accuracy of the shipped models on every real image in ../shared/data (none of them seen in training).
 
-python bench/accuracy.py [--data DIR] [--json FILE]
+python bench/accuracy.py [--data DIR] [--json FILE] [--centerline F.onnx] [--sc F.onnx] [--lesion F.onnx]
 Prints one row per image: centerline MSE (mm², sub-voxel points vs the reference mask's per-slice centre of
 mass) and localization, cord Dice, lesions found, seconds for the whole cord (or lesion) pipeline.
 """
@@ -49,16 +49,19 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data", type=Path, default=default_data())
     p.add_argument("--json", type=Path)
+    for task in ("centerline", "sc", "lesion"):
+        p.add_argument(f"--{task}", type=Path, help=f"a {task} model to measure instead of the installed one")
     a = p.parse_args(argv)
+    ctr = dict(centerline_model=a.centerline)
     warnings.simplefilter("ignore")
     rows = []
     print(f"{'image':42s} {'contrast':8s} {'ctr mse mm2':>11s} {'localized':>10s} {'cord dice':>9s} "
           f"{'vol ratio':>9s} {'seconds':>8s}")
     for img, contrast, ref in CORD_CASES:
         t0 = time.perf_counter()
-        seg = cordseg.segment_cord(a.data / img, contrast)
+        seg = cordseg.segment_cord(a.data / img, contrast, model=a.sc, **ctr)
         secs = time.perf_counter() - t0
-        _, cl = cordseg.detect_centerline(a.data / img, contrast)
+        _, cl = cordseg.detect_centerline(a.data / img, contrast, model=a.centerline)
         mse, loc, n, n_ref = centerline_error(cl, a.data / ref)
         pred, truth = np.asarray(seg.dataobj) > 0, np.asarray(load_image(a.data / ref).dataobj) > 0.5
         d = metrics.dice(pred, truth)
@@ -68,7 +71,7 @@ def main(argv=None):
         print(f"{img:42s} {contrast:8s} {mse:11.3f} {loc:10.3f} {d:9.3f} {ratio:9.2f} {secs:8.2f}")
     for img, contrast, ref in CENTERLINE_ONLY:
         t0 = time.perf_counter()
-        _, cl = cordseg.detect_centerline(a.data / img, contrast)
+        _, cl = cordseg.detect_centerline(a.data / img, contrast, model=a.centerline)
         secs = time.perf_counter() - t0
         mse, loc, n, n_ref = centerline_error(cl, a.data / ref)
         rows.append(dict(image=img, contrast=contrast, centerline_mse_mm2=mse, localization_rate=loc,
@@ -76,7 +79,7 @@ def main(argv=None):
         print(f"{img:42s} {contrast:8s} {mse:11.3f} {loc:10.3f} {'-':>9s} {'-':>9s} {secs:8.2f}")
     print("\nlesion-free scans (lesions reported; 0 expected):")
     for img in LESION_FREE:
-        les = cordseg.segment_lesions(a.data / img, "t2s" if "mt0" in img else "t2")
+        les = cordseg.segment_lesions(a.data / img, "t2s" if "mt0" in img else "t2", model=a.lesion, **ctr)
         n = len(cordseg.lesion_table(les))
         rows.append(dict(image=img, lesions_on_lesion_free=n))
         print(f"  {img:42s} {n}")
@@ -84,11 +87,11 @@ def main(argv=None):
     for img, contrast in UNLABELED:
         t0 = time.perf_counter()
         try:
-            _, cl = cordseg.detect_centerline(a.data / img, contrast)
+            _, cl = cordseg.detect_centerline(a.data / img, contrast, model=a.centerline)
             found = f"{len(cl.z)}/{load_image(a.data / img).shape[2] if 'lumbar' not in img else '?'}"
         except cordseg.CordsegError as exc:
             found = str(exc)
-        les = cordseg.segment_lesions(a.data / img, contrast) if "ms" in img else None
+        les = cordseg.segment_lesions(a.data / img, contrast, model=a.lesion, **ctr) if "ms" in img else None
         secs = time.perf_counter() - t0
         extra = ""
         if les is not None:

@@ -344,3 +344,23 @@ def test_training_lowers_the_loss_and_resumes(tmp_path):
     x, y = _disc_sampler(np.random.default_rng(123))
     pred = np.asarray(model(x, training=False))
     assert pred.shape == y.shape and np.all(np.isfinite(pred))
+
+
+def test_average_of_snapshots_is_their_mean(tmp_path):
+    pytest.importorskip("keras")
+    from training.loop import average_snapshots
+
+    paths, weights = [], []
+    for i in range(3):
+        model = _tiny_cnn1()
+        w = [np.full(v.shape, float(i + 1) * (k + 1), np.float32) for k, v in enumerate(model.get_weights())]
+        model.set_weights(w)
+        paths.append(tmp_path / f"ema_{i:06d}.weights.h5")
+        model.save_weights(str(paths[-1]))
+        weights.append(w)
+    out = average_snapshots(_tiny_cnn1, paths, tmp_path / "avg.weights.h5")
+    fresh = _tiny_cnn1()
+    fresh.load_weights(str(out))
+    for k, v in enumerate(fresh.get_weights()):  # batch-norm statistics are averaged as well
+        np.testing.assert_allclose(v, 2.0 * (k + 1), rtol=1e-6)
+    assert [p.name for p in tmp_path.iterdir() if "tmp" in p.name] == []

@@ -74,6 +74,23 @@ def last_snapshot(out_dir) -> Path | None:
     return snaps[-1] if snaps else None
 
 
+def average_snapshots(build_model, paths, out_path) -> Path:
+    """One weights file holding the mean of several snapshots of one run (all variables, batch-norm
+    statistics included). Checkpoints of one run swing on real images; their mean is steadier."""
+    model = build_model()
+    total = None
+    for p in paths:
+        model.load_weights(str(p))
+        w = [np.asarray(v, np.float64) for v in model.get_weights()]
+        total = w if total is None else [t + x for t, x in zip(total, w)]
+    model.set_weights([t / len(paths) for t in total])
+    out_path = Path(out_path)
+    tmp = out_path.with_name(out_path.name.replace(".weights.h5", ".tmp.weights.h5"))
+    model.save_weights(str(tmp))
+    os.replace(tmp, out_path)
+    return out_path
+
+
 def ema_weights(model):
     """The optimiser's moving average of the trainable weights (the model's own where there is none)."""
     opt = model.optimizer

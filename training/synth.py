@@ -307,6 +307,9 @@ CONTRAST_PRIORS = {
     "t2": {WM: (0.25, 0.45), GM: (0.3, 0.5), CSF: (0.75, 1.0), BONE: (0.05, 0.35), "lesion": (1.4, 2.2)},
     "t2s": {WM: (0.25, 0.45), GM: (0.45, 0.7), CSF: (0.7, 1.0), BONE: (0.05, 0.3), "lesion": (1.3, 2.0)},
     "t1": {WM: (0.5, 0.8), GM: (0.45, 0.75), CSF: (0.02, 0.2), BONE: (0.3, 0.9), "lesion": (0.5, 0.8)},
+    # proton-density / MT-weighted gradient echo: the CSF only somewhat darker than a mid-grey cord that
+    # matches the tissue around it (the full-field MTS scans here)
+    "gre": {WM: (0.35, 0.6), GM: (0.35, 0.65), CSF: (0.1, 0.45), BONE: (0.25, 0.7), "lesion": (1.3, 2.0)},
 }
 
 

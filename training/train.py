@@ -21,7 +21,7 @@ def default_labelmaps() -> Path:
 
 def run(task, out, *, steps=None, batch_size=None, learning_rate=None, labelmaps=None, seed=0, log=print,
         workers=0, max_minutes=None, network=None, init_weights=None, data=None, real_fraction=0.5,
-        contrasts=None, patch_shape=None, pos_weight=None):
+        contrasts=None, patch_shape=None, pos_weight=None, snapshot_every=1000):
     from . import losses, synth, tasks
     from .loop import train
 
@@ -54,7 +54,7 @@ def run(task, out, *, steps=None, batch_size=None, learning_rate=None, labelmaps
         loss = lesion_loss
     return train(build, loss, sampler, out_dir=out, steps=cfg.steps,
                  learning_rate=cfg.learning_rate, seed=seed, log=log, workers=workers,
-                 max_seconds=None if max_minutes is None else 60.0 * max_minutes)
+                 max_seconds=None if max_minutes is None else 60.0 * max_minutes, snapshot_every=snapshot_every)
 
 
 def main(argv=None):
@@ -78,6 +78,8 @@ def main(argv=None):
     p.add_argument("--contrast", help="contrasts of --data to use and to write into the model, comma-separated")
     p.add_argument("--pos-weight", type=float, help="lesion task: weight of lesion voxels in the cross-entropy "
                    "(default 2, as the shipped model; 5 found fewer lesions in bench/lesions.py)")
+    p.add_argument("--snapshot-every", type=int, default=1000, help="write an EMA weights snapshot every N steps "
+                   "(to compare checkpoints of one run)")
     p.add_argument("--export", help="after training, export the final weights to this ONNX file")
     p.add_argument("--patch-shape", help="training patch, e.g. 32x32x32 (CNN2 is fully convolutional; the "
                    "exported model keeps the task's run-time patch)")
@@ -97,7 +99,7 @@ def main(argv=None):
         max_minutes=a.max_minutes, init_weights=a.init_weights, data=a.data, real_fraction=a.real_fraction,
         contrasts=a.contrast.split(",") if a.contrast else None,
         patch_shape=[int(v) for v in a.patch_shape.split("x")] if a.patch_shape else None, pos_weight=a.pos_weight,
-        network={"base_filters": a.base_filters} if a.base_filters else None)
+        snapshot_every=a.snapshot_every, network={"base_filters": a.base_filters} if a.base_filters else None)
     if a.export:
         from .loop import last_snapshot, snapshot_step
 
