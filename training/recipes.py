@@ -6,8 +6,9 @@ recipe resumes: finished stages are skipped, the interrupted one resumes from it
 "PAM50" is the template alone, "all" adds the spine-generic manual masks (synth.load_anatomies).
 
 A rerun follows the shipped recipe with today's generator, not bit for bit the shipped weights: the
-generator has gained since (stage notes below; and sagittal acquisitions, 25% of samples, added after
-every shipped run), and batches depend on the number of workers.
+generator has gained since (stage notes below; sagittal acquisitions, 25% of samples, and the gradient-echo
+contrast family came before CNN1's stages 3-4 and after every other shipped stage), and batches depend on the
+number of workers.
 """
 from __future__ import annotations
 
@@ -30,6 +31,10 @@ RECIPES = {
               "shipped run: stopped by its 11.3-minute limit at step 1,298 (one GPU, 5 workers), with the "
               "smallest cord/CSF intensity gap then fixed at 0.15 (now drawn from 0.06-0.15)"),
         Stage("all", dict(steps=1100, batch_size=32, learning_rate=1e-3, seed=3)),
+        Stage("all", dict(steps=1500, batch_size=32, learning_rate=5e-4, seed=11, snapshot_every=250),
+              "shipped run: two CPU cores, 1 worker, 80 minutes; the first with the gradient-echo contrast family"),
+        Stage("all", dict(steps=1000, batch_size=32, learning_rate=3e-4, seed=13, max_minutes=45, snapshot_every=250),
+              "shipped run: two CPU cores, 1 worker, stopped by its 45-minute limit at step 836"),
     ],
     "sc": [
         Stage("PAM50", dict(steps=3000, batch_size=8, learning_rate=2e-3, max_minutes=11.3),
