@@ -74,6 +74,17 @@ def last_snapshot(out_dir) -> Path | None:
     return snaps[-1] if snaps else None
 
 
+def save_atomically(save, path) -> Path:
+    """`save(name)` into a temporary file beside `path`, then rename: a run killed while writing never leaves
+    a half-written checkpoint or snapshot under the real name. The prefix keeps Keras's required suffix and
+    keeps the temporary file out of `last_snapshot`'s pattern."""
+    path = Path(path)
+    tmp = path.with_name("tmp_" + path.name)
+    save(str(tmp))
+    os.replace(tmp, path)
+    return path
+
+
 def average_snapshots(build_model, paths, out_path) -> Path:
     """One weights file holding the mean of several snapshots of one run (all variables, batch-norm
     statistics included). Checkpoints of one run swing on real images; their mean is steadier."""
@@ -84,11 +95,7 @@ def average_snapshots(build_model, paths, out_path) -> Path:
         w = [np.asarray(v, np.float64) for v in model.get_weights()]
         total = w if total is None else [t + x for t, x in zip(total, w)]
     model.set_weights([t / len(paths) for t in total])
-    out_path = Path(out_path)
-    tmp = out_path.with_name(out_path.name.replace(".weights.h5", ".tmp.weights.h5"))
-    model.save_weights(str(tmp))
-    os.replace(tmp, out_path)
-    return out_path
+    return save_atomically(model.save_weights, out_path)
 
 
 def ema_weights(model):
@@ -107,7 +114,7 @@ def save_snapshot(model, path):
     if avg is not None:
         for v, a in zip(model.trainable_variables, avg):
             v.assign(a)
-    model.save_weights(str(path))
+    save_atomically(model.save_weights, path)
     if avg is not None:
         for v, c in zip(model.trainable_variables, current):
             v.assign(c)
@@ -153,9 +160,7 @@ def train(build_model, loss, sample_batch, *, out_dir, steps, learning_rate, see
                 losses = []
             out_of_time = max_seconds is not None and time.time() - t0 > max_seconds
             if step % checkpoint_every == 0 or step == steps or out_of_time:
-                tmp = out / "checkpoint.tmp.keras"
-                model.save(str(tmp))
-                os.replace(tmp, ckpt)
+                save_atomically(model.save, ckpt)
                 state_file.write_text(json.dumps({"step": step}))
             if step % snapshot_every == 0 or step == steps or out_of_time:
                 save_snapshot(model, snapshot_path(out, step))
