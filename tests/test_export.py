@@ -148,3 +148,25 @@ def test_cli_errors_are_one_line_and_exit_2(tmp_path, capsys):
     assert rc == 2 and err.startswith("error:") and "missing.weights.h5" in err and "\n" not in err
     assert snapshot_step(tmp_path / "ema_004000.weights.h5") == 4000
     assert snapshot_step(tmp_path / "final.weights.h5") is None
+
+
+def test_cli_averages_several_snapshots(tmp_path, capsys):
+    from training import tasks
+
+    build = lambda: tasks.build_model(tasks.TASKS["centerline"])  # noqa: E731
+    paths, nets = [], []
+    for seed in (1, 2):
+        keras.utils.set_random_seed(seed)
+        nets.append(_randomise_bn(build()))
+        paths.append(tmp_path / f"ema_{seed:06d}.weights.h5")
+        nets[-1].save_weights(str(paths[-1]))
+    out = tmp_path / "mean.onnx"
+    rc = export.main(["centerline", *map(str, paths), str(out), "--contrast", "t2", "--summary", "x"])
+    assert rc == 0 and "averaged 2 snapshots" in capsys.readouterr().out
+    assert export.read_metadata(out)["cordseg_steps"] == "2"  # the last snapshot's step
+    mean = build()
+    mean.set_weights([(a + b) / 2 for a, b in zip(nets[0].get_weights(), nets[1].get_weights())])
+    x = np.random.default_rng(5).normal(size=(2, 32, 32, 1)).astype(np.float32)
+    assert np.max(np.abs(export.onnx_outputs(out.read_bytes(), x) - export.keras_outputs(mean, x))) <= 1e-4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ema_000001.weights.h5", "ema_000002.weights.h5",
+                                                         "mean.onnx"]

@@ -6,13 +6,15 @@ error while producing an invalid or wrong graph (see ../shared/FACTS.md), so the
 The file is written atomically (temporary file in the target folder, then os.replace) and only after
 the check, so a refused export leaves nothing behind.
 
-CLI: python -m training.export TASK WEIGHTS OUT.onnx --contrast t1,t2 --summary "..." [--steps N]
+CLI: python -m training.export TASK WEIGHTS [WEIGHTS ...] OUT.onnx --contrast t1,t2 --summary "..." [--steps N]
+(several snapshots of one run are averaged first: training.loop.average_snapshots)
 """
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +22,7 @@ import numpy as np
 from cordseg.errors import ModelError, OutputError
 from cordseg.io import write_bytes_atomic
 
-from .loop import snapshot_step
+from .loop import average_snapshots, snapshot_step
 
 
 def _input_signature(model):
@@ -268,7 +270,8 @@ def _with_network(cfg, network):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m training.export", description=__doc__.split("\n")[0])
     p.add_argument("task", choices=["centerline", "sc", "lesion"])
-    p.add_argument("weights", help="a *.weights.h5 snapshot written by training/loop.py")
+    p.add_argument("weights", nargs="+", help="a *.weights.h5 snapshot written by training/loop.py; several "
+                   "snapshots of one run are averaged")
     p.add_argument("out", help="output .onnx file")
     p.add_argument("--contrast", required=True, help="contrasts served, comma-separated (e.g. t1,t2,t2s,dwi)")
     p.add_argument("--summary", required=True, help="one-line training summary for the model card metadata")
@@ -277,18 +280,36 @@ def main(argv=None) -> int:
     p.add_argument("--atol", type=float, default=1e-4)
     a = p.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    weights = Path(a.weights)
-    steps = a.steps if a.steps is not None else snapshot_step(weights)
+    weights = [Path(w) for w in a.weights]
+    steps = a.steps if a.steps is not None else snapshot_step(weights[-1])
     if steps is None:
         print("error: give --steps (the snapshot's name does not say)", file=sys.stderr)
         return 2
+    network = {"base_filters": a.base_filters} if a.base_filters else None
     try:
-        network = {"base_filters": a.base_filters} if a.base_filters else None
-        path, diff = export_from_weights_checked(a.task, weights, a.out, contrast=a.contrast, summary=a.summary,
-                                                 steps=steps, atol=a.atol, network=network)
+        missing = [w for w in weights if not w.exists()]
+        if missing:
+            raise ModelError(f"weights file not found: {missing[0]}")
+        with tempfile.TemporaryDirectory() as tmp:
+            source = weights[0]
+            if len(weights) > 1:
+                from . import tasks
+
+                cfg = tasks.TASKS[a.task] if not network else _with_network(tasks.TASKS[a.task], network)
+                try:
+                    source = average_snapshots(lambda: tasks.build_model(cfg), weights,
+                                               Path(tmp) / "mean.weights.h5")
+                except Exception as exc:  # as for one snapshot: a file of another network is a ModelError
+                    raise ModelError(f"cannot average {len(weights)} snapshots into the {a.task} network: "
+                                     f"{exc}") from exc
+            path, diff = export_from_weights_checked(a.task, source, a.out, contrast=a.contrast,
+                                                     summary=a.summary, steps=steps, atol=a.atol,
+                                                     network=network)
     except (ModelError, OutputError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if len(weights) > 1:
+        print(f"averaged {len(weights)} snapshots")
     print(f"wrote {path} (max abs difference ONNX vs Keras {diff:.2e})")
     return 0
 
