@@ -59,9 +59,9 @@ def main(argv=None):
           f"{'vol ratio':>9s} {'seconds':>8s}")
     for img, contrast, ref in CORD_CASES:
         t0 = time.perf_counter()
-        seg = cordseg.segment_cord(a.data / img, contrast, model=a.sc, **ctr)
-        secs = time.perf_counter() - t0
         _, cl = cordseg.detect_centerline(a.data / img, contrast, model=a.centerline)
+        seg = cordseg.segment_cord(a.data / img, contrast, model=a.sc, centerline=cl)
+        secs = time.perf_counter() - t0
         mse, loc, n, n_ref = centerline_error(cl, a.data / ref)
         pred, truth = np.asarray(seg.dataobj) > 0, np.asarray(load_image(a.data / ref).dataobj) > 0.5
         d = metrics.dice(pred, truth)
@@ -90,8 +90,10 @@ def main(argv=None):
             _, cl = cordseg.detect_centerline(a.data / img, contrast, model=a.centerline)
             found = f"{len(cl.z)}/{load_image(a.data / img).shape[2] if 'lumbar' not in img else '?'}"
         except cordseg.CordsegError as exc:
-            found = str(exc)
-        les = cordseg.segment_lesions(a.data / img, contrast, model=a.lesion, **ctr) if "ms" in img else None
+            found, cl = str(exc), None
+        les = None
+        if "ms" in img and cl is not None:
+            les = cordseg.segment_lesions(a.data / img, contrast, model=a.lesion, centerline=cl)
         secs = time.perf_counter() - t0
         extra = ""
         if les is not None:

@@ -102,22 +102,40 @@ def detect_centerline(img, contrast=None, *, model=None, smoothness=_centerline.
     return _mask_image(cl.native_mask(), image), cl
 
 
-def _soft_map(task, img, contrast, threshold, model, centerline_model, volume, progress):
+def _given_centerline(centerline, rpi):
+    """A centerline the caller supplies: a Centerline from detect_centerline on the same image, or a mask
+    (path or nibabel image; a few marked voxels are enough, see centerline.from_mask)."""
+    if isinstance(centerline, _centerline.Centerline):
+        if centerline.rpi.shape != rpi.shape or not np.allclose(centerline.rpi.affine, rpi.affine, atol=1e-4):
+            raise InputError("the centerline given was found on another image (its grid differs)")
+        return _centerline.Centerline(centerline.z, centerline.x, centerline.y, rpi)
+    mask = load_image(centerline)
+    return _centerline.from_mask(rpi, np.asanyarray(mask.dataobj), mask.affine)
+
+
+def _soft_map(task, img, contrast, threshold, model, centerline_model, volume, progress, centerline=None):
     """Shared by cord and lesion segmentation: (input image, RPI view, probability map, CNN2 model)."""
     check_threshold(threshold)
     image, contrast, rpi = _prepare(img, contrast, volume)
     cnn2 = find_model(task, contrast, model)  # before any work: a missing model fails fast
     _warn_if_flagged(cnn2)
-    cl = _centerline.detect(rpi, find_model("centerline", contrast, centerline_model), progress=progress)
+    if centerline is not None:
+        cl = _given_centerline(centerline, rpi)
+    else:
+        cl = _centerline.detect(rpi, find_model("centerline", contrast, centerline_model), progress=progress)
     prob = _segmentation.soft_segmentation(cl, cnn2, progress, stage={"sc": "cord", "lesion": "lesions"}[task])
     return image, rpi, prob, cnn2
 
 
 def segment_cord(img, contrast=None, soft=False, *, threshold=None, model=None, centerline_model=None,
-                 volume=None, progress=None):
-    """Spinal cord mask (uint8) or, with soft=True, its probability map (float32), on the input grid."""
+                 centerline=None, volume=None, progress=None):
+    """Spinal cord mask (uint8) or, with soft=True, its probability map (float32), on the input grid.
+
+    centerline: use this centerline instead of detecting one: a mask (path or image, on any grid of the same
+    session; marked voxels on a few slices are interpolated between) or the Centerline that
+    detect_centerline returned for this image."""
     image, rpi, prob, sc_model = _soft_map("sc", img, contrast, threshold, model, centerline_model, volume,
-                                           progress)
+                                           progress, centerline)
     if soft:
         return _mask_image(rpi.to_native(prob), image, np.float32)
     thr = sc_model.threshold if threshold is None else float(threshold)
@@ -129,10 +147,11 @@ def segment_cord(img, contrast=None, soft=False, *, threshold=None, model=None, 
 
 
 def segment_lesions(img, contrast=None, soft=False, *, threshold=None, model=None, centerline_model=None,
-                    volume=None, progress=None):
-    """MS lesion mask (uint8) or probability map (float32) in the cord, on the input grid."""
+                    centerline=None, volume=None, progress=None):
+    """MS lesion mask (uint8) or probability map (float32) in the cord, on the input grid (centerline: as
+    for segment_cord)."""
     image, rpi, prob, lesion_model = _soft_map("lesion", img, contrast, threshold, model, centerline_model,
-                                               volume, progress)
+                                               volume, progress, centerline)
     if soft:
         return _mask_image(rpi.to_native(prob), image, np.float32)
     thr = lesion_model.threshold if threshold is None else float(threshold)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage as ndi
 
-from .errors import ModelError, NoCordError
+from .errors import InputError, ModelError, NoCordError
 from .inference import Model
 from .normalization import normalize_with
 from .optic import optimal_path
@@ -155,3 +155,29 @@ def detect(rpi: Reoriented, model: Model, *, smoothness: float = DEFAULT_SMOOTHN
     if len(z_int) == 0:
         raise NoCordError("no spinal cord found")
     return Centerline(z_int, np.interp(z_int, z_r, x_r), np.interp(z_int, z_r, y_r), rpi)
+
+
+def from_mask(rpi: Reoriented, mask_data: np.ndarray, mask_affine: np.ndarray) -> Centerline:
+    """A given centerline (a mask: one or a few voxels per slice, on any grid) on `rpi`'s slices.
+
+    Each marked voxel is placed in `rpi`'s voxel space through scanner coordinates, so the mask may come from
+    another grid of the same session (a 0.5 mm resampling, a sagittal view). Slices with several points take
+    their mean; slices between marked ones are interpolated linearly, so a point every few centimetres is
+    enough; the centerline runs from the lowest marked slice to the highest (no extrapolation).
+    """
+    idx = np.argwhere(np.asarray(mask_data) > 0)
+    if len(idx) == 0:
+        raise InputError("the centerline mask has no marked voxel")
+    world = idx @ np.asarray(mask_affine, float)[:3, :3].T + np.asarray(mask_affine, float)[:3, 3]
+    to_vox = np.linalg.inv(rpi.affine)
+    pts = world @ to_vox[:3, :3].T + to_vox[:3, 3]
+    z_round = np.rint(pts[:, 2]).astype(int)
+    inside = (z_round >= 0) & (z_round < rpi.shape[2])
+    if not inside.any():
+        raise InputError("the centerline mask lies outside the image's field of view")
+    pts, z_round = pts[inside], z_round[inside]
+    zs = np.unique(z_round)
+    xs = np.array([pts[z_round == z, 0].mean() for z in zs])
+    ys = np.array([pts[z_round == z, 1].mean() for z in zs])
+    z_int = np.arange(zs[0], zs[-1] + 1)
+    return Centerline(z_int, np.interp(z_int, zs, xs), np.interp(z_int, zs, ys), rpi)

@@ -148,7 +148,10 @@ def centerline(image, contrast, out, volume, quiet, verbose, model, smoothness):
 @click.option("--soft", is_flag=True, help="write the float32 probability map instead of a mask")
 @click.option("--threshold", type=float, default=None, help="probability threshold (default: the model's)")
 @click.option("--model", type=click.Path(dir_okay=False), help="a CNN2 cord ONNX model file to use")
-def sc(image, contrast, out, volume, quiet, verbose, soft, threshold, model):
+@click.option("--centerline", "centerline_file", type=click.Path(dir_okay=False),
+              help="use this centerline mask (e.g. `cordseg centerline`'s output, corrected, or a few marked "
+                   "voxels) instead of detecting one")
+def sc(image, contrast, out, volume, quiet, verbose, soft, threshold, model, centerline_file):
     """Spinal cord segmentation -> <stem>_seg.nii.gz."""
     from . import api
 
@@ -156,7 +159,7 @@ def sc(image, contrast, out, volume, quiet, verbose, soft, threshold, model):
     _run(lambda: api.check_threshold(threshold, "--threshold"))
     rep = Reporter(quiet, verbose)
     seg = _run(lambda: api.segment_cord(image, contrast, soft=soft, threshold=threshold, model=model,
-                                        volume=volume, progress=rep))
+                                        centerline=centerline_file, volume=volume, progress=rep))
     rep.done()
     _save(seg, path)
     if not quiet:
@@ -173,7 +176,10 @@ def sc(image, contrast, out, volume, quiet, verbose, soft, threshold, model):
 @click.option("--soft", is_flag=True, help="write the float32 probability map instead of a mask")
 @click.option("--threshold", type=float, default=None, help="probability threshold (default: the model's)")
 @click.option("--model", type=click.Path(dir_okay=False), help="a CNN2 lesion ONNX model file to use")
-def lesion(image, contrast, out, volume, quiet, verbose, csv_file, soft, threshold, model):
+@click.option("--centerline", "centerline_file", type=click.Path(dir_okay=False),
+              help="use this centerline mask (e.g. `cordseg centerline`'s output, corrected, or a few marked "
+                   "voxels) instead of detecting one")
+def lesion(image, contrast, out, volume, quiet, verbose, csv_file, soft, threshold, model, centerline_file):
     """MS lesion segmentation -> <stem>_lesionseg.nii.gz; prints lesion count and volume."""
     from . import api
 
@@ -185,7 +191,7 @@ def lesion(image, contrast, out, volume, quiet, verbose, csv_file, soft, thresho
             _fail(f"cannot write {csv_file}: folder {folder} does not exist or is not writable")
     rep = Reporter(quiet, verbose)
     seg = _run(lambda: api.segment_lesions(image, contrast, soft=soft, threshold=threshold, model=model,
-                                           volume=volume, progress=rep))
+                                           centerline=centerline_file, volume=volume, progress=rep))
     rep.done()
     _save(seg, path)
     if soft:
