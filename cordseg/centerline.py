@@ -6,6 +6,9 @@ distance to the cord's edge (so the path runs through the middle); outside it is
 Euclidean distance to the nearest predicted cord voxel (so gaps are bridged towards the cord, and slices
 without cord are left out when their cost outweighs what they add). Rewards are per mm of cord length, so
 thick and thin slices weigh alike; OptiC's penalty is per mm of displacement squared over slice thickness.
+
+CNN1 runs twice: on whole slices, then on a window around the first curve on every slice (SECOND_LOOK_MM),
+and OptiC's path through the second heatmap is the answer.
 """
 from __future__ import annotations
 
@@ -27,6 +30,11 @@ SLICE_BATCH = 8
 # resampled to it for the heatmap (a 1 mm sagittal volume: half the CNN1 work), and the centerline is
 # interpolated back onto every input slice.
 CENTERLINE_SLICE_MM = 2.0
+# CNN1 normalises each slice by its own intensity percentiles, and learnt on 96 mm crops of synthetic anatomy.
+# On a full-field slice (a whole neck, 23 cm) those percentiles are set by fat and air far from the cord, and
+# real anatomy offers look-alikes the crops never had: the cord drops out of some slices. A second look
+# through a window this wide around the first pass's curve finds it again (measurements: CNN1 card).
+SECOND_LOOK_MM = 56.0
 
 
 @dataclass
@@ -72,25 +80,55 @@ def model_grid(rpi: Reoriented, model: Model, min_slice_mm: float = 0.0) -> tupl
     return tuple(zooms)
 
 
-def heatmap(rpi: Reoriented, model: Model, progress=None) -> tuple[np.ndarray, tuple]:
-    """CNN1 probability volume on the model's grid, and that grid's exact zooms."""
+def _model_volume(rpi: Reoriented, model: Model) -> tuple[np.ndarray, tuple]:
+    """The image on CNN1's grid (not normalised) and that grid's exact zooms."""
     if model.patch_shape is not None:
         raise ModelError(f"{model.path.name}: centerline models must be fully convolutional (patch 'slice')")
     target = model_grid(rpi, model, CENTERLINE_SLICE_MM)
-    vol = resample(rpi.data, rpi.zooms, target, order=1)
-    zooms = resampled_zooms(rpi.shape, rpi.zooms, target)
-    vol = normalize_with(model.normalisation, vol, model.normalisation_params)
+    return resample(rpi.data, rpi.zooms, target, order=1), resampled_zooms(rpi.shape, rpi.zooms, target)
+
+
+def _predict_slices(slices: np.ndarray, model: Model, progress, span) -> np.ndarray:
+    """CNN1 on (n, nx, ny) normalised slices, padded to the model's size multiple; progress over `span`."""
     m = max(1, model.size_multiple)
-    nx, ny, nz = vol.shape
-    px, py = (-nx) % m, (-ny) % m
-    slices = np.pad(np.moveaxis(vol, 2, 0), ((0, 0), (0, px), (0, py)), mode="edge")
-    heat = np.empty((nz, nx, ny), np.float32)
-    for start in range(0, nz, SLICE_BATCH):
-        stop = min(nz, start + SLICE_BATCH)
-        heat[start:stop] = model.predict(slices[start:stop], flip_average=True)[:, :nx, :ny]
+    n, nx, ny = slices.shape
+    padded = np.pad(slices, ((0, 0), (0, (-nx) % m), (0, (-ny) % m)), mode="edge")
+    heat = np.empty((n, nx, ny), np.float32)
+    for start in range(0, n, SLICE_BATCH):
+        stop = min(n, start + SLICE_BATCH)
+        heat[start:stop] = model.predict(padded[start:stop], flip_average=True)[:, :nx, :ny]
         if progress:
-            progress("centerline", stop / nz)
+            progress("centerline", span[0] + (span[1] - span[0]) * stop / n)
+    return heat
+
+
+def heatmap(rpi: Reoriented, model: Model, progress=None, span=(0.0, 1.0)) -> tuple[np.ndarray, tuple]:
+    """CNN1 probability volume on the model's grid (whole slices), and that grid's exact zooms."""
+    vol, zooms = _model_volume(rpi, model)
+    vol = normalize_with(model.normalisation, vol, model.normalisation_params)
+    heat = _predict_slices(np.moveaxis(vol, 2, 0), model, progress, span)
     return np.moveaxis(heat, 0, 2), zooms
+
+
+def window_heatmap(rpi: Reoriented, model: Model, around: "Centerline", window_mm: float, progress=None,
+                   span=(0.0, 1.0)) -> tuple[np.ndarray, tuple]:
+    """CNN1 on a `window_mm` square of every slice, centred on `around` (its end points beyond its ends),
+    each window normalised on its own; zero outside the windows. Same grid as heatmap()."""
+    vol, zooms = _model_volume(rpi, model)
+    nx, ny, nz = vol.shape
+    m = max(1, model.size_multiple)
+    size = [min(n, int(np.ceil(window_mm / z / m)) * m) for n, z in zip((nx, ny), zooms[:2])]
+    z_rpi = (np.arange(nz) + 0.5) * zooms[2] / rpi.zooms[2] - 0.5
+    centre = [(c + 0.5) * r / z - 0.5 for c, r, z in zip(around.at(z_rpi), rpi.zooms[:2], zooms[:2])]
+    lo = [np.clip(np.rint(c - w / 2), 0, n - w).astype(int) for c, w, n in zip(centre, size, (nx, ny))]
+    windows = np.stack([vol[lo[0][z]:lo[0][z] + size[0], lo[1][z]:lo[1][z] + size[1], z] for z in range(nz)])
+    windows = np.moveaxis(normalize_with(model.normalisation, np.moveaxis(windows, 0, 2),
+                                         model.normalisation_params), 2, 0)
+    probs = _predict_slices(windows, model, progress, span)
+    heat = np.zeros(vol.shape, np.float32)
+    for z in range(nz):
+        heat[lo[0][z]:lo[0][z] + size[0], lo[1][z]:lo[1][z] + size[1], z] = probs[z]
+    return heat, zooms
 
 
 def reward(heat: np.ndarray, zooms, threshold: float) -> np.ndarray:
@@ -134,14 +172,13 @@ def refine(heat: np.ndarray, threshold: float, xs, ys, zs) -> tuple[np.ndarray, 
     return fx, fy
 
 
-def detect(rpi: Reoriented, model: Model, *, smoothness: float = DEFAULT_SMOOTHNESS, progress=None) -> Centerline:
-    """The cord's centerline in `rpi`, or NoCordError."""
-    heat, zooms = heatmap(rpi, model, progress)
+def _trace(heat: np.ndarray, zooms, rpi: Reoriented, model: Model, smoothness: float) -> Centerline | None:
+    """OptiC's path through a heatmap, as sub-voxel centres on every RPI slice it spans (None: no cord)."""
     if not (heat >= model.threshold).any():
-        raise NoCordError("no spinal cord found")
+        return None
     path = optimal_path(reward(heat, zooms, model.threshold), zooms, smoothness)
     if path is None:
-        raise NoCordError("no spinal cord found")
+        return None
     zs = path.z
     fx, fy = refine(heat, model.threshold, path.x, path.y, zs)
     # model grid -> RPI grid (extent-preserving voxel-centre mapping, as in resampling)
@@ -153,8 +190,25 @@ def detect(rpi: Reoriented, model: Model, *, smoothness: float = DEFAULT_SMOOTHN
     z_lo, z_hi = max(0, z_lo), min(rpi.shape[2] - 1, z_hi)
     z_int = np.arange(z_lo, z_hi + 1)
     if len(z_int) == 0:
-        raise NoCordError("no spinal cord found")
+        return None
     return Centerline(z_int, np.interp(z_int, z_r, x_r), np.interp(z_int, z_r, y_r), rpi)
+
+
+def detect(rpi: Reoriented, model: Model, *, smoothness: float = DEFAULT_SMOOTHNESS, progress=None,
+           window_mm: float | None = SECOND_LOOK_MM) -> Centerline:
+    """The cord's centerline in `rpi`, or NoCordError.
+
+    Two passes: whole slices, then (unless `window_mm` is None) a window of `window_mm` around the first
+    curve on every slice, whose answer is kept."""
+    heat, zooms = heatmap(rpi, model, progress, span=(0.0, 0.5 if window_mm else 1.0))
+    first = _trace(heat, zooms, rpi, model, smoothness)
+    if first is None:
+        raise NoCordError("no spinal cord found")
+    if not window_mm:
+        return first
+    heat, zooms = window_heatmap(rpi, model, first, window_mm, progress, span=(0.5, 1.0))
+    second = _trace(heat, zooms, rpi, model, smoothness)
+    return first if second is None else second
 
 
 def from_mask(rpi: Reoriented, mask_data: np.ndarray, mask_affine: np.ndarray) -> Centerline:

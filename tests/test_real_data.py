@@ -182,11 +182,12 @@ def test_no_lesion_on_lesion_free_scans(data, out_root, image):
 UNLABELED_SLICES = {
     "unlabeled/t2_ms_axial.nii.gz": (17, 19),  # measured 19/19
     # the cord ends in the field of view (conus): the optimum must leave the lowest slices out
-    "unlabeled/t2_lumbar.nii.gz": (120, 200),  # measured 178 of 201
-    # POOR (full-field gradient echo of other sites): the cord runs through ~20 of the 22 slices but the
-    # current models find it on 5 and 7 -- bars at what they do now, raise them when this improves.
-    "unlabeled/sub-01_acq-MTon_MTS.nii.gz": (4, 22),  # measured 5/22
-    "unlabeled/sub-03_acq-MToff_MTS.nii.gz": (5, 22),  # measured 7/22
+    "unlabeled/t2_lumbar.nii.gz": (120, 200),  # measured 179 of 201
+    # full-field gradient echo of other sites (23 cm field of view, strong coil shading): the cord runs
+    # through all 22 slices (checked by eye), and the issue asks for a point on >= 99% of them. Measured
+    # 22/22 on both since the windowed second look (centerline.SECOND_LOOK_MM); 21 and 15 without it.
+    "unlabeled/sub-01_acq-MTon_MTS.nii.gz": (22, 22),
+    "unlabeled/sub-03_acq-MToff_MTS.nii.gz": (22, 22),
 }
 
 

@@ -313,9 +313,6 @@ CONTRAST_PRIORS = {
 }
 
 
-SURFACE_COIL_SHARE = 0.25
-
-
 def synth_intensity(labels, rng, spacing, *, lesion=None, contrast=None, air=None):
     """Random-contrast image of a label volume. `contrast` picks a prior family or None for any."""
     means = rng.uniform(0.0, 1.0, MAX_LABEL + 1).astype(np.float32)
@@ -346,26 +343,7 @@ def synth_intensity(labels, rng, spacing, *, lesion=None, contrast=None, air=Non
     # bias field
     coarse = [2, 2, 2]
     image *= np.exp(_smooth_field(rng, labels.shape, coarse, rng.uniform(0.0, 0.3)))
-    if rng.random() < SURFACE_COIL_SHARE:
-        image *= surface_coil_profile(labels, spacing, rng)
     return image.astype(np.float32)
-
-
-def surface_coil_profile(labels, spacing, rng):
-    """Signal falling off away from a posterior receive coil (y is posterior->anterior, as in RPI).
-
-    Full-field neck scans from spine arrays are bright at the back of the neck, dark in front and dim in the
-    end slices; a smooth random field alone never gets that steep. The cord keeps 15-100% of its signal (the
-    front of the slice may go much darker), so that it stays visible above the noise."""
-    y = np.arange(labels.shape[1]) * spacing[1]
-    cord_y = np.nonzero(np.isin(labels, (WM, GM)).any(axis=(0, 2)))[0]
-    y_cord = y[int(np.median(cord_y))] if len(cord_y) else y[len(y) // 2]
-    coil = rng.uniform(-60.0, 0.0)  # coil plane behind the field of view's posterior edge (mm)
-    at_cord = float(np.exp(rng.uniform(np.log(0.15), 0.0)))  # signal kept at the cord
-    at_coil = rng.uniform(max(1.5 * at_cord, 0.5), 2.0)
-    falloff = (y_cord - coil) / np.log(at_coil / at_cord)  # mm per factor e
-    profile = at_cord * np.exp(-(y - y_cord) / falloff)
-    return profile.astype(np.float32)[None, :, None]
 
 
 def degrade(image, rng, spacing, *, thickness_mm=None, inplane_mm=None, slice_axis=2):
