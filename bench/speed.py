@@ -153,11 +153,12 @@ def stage_table():
         ("reorient to RPI (orientation.to_rpi)", A, "to_rpi", 0),
         ("find models (inference.find_model)", A, "find_model", 0),
         ("centerline heatmap (centerline.heatmap)", C, "heatmap", 0),
-        ("  resample to CNN1 grid", C, "resample", 1),
-        ("  normalise", C, "normalize_with", 1),
-        ("reward volume (centerline.reward)", C, "reward", 0),
-        ("OptiC (centerline.optimal_path)", C, "optimal_path", 0),
-        ("refine centres (centerline.refine)", C, "refine", 0),
+        ("centerline second look (centerline.window_heatmap)", C, "window_heatmap", 0),
+        ("  resample to CNN1 grid (both passes)", C, "resample", 1),
+        ("  normalise (both passes)", C, "normalize_with", 1),
+        ("reward volume, both passes (centerline.reward)", C, "reward", 0),
+        ("OptiC, both passes (centerline.optimal_path)", C, "optimal_path", 0),
+        ("refine centres, both passes (centerline.refine)", C, "refine", 0),
         ("CNN2 (segmentation.soft_segmentation)", S, "soft_segmentation", 0),
         ("  resample crop to CNN2 grid", S, "resample", 1),
         ("  normalise patches", S, "normalize_with", 1),
@@ -170,7 +171,7 @@ def stage_table():
     ]
 
 
-PREDICT_LABELS = {"centerline": "  onnx predict, CNN1 (incl. session creation)",
+PREDICT_LABELS = {"centerline": "  onnx predict, CNN1, both passes (incl. session creation)",
                   "sc": "  onnx predict, CNN2 cord (incl. session creation)",
                   "lesion": "  onnx predict, CNN2 lesion (incl. session creation)"}
 
@@ -260,7 +261,7 @@ def startup_seconds(repeats: int) -> float:
 
 def report(command: str, runs, walls, rss, cpus, startup):
     labels = [(lab, indent) for lab, _, _, indent in stage_table()]
-    parts_after = {"centerline heatmap (centerline.heatmap)": PREDICT_LABELS["centerline"],
+    parts_after = {"centerline second look (centerline.window_heatmap)": PREDICT_LABELS["centerline"],
                    "CNN2 (segmentation.soft_segmentation)": PREDICT_LABELS["sc" if command == "sc" else "lesion"]}
     print(f"\n`cordseg {command}` stages (in-process, median of {len(runs)} runs; indented lines are parts "
           f"of the line above them):")
