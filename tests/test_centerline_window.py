@@ -69,3 +69,17 @@ def test_small_images_are_looked_at_whole(identity_cnn1):
     np.testing.assert_array_equal(a.z, b.z)
     np.testing.assert_allclose(a.x, b.x)
     np.testing.assert_allclose(a.y, b.y)
+
+
+@pytest.mark.parametrize("shape, zooms", [((64, 64, 40), (1.0, 1.0, 1.0)), ((96, 96, 20), (0.6, 0.6, 3.0))])
+def test_second_look_stops_where_the_cord_stops(shape, zooms):
+    """Phantoms whose cord ends inside the field of view (tissue only above and below), shipped CNN1: the
+    windows run on past the first curve's ends, but the answer must not follow them into cord-free slices
+    (measured, seeds 0-2: ends within 2 slices below and 0 above the cord, as with one pass)."""
+    from cordseg.inference import find_model
+    from cordseg.phantom import make_phantom
+
+    ph = make_phantom(shape, zooms, cord_slices=(8, shape[2] - 6), seed=1)
+    cl = centerline.detect(to_rpi(ph.image), find_model("centerline", "t2", None))
+    assert ph.cord_slices.start - 2 <= cl.z.min() and cl.z.max() <= ph.cord_slices.stop - 1 + 1
+    assert len(cl.z) >= 0.9 * len(ph.cord_slices)
