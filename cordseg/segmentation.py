@@ -17,6 +17,7 @@ from .normalization import normalize_with
 from .resampling import resample, resample_to_shape, resampled_zooms
 
 PATCH_BATCH = 4
+SLICE_LEVEL_TOLERANCE = 1.25  # level_slices leaves slices within this factor of the box's median alone
 
 
 @dataclass
@@ -71,6 +72,24 @@ def extract_patch(vol, corner, shape):
     return vol[np.ix_(*idx)]
 
 
+def level_slices(crop: np.ndarray) -> np.ndarray:
+    """Each axial slice of the box around the cord scaled so that its median matches the box's.
+
+    2D multi-slice scans change brightness from slice to slice, most of all where the receive coil's reach
+    ends (full-field neck scans: the end slices 3-8x darker than the middle). CNN2 normalises its patches
+    together, so a dark slice reached it as dark tissue and the cord there went unmarked; CNN1 levels its
+    slices itself. The median of a box a few centimetres wide follows the coil, not the cord's contents."""
+    med = np.median(crop.reshape(-1, crop.shape[2]), axis=0)
+    ok = med > 0
+    if not ok.any():
+        return crop
+    log_gain = np.where(ok, np.log(np.median(med[ok]) / np.where(ok, med, 1.0)), 0.0)
+    # within +-25% a slice is left as it is: such differences are anatomy as often as coil, and training
+    # covered them (smooth bias fields)
+    log_gain = np.sign(log_gain) * np.maximum(np.abs(log_gain) - np.log(SLICE_LEVEL_TOLERANCE), 0.0)
+    return crop * np.exp(log_gain).astype(np.float32)
+
+
 def soft_segmentation(cl: Centerline, model: Model, progress=None, stage="segmentation") -> np.ndarray:
     """Probability map on the RPI grid (zeros away from the cord)."""
     if model.patch_shape is None or len(model.patch_shape) != 3:
@@ -79,7 +98,7 @@ def soft_segmentation(cl: Centerline, model: Model, progress=None, stage="segmen
     patch = model.patch_shape
     target = model_grid(rpi, model)
     box = cord_box(cl, [p * t for p, t in zip(patch, target)], rpi.shape)
-    crop = rpi.data[box.slices]
+    crop = level_slices(rpi.data[box.slices])
     vol = resample(crop, rpi.zooms, target, order=1)
     zooms = resampled_zooms(crop.shape, rpi.zooms, target)
     # centerline in crop-model coordinates
