@@ -18,6 +18,7 @@ from .resampling import resample, resample_to_shape, resampled_zooms
 
 PATCH_BATCH = 4
 SLICE_LEVEL_TOLERANCE = 1.25  # level_slices leaves slices within this factor of the box's median alone
+SLICE_LEVEL_MAX_GAIN = 10.0  # and scales none by more than this
 
 
 @dataclass
@@ -79,15 +80,19 @@ def level_slices(crop: np.ndarray) -> np.ndarray:
     ends (full-field neck scans: the end slices 3-8x darker than the middle). CNN2 normalises its patches
     together, so a dark slice reached it as dark tissue and the cord there went unmarked; CNN1 levels its
     slices itself. The median of a box a few centimetres wide follows the coil, not the cord's contents."""
-    med = np.median(crop.reshape(-1, crop.shape[2]), axis=0)
+    # brightness above the box's darkest voxels, so that images stored with an offset or z-scored (negative
+    # values) are levelled by their contrast, not by how far their median sits from zero
+    base = float(np.percentile(crop, 1.0))
+    med = np.median(crop.reshape(-1, crop.shape[2]), axis=0) - base
     ok = med > 0
     if not ok.any():
         return crop
     log_gain = np.where(ok, np.log(np.median(med[ok]) / np.where(ok, med, 1.0)), 0.0)
     # within +-25% a slice is left as it is: such differences are anatomy as often as coil, and training
-    # covered them (smooth bias fields)
+    # covered them (smooth bias fields); beyond 10x it is a nearly empty slice, not shading
     log_gain = np.sign(log_gain) * np.maximum(np.abs(log_gain) - np.log(SLICE_LEVEL_TOLERANCE), 0.0)
-    return crop * np.exp(log_gain).astype(np.float32)
+    log_gain = np.clip(log_gain, -np.log(SLICE_LEVEL_MAX_GAIN), np.log(SLICE_LEVEL_MAX_GAIN))
+    return (base + (crop - base) * np.exp(log_gain)).astype(np.float32)
 
 
 def soft_segmentation(cl: Centerline, model: Model, progress=None, stage="segmentation") -> np.ndarray:

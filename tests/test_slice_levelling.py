@@ -20,6 +20,7 @@ from cordseg.phantom import make_phantom
 def test_large_slice_differences_are_levelled_small_ones_kept():
     rng = np.random.default_rng(0)
     base = rng.uniform(50, 150, (20, 20, 1)).astype(np.float32)
+    base[:2] = 0.0  # air: the box's 1st percentile, from which brightness is measured, is 0
     factors = np.array([0.1, 0.5, 1.0, 1.1, 0.9, 1.0, 4.0], np.float32)
     out = segmentation.level_slices(base * factors)
     ratio = np.median(out.reshape(-1, out.shape[2]), axis=0) / np.median(base)
@@ -60,3 +61,17 @@ def test_without_levelling_the_faded_slices_are_lost(monkeypatch):
     img, truth = shaded_phantom()
     dice = dark_slice_dice(img, truth)
     assert max(dice[0], dice[-1]) <= 0.5, f"per-slice Dice {np.round(dice, 2)}"  # measured 0.0 on both
+
+
+def test_levelling_ignores_offsets_and_caps_the_gain():
+    rng = np.random.default_rng(1)
+    base = rng.uniform(50, 150, (20, 20, 1)).astype(np.float32)
+    base[:2] = 0.0
+    shaded = base * np.array([0.2, 1.0, 1.0, 1.0], np.float32)
+    plain = segmentation.level_slices(shaded)
+    z = (shaded - shaded.mean()) / shaded.std()  # the same image z-scored: negative values, median near 0
+    zl = segmentation.level_slices(z)
+    np.testing.assert_allclose((zl - zl.mean()) / zl.std(), (plain - plain.mean()) / plain.std(), atol=0.1)
+    nearly_empty = base * np.array([1e-4, 1.0, 1.0], np.float32)
+    ratio = np.median(segmentation.level_slices(nearly_empty)[:, :, 0]) / np.median(nearly_empty[:, :, 0])
+    assert ratio == pytest.approx(segmentation.SLICE_LEVEL_MAX_GAIN, rel=1e-4)
