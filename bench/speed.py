@@ -152,10 +152,10 @@ def stage_table():
         ("load (io.load_image)", A, "load_image", 0),
         ("reorient to RPI (orientation.to_rpi)", A, "to_rpi", 0),
         ("find models (inference.find_model)", A, "find_model", 0),
-        ("centerline heatmap (centerline.heatmap)", C, "heatmap", 0),
-        ("centerline second look (centerline.window_heatmap)", C, "window_heatmap", 0),
-        ("  resample to CNN1 grid (both passes)", C, "resample", 1),
-        ("  normalise (both passes)", C, "normalize_with", 1),
+        ("resample to CNN1 grid, once for both passes (centerline._model_volume)", C, "_model_volume", 0),
+        ("centerline heatmap, whole slices (centerline._whole_slices)", C, "_whole_slices", 0),
+        ("centerline second look (centerline._windows)", C, "_windows", 0),
+        ("  normalise (both CNN1 passes)", C, "normalize_with", 1),
         ("reward volume, both passes (centerline.reward)", C, "reward", 0),
         ("OptiC, both passes (centerline.optimal_path)", C, "optimal_path", 0),
         ("refine centres, both passes (centerline.refine)", C, "refine", 0),
@@ -261,7 +261,7 @@ def startup_seconds(repeats: int) -> float:
 
 def report(command: str, runs, walls, rss, cpus, startup):
     labels = [(lab, indent) for lab, _, _, indent in stage_table()]
-    parts_after = {"centerline second look (centerline.window_heatmap)": PREDICT_LABELS["centerline"],
+    parts_after = {"centerline second look (centerline._windows)": PREDICT_LABELS["centerline"],
                    "CNN2 (segmentation.soft_segmentation)": PREDICT_LABELS["sc" if command == "sc" else "lesion"]}
     print(f"\n`cordseg {command}` stages (in-process, median of {len(runs)} runs; indented lines are parts "
           f"of the line above them):")

@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from nibabel.affines import apply_affine
 from scipy import ndimage as ndi
 
 from .errors import InputError, ModelError, NoCordError
@@ -102,19 +103,15 @@ def _predict_slices(slices: np.ndarray, model: Model, progress, span) -> np.ndar
     return heat
 
 
-def heatmap(rpi: Reoriented, model: Model, progress=None, span=(0.0, 1.0)) -> tuple[np.ndarray, tuple]:
-    """CNN1 probability volume on the model's grid (whole slices), and that grid's exact zooms."""
-    vol, zooms = _model_volume(rpi, model)
+def _whole_slices(vol: np.ndarray, model: Model, progress, span) -> np.ndarray:
+    """CNN1 on every whole slice of `vol` (the image on CNN1's grid)."""
     vol = normalize_with(model.normalisation, vol, model.normalisation_params)
-    heat = _predict_slices(np.moveaxis(vol, 2, 0), model, progress, span)
-    return np.moveaxis(heat, 0, 2), zooms
+    return np.moveaxis(_predict_slices(np.moveaxis(vol, 2, 0), model, progress, span), 0, 2)
 
 
-def window_heatmap(rpi: Reoriented, model: Model, around: "Centerline", window_mm: float, progress=None,
-                   span=(0.0, 1.0)) -> tuple[np.ndarray, tuple]:
-    """CNN1 on a `window_mm` square of every slice, centred on `around` (its end points beyond its ends),
-    each window normalised on its own; zero outside the windows. Same grid as heatmap()."""
-    vol, zooms = _model_volume(rpi, model)
+def _windows(vol: np.ndarray, zooms, rpi: Reoriented, model: Model, around: "Centerline", window_mm: float,
+             progress, span) -> np.ndarray:
+    """CNN1 on a `window_mm` square of every slice of `vol`, centred on `around`; zero elsewhere."""
     nx, ny, nz = vol.shape
     m = max(1, model.size_multiple)
     size = [min(n, int(np.ceil(window_mm / z / m)) * m) for n, z in zip((nx, ny), zooms[:2])]
@@ -128,7 +125,21 @@ def window_heatmap(rpi: Reoriented, model: Model, around: "Centerline", window_m
     heat = np.zeros(vol.shape, np.float32)
     for z in range(nz):
         heat[lo[0][z]:lo[0][z] + size[0], lo[1][z]:lo[1][z] + size[1], z] = probs[z]
-    return heat, zooms
+    return heat
+
+
+def heatmap(rpi: Reoriented, model: Model, progress=None, span=(0.0, 1.0)) -> tuple[np.ndarray, tuple]:
+    """CNN1 probability volume on the model's grid (whole slices), and that grid's exact zooms."""
+    vol, zooms = _model_volume(rpi, model)
+    return _whole_slices(vol, model, progress, span), zooms
+
+
+def window_heatmap(rpi: Reoriented, model: Model, around: "Centerline", window_mm: float, progress=None,
+                   span=(0.0, 1.0)) -> tuple[np.ndarray, tuple]:
+    """CNN1 on a `window_mm` square of every slice, centred on `around` (its end points beyond its ends),
+    each window normalised on its own; zero outside the windows. Same grid as heatmap()."""
+    vol, zooms = _model_volume(rpi, model)
+    return _windows(vol, zooms, rpi, model, around, window_mm, progress, span), zooms
 
 
 def reward(heat: np.ndarray, zooms, threshold: float) -> np.ndarray:
@@ -200,13 +211,14 @@ def detect(rpi: Reoriented, model: Model, *, smoothness: float = DEFAULT_SMOOTHN
 
     Two passes: whole slices, then (unless `window_mm` is None) a window of `window_mm` around the first
     curve on every slice, whose answer is kept."""
-    heat, zooms = heatmap(rpi, model, progress, span=(0.0, 0.5 if window_mm else 1.0))
-    first = _trace(heat, zooms, rpi, model, smoothness)
+    vol, zooms = _model_volume(rpi, model)  # resampled once, for both passes
+    first = _trace(_whole_slices(vol, model, progress, (0.0, 0.5 if window_mm else 1.0)), zooms, rpi, model,
+                   smoothness)
     if first is None:
         raise NoCordError("no spinal cord found")
     if not window_mm:
         return first
-    heat, zooms = window_heatmap(rpi, model, first, window_mm, progress, span=(0.5, 1.0))
+    heat = _windows(vol, zooms, rpi, model, first, window_mm, progress, (0.5, 1.0))
     second = _trace(heat, zooms, rpi, model, smoothness)
     return first if second is None else second
 
@@ -222,9 +234,7 @@ def from_mask(rpi: Reoriented, mask_data: np.ndarray, mask_affine: np.ndarray) -
     idx = np.argwhere(np.asarray(mask_data) > 0)
     if len(idx) == 0:
         raise InputError("the centerline mask has no marked voxel")
-    world = idx @ np.asarray(mask_affine, float)[:3, :3].T + np.asarray(mask_affine, float)[:3, 3]
-    to_vox = np.linalg.inv(rpi.affine)
-    pts = world @ to_vox[:3, :3].T + to_vox[:3, 3]
+    pts = apply_affine(np.linalg.inv(rpi.affine) @ np.asarray(mask_affine, float), idx)  # mask -> RPI voxels
     z_round = np.rint(pts[:, 2]).astype(int)
     inside = (z_round >= 0) & (z_round < rpi.shape[2])
     if not inside.any():

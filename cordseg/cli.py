@@ -90,6 +90,12 @@ def _common(f):
     return f
 
 
+_given_centerline_option = click.option(
+    "--centerline", "centerline_file", type=click.Path(dir_okay=False),
+    help="use this centerline mask (e.g. `cordseg centerline`'s output, corrected, or a few marked voxels) "
+         "instead of detecting one")
+
+
 def _output(image, out, suffix):
     """The output path, checked before any work: a folder that exists and can be written, a NIfTI name."""
     from .io import default_output_path
@@ -148,9 +154,7 @@ def centerline(image, contrast, out, volume, quiet, verbose, model, smoothness):
 @click.option("--soft", is_flag=True, help="write the float32 probability map instead of a mask")
 @click.option("--threshold", type=float, default=None, help="probability threshold (default: the model's)")
 @click.option("--model", type=click.Path(dir_okay=False), help="a CNN2 cord ONNX model file to use")
-@click.option("--centerline", "centerline_file", type=click.Path(dir_okay=False),
-              help="use this centerline mask (e.g. `cordseg centerline`'s output, corrected, or a few marked "
-                   "voxels) instead of detecting one")
+@_given_centerline_option
 def sc(image, contrast, out, volume, quiet, verbose, soft, threshold, model, centerline_file):
     """Spinal cord segmentation -> <stem>_seg.nii.gz."""
     from . import api
@@ -176,9 +180,7 @@ def sc(image, contrast, out, volume, quiet, verbose, soft, threshold, model, cen
 @click.option("--soft", is_flag=True, help="write the float32 probability map instead of a mask")
 @click.option("--threshold", type=float, default=None, help="probability threshold (default: the model's)")
 @click.option("--model", type=click.Path(dir_okay=False), help="a CNN2 lesion ONNX model file to use")
-@click.option("--centerline", "centerline_file", type=click.Path(dir_okay=False),
-              help="use this centerline mask (e.g. `cordseg centerline`'s output, corrected, or a few marked "
-                   "voxels) instead of detecting one")
+@_given_centerline_option
 def lesion(image, contrast, out, volume, quiet, verbose, csv_file, soft, threshold, model, centerline_file):
     """MS lesion segmentation -> <stem>_lesionseg.nii.gz; prints lesion count and volume."""
     from . import api
