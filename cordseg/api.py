@@ -22,7 +22,7 @@ from . import segmentation as _segmentation
 from .errors import CordsegError, CordsegWarning, InputError, NoCordError
 from .inference import CONTRASTS, find_model
 from .metrics import axial_axis, label_lesions
-from .io import image_like, load_image
+from .io import image_like, load_image, same_grid
 from .orientation import to_rpi
 
 # BIDS suffixes first, then the names people give files.
@@ -106,7 +106,7 @@ def _given_centerline(centerline, rpi):
     """A centerline the caller supplies: a Centerline from detect_centerline on the same image, or a mask
     (path or nibabel image; a few marked voxels are enough, see centerline.from_mask)."""
     if isinstance(centerline, _centerline.Centerline):
-        if centerline.rpi.shape != rpi.shape or not np.allclose(centerline.rpi.affine, rpi.affine, atol=1e-4):
+        if not same_grid(centerline.rpi.affine, centerline.rpi.shape, rpi.affine, rpi.shape):
             raise InputError("the centerline given was found on another image (its grid differs)")
         return _centerline.Centerline(centerline.z, centerline.x, centerline.y, rpi)
     mask = load_image(centerline)

@@ -47,7 +47,7 @@ from scipy import ndimage
 
 from . import metrics as m
 from .errors import InputError
-from .io import load_image
+from .io import load_image, same_grid
 
 __all__ = [
     "KINDS",
@@ -78,7 +78,6 @@ METRIC_KEYS = {
 }
 RESAMPLED_NOTE = "resampled prediction onto reference grid"
 _IMAGE_EXTS = (".nii.gz", ".nii")
-_GRID_ATOL = 1e-3  # mm; affines closer than this are the same grid (float32 header round-off)
 
 
 # --------------------------------------------------------------------------- small helpers
@@ -128,10 +127,6 @@ def _data(img) -> np.ndarray:
 
 def _zooms(affine) -> np.ndarray:
     return np.sqrt((np.asarray(affine, float)[:3, :3] ** 2).sum(axis=0))
-
-
-def _same_grid(a_aff, a_shape, b_aff, b_shape) -> bool:
-    return tuple(a_shape) == tuple(b_shape) and np.allclose(a_aff, b_aff, atol=_GRID_ATOL, rtol=0)
 
 
 def _apply(mat, pts) -> np.ndarray:
@@ -198,7 +193,7 @@ def _pred_on_ref_grid(pred, ref, notes) -> tuple:
     """Load both masks, put the prediction on the reference grid. Returns (p, r, ref_img)."""
     pred_img, ref_img = _load(pred), _load(ref)
     p, r = m.binary(_data(pred_img)), m.binary(_data(ref_img))
-    if not _same_grid(pred_img.affine, p.shape, ref_img.affine, r.shape):
+    if not same_grid(pred_img.affine, p.shape, ref_img.affine, r.shape):
         _check_overlap(_name(pred), pred_img.affine, p.shape, _name(ref), ref_img.affine, r.shape)
         lost = _outside_count(p, pred_img.affine, ref_img.affine, r.shape)
         p = _resample_nearest(p, pred_img.affine, ref_img.affine, r.shape)
@@ -318,7 +313,7 @@ def _centerline_pair(pred, ref, notes):
         return m.centerline_errors(pts, r, affine=aff, axis=axis, ref_is_mask=ref_is_mask)
     pred_img = _load(pred)
     p = m.binary(_data(pred_img))
-    if _same_grid(pred_img.affine, p.shape, aff, r.shape):
+    if same_grid(pred_img.affine, p.shape, aff, r.shape):
         return m.centerline_errors(p, r, affine=aff, axis=axis, ref_is_mask=ref_is_mask)
     _check_overlap(_name(pred), pred_img.affine, p.shape, _name(ref), aff, r.shape)
     src = m.slice_centers(p, m.axial_axis(pred_img.affine))

@@ -347,6 +347,14 @@ def save_like(data, reference_img, path, *, dtype=np.uint8) -> Path:
     return path
 
 
+GRID_ATOL_MM = 1e-3  # affines closer than this are the same grid (float32 header round-off)
+
+
+def same_grid(a_affine, a_shape, b_affine, b_shape) -> bool:
+    """True when two images share one voxel grid: same shape and the same affine up to header round-off."""
+    return tuple(a_shape) == tuple(b_shape) and np.allclose(a_affine, b_affine, atol=GRID_ATOL_MM, rtol=0)
+
+
 def image_like(arr: np.ndarray, reference_img):
     """An in-memory image of `arr` (stored as its own dtype) on `reference_img`'s grid: same affine, qform
     and sform with their codes (exact header bits); scaling reset so values are stored as given."""

@@ -139,6 +139,10 @@ def soft_segmentation(cl: Centerline, model: Model, progress=None, stage="segmen
     back = resample_to_shape(soft_crop, zooms, crop.shape, order=1)
     soft = np.zeros(rpi.shape, np.float32)
     soft[box.slices] = np.clip(back, 0.0, 1.0)
+    # OptiC says where the cord starts and ends: no cord beyond (patches reach past the ends, and below
+    # the conus CNN2 would take the nerve roots for cord)
+    soft[:, :, :int(cl.z.min())] = 0.0
+    soft[:, :, int(cl.z.max()) + 1:] = 0.0
     return soft
 
 

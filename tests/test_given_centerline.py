@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 import cordseg
 from cordseg import metrics
-from cordseg.centerline import from_mask
+from cordseg.centerline import Centerline, from_mask
 from cordseg.cli import main
 from cordseg.errors import InputError
 from cordseg.orientation import to_rpi
@@ -96,6 +96,25 @@ def test_segmentation_along_a_few_marked_slices(phantom):
     assert d >= 0.88, f"Dice {d:.3f} along a centerline marked on every 6th slice"  # measured 0.93
     assert seg.shape == phantom.image.shape
     np.testing.assert_array_equal(seg.affine, phantom.image.affine)
+
+
+def test_no_cord_beyond_the_centerline_ends(phantom):
+    """Where the centerline says the cord starts and ends, the mask does too (CNN2's patches reach past the
+    ends; below the conus it would mark nerve roots)."""
+    rpi = to_rpi(phantom.image)
+    full = cordseg.segment_cord(phantom.image, "t2", centerline=true_centerline_mask(phantom))
+    cl_full = from_mask(rpi, np.asarray(true_centerline_mask(phantom).dataobj), phantom.image.affine)
+    zs = cl_full.z
+    keep = (zs >= zs[0] + 8) & (zs <= zs[-1] - 8)
+    part = Centerline(zs[keep], cl_full.x[keep], cl_full.y[keep], rpi)
+    seg = cordseg.segment_cord(phantom.image, "t2", centerline=part)
+    seg_rpi = to_rpi(seg).data
+    full_rpi = to_rpi(full).data
+    cord_z = np.nonzero(seg_rpi.any((0, 1)))[0]
+    assert cord_z.min() >= zs[keep][0] and cord_z.max() <= zs[keep][-1]
+    assert full_rpi[:, :, :zs[keep][0]].sum() > 0 and full_rpi[:, :, zs[keep][-1] + 1:].sum() > 0
+    inside = slice(zs[keep][0], zs[keep][-1] + 1)
+    assert metrics.dice(seg_rpi[:, :, inside], full_rpi[:, :, inside]) > 0.97
 
 
 def test_detected_centerline_object_gives_the_automatic_answer(phantom):

@@ -40,12 +40,12 @@ def anatomy():
     return _anatomy()
 
 
-def _indicator_intensity(labels, rng, spacing, *, lesion=None, contrast=None, air=None):
+def _indicator_intensity(labels, rng, spacing, *, lesion=None, contrast=None, air=None, **_):
     """Stand-in for synth_intensity: 1 on the cord, 0 elsewhere."""
     return np.isin(labels, (synth.WM, synth.GM)).astype(np.float32)
 
 
-def _lesion_intensity(labels, rng, spacing, *, lesion=None, contrast=None, air=None):
+def _lesion_intensity(labels, rng, spacing, *, lesion=None, contrast=None, air=None, **_):
     """Stand-in for synth_intensity: the soft lesion map itself."""
     return np.zeros(labels.shape, np.float32) if lesion is None else lesion.astype(np.float32)
 
@@ -119,6 +119,30 @@ def test_inserted_lesions_stay_in_the_cord(anatomy):
     soft = synth.insert_lesions(labels, rng, (0.5, 0.5, 0.5), count=(3, 3), volume_mm3=(5.0, 50.0))
     cord = np.isin(labels, (synth.WM, synth.GM))
     assert soft.max() > 0.5 and np.all(soft[~cord] == 0) and soft.min() >= 0 and soft.max() <= 1
+
+
+def _lesion_to_cord_ratio(anatomy, seed, lesion_contrast):
+    labels = anatomy.labels[:, :, :8]
+    lesion = np.zeros(labels.shape, np.float32)
+    lesion[28:32, 28:32, :] = 1.0  # the grey matter core
+    rng = np.random.default_rng(seed)
+    img = synth.synth_intensity(labels, rng, (0.5, 0.5, 0.5), lesion=lesion, contrast="t2",
+                                lesion_contrast=lesion_contrast)
+    wm = labels == synth.WM
+    return float(np.median(img[lesion > 0]) / np.median(img[wm]))
+
+
+def test_faint_lesion_style_draws_fainter_smaller_lesions(anatomy):
+    shipped = [_lesion_to_cord_ratio(anatomy, s, 1.0) for s in range(40)]
+    faint = [_lesion_to_cord_ratio(anatomy, s, 0.4) for s in range(40)]
+    # t2 prior: lesions 1.4-2.2x the cord's mean; faint ones keep 40-100% of that difference
+    assert min(shipped) > 1.2 and min(faint) > 1.0
+    assert np.median(faint) < np.median(shipped) - 0.15
+    style = synth.LESION_STYLES["faint"]
+    assert style.volume_mm3[1] < synth.LESION_STYLES["shipped"].volume_mm3[1] and style.p_free > 0.15
+    free = sum(not synth.patch_sample(anatomy, np.random.default_rng(s), shape=(16, 16, 8), lesions=True,
+                                      style=dataclasses.replace(style, p_free=0.5))[2].any() for s in range(24))
+    assert 4 <= free <= 20  # about half lesion-free (a drawn lesion may also be too small to survive)
 
 
 def test_task_samplers_give_network_ready_batches(anatomy):
@@ -364,3 +388,72 @@ def test_average_of_snapshots_is_their_mean(tmp_path):
     for k, v in enumerate(fresh.get_weights()):  # batch-norm statistics are averaged as well
         np.testing.assert_allclose(v, 2.0 * (k + 1), rtol=1e-6)
     assert [p.name for p in tmp_path.iterdir() if "tmp" in p.name] == []
+
+
+# ----------------------------------------------------------------------------------------------------
+# the cord's lower end: dural sac and nerve roots below the conus
+
+
+def _anatomy_with_conus(nz=80, tip=30, csf_from=36):
+    """Like _anatomy, but the cord tapers to a tip at slice `tip` and, as in PAM50, the CSF starts above
+    it: below there is bone only."""
+    a = _anatomy(nz)
+    labels = a.labels.copy()
+    for z in range(nz):
+        sl = labels[:, :, z]
+        if z < csf_from:
+            sl[sl == synth.CSF] = synth.BG
+        if z < tip:
+            sl[np.isin(sl, (synth.WM, synth.GM))] = synth.BG
+        elif z < tip + 8:  # the conus: a thinner cord
+            n = sl.shape[0]
+            x, y = np.meshgrid(np.arange(n) - 29.5, np.arange(n) - 29.5, indexing="ij")
+            thin = np.hypot(x, y) * synth.ANATOMY_ZOOM > 0.5 + 0.3 * (z - tip)
+            sl[thin & np.isin(sl, (synth.WM, synth.GM))] = synth.BG
+    return labels
+
+
+def test_cauda_equina_adds_a_sac_with_roots_below_the_conus_and_no_cord():
+    labels = _anatomy_with_conus()
+    out = synth.add_cauda_equina(labels, below_mm=10.0, n_roots=6)
+    pad = 20
+    assert out.shape == labels.shape[:2] + (labels.shape[2] + pad,)
+    upper, old = out[:, :, pad + 36:], labels[:, :, 36:]  # above the sac's start: as it was, but for roots
+    assert np.all(np.isin(old[upper == synth.ROOTS], (synth.CSF, synth.BG)))  # leaving the conus's sides
+    assert np.all(np.isin(old[upper == synth.CSF], (synth.CSF, synth.BG)))
+    kept = ~np.isin(upper, (synth.ROOTS, synth.CSF))
+    np.testing.assert_array_equal(upper[kept], old[kept])
+    below = out[:, :, :pad + 30]  # under the conus's tip
+    assert not np.isin(below, (synth.WM, synth.GM)).any()
+    for z in range(0, pad + 30, 5):
+        sl = below[:, :, z]
+        assert (sl == synth.CSF).sum() > 100  # a dural sac on every slice
+        assert (sl == synth.ROOTS).sum() > 0  # with nerve roots in it
+        roots_in_sac = ndi_binary_fill(np.isin(sl, (synth.CSF, synth.ROOTS)))
+        assert np.all(roots_in_sac[sl == synth.ROOTS])
+    assert np.array_equal(out[:, :, :pad] == synth.BONE, labels[:, :, pad - 1::-1] == synth.BONE)
+
+
+def ndi_binary_fill(mask):
+    from scipy import ndimage as ndi
+
+    return ndi.binary_fill_holes(mask)
+
+
+def test_conus_slices_below_the_tip_have_no_cord_target():
+    labels = synth.add_cauda_equina(_anatomy_with_conus(nz=120), below_mm=20.0, n_roots=8)
+    anatomy = synth.Anatomy._with_centres(labels)
+    tip = anatomy.cord_z[0]
+    rng = np.random.default_rng(0)
+    seen_roots = 0
+    for _ in range(30):
+        # a straight, unrotated anatomy: template slice z is the sample's slice
+        z = float(rng.uniform(tip - 30, tip - 3))
+        grid = synth.sample_label_grid(anatomy, rng, (40, 40, 1), (0.5, 0.5, 0.5), z, max_tilt=0.0,
+                                       max_inplane=0.0, scale_range=(1.0, 1.0), elastic_mm=0.0, bend_mm=0.0)
+        assert not np.isin(grid, (synth.WM, synth.GM)).any()
+        seen_roots += bool((grid == synth.ROOTS).any())
+    assert seen_roots >= 20
+    for _ in range(10):
+        img, target = synth.heatmap_sample(anatomy, rng, size=32, p_conus=1.0)
+        assert np.all(np.isfinite(img)) and set(np.unique(target)) <= {0.0, 1.0}

@@ -19,6 +19,7 @@ from scipy import ndimage as ndi
 
 # Anatomy label values in the label volume.
 BG, WM, GM, CSF, BONE = 0, 1, 2, 3, 4
+ROOTS = 5  # cauda equina: nerve roots in the dural sac below the conus (not cord)
 CLUTTER0 = 10  # clutter labels start here
 BLOB0 = 40  # blob labels start here
 MAX_LABEL = 64
@@ -38,7 +39,10 @@ class Anatomy:
     extend_z: bool = False
 
     @classmethod
-    def from_pam50(cls, folder) -> "Anatomy":
+    def from_pam50(cls, folder, *, cauda_equina: bool = False) -> "Anatomy":
+        """The PAM50 template's labels. It stops at the conus: below it there is bone only, no dural sac.
+        `cauda_equina` adds one (see add_cauda_equina), so that a model learns where the cord ends on
+        lumbar scans instead of taking the nerve roots in the sac for cord."""
         folder = Path(folder)
 
         def load(name):
@@ -53,6 +57,8 @@ class Anatomy:
         labels[csf] = CSF
         labels[cord] = WM
         labels[cord & gm] = GM
+        if cauda_equina:
+            labels = add_cauda_equina(labels)
         return cls._with_centres(labels)
 
     @classmethod
@@ -125,7 +131,52 @@ def _load_las(path):
 HELD_OUT_SUBJECTS = ("sub-unf01",)
 
 
-def load_anatomies(source) -> list:
+def add_cauda_equina(labels, *, below_mm=60.0, n_roots=16, seed=0):
+    """PAM50 labels extended `below_mm` under the template, with a CSF-filled dural sac from the conus down
+    and nerve roots (label ROOTS) leaving the conus and running down the sac, plus the filum terminale.
+
+    The vertebrae below the template mirror its lowest ones. Roots look like cord tissue on most contrasts;
+    what tells them apart is shape: a few thin strands in CSF instead of one round cord."""
+    rng = np.random.default_rng(seed)
+    pad = int(round(below_mm / ANATOMY_ZOOM))
+    bone = np.where(labels[:, :, pad - 1::-1] == BONE, BONE, BG).astype(np.uint8)
+    out = np.concatenate([bone, labels], axis=2)
+    cord = np.isin(out, (WM, GM))
+    zc = np.where(cord.any((0, 1)))[0]
+    csf_z = np.where((out == CSF).any((0, 1)))[0]
+    ref = csf_z[0] + 6
+    sac = (out[:, :, ref] == CSF) | np.isin(out[:, :, ref], (WM, GM))
+    sac = ndi.binary_closing(sac, iterations=3)
+    for z in range(ref):
+        s = out[:, :, z]
+        s[sac & (s == BG)] = CSF
+    # roots: strands from points on the conus's surface (tip to 40 mm above it) down to the sac's floor
+    inner = ndi.binary_erosion(sac, iterations=2)
+    floor = np.argwhere(inner)
+    dorsal = floor[floor[:, 1] <= np.median(floor[:, 1])]  # lumbar roots lie mostly dorsally (y: anterior)
+    tip = zc[0]
+    xx, yy = np.meshgrid(np.arange(out.shape[0]), np.arange(out.shape[1]), indexing="ij")
+    for k in range(n_roots + 1):
+        filum = k == n_roots
+        z0 = tip if filum else min(int(tip + rng.uniform(0, 40.0 / ANATOMY_ZOOM)), out.shape[2] - 1)
+        pts = np.argwhere(cord[:, :, z0])
+        if filum or len(pts) == 0:
+            start = np.argwhere(cord[:, :, tip]).mean(0)
+        else:
+            start = pts[rng.integers(len(pts))].astype(float)
+        pool = dorsal if rng.random() < 0.7 else floor
+        end = start if filum else pool[rng.integers(len(pool))].astype(float)
+        radius = (0.4 if filum else rng.uniform(0.4, 0.9)) / ANATOMY_ZOOM
+        for z in range(z0, -1, -1):
+            t = (z0 - z) / max(z0, 1)
+            cx, cy = start + (end - start) * min(1.0, 3.0 * t)  # they fan out within ~20 mm, then run straight
+            disk = (xx - cx) ** 2 + (yy - cy) ** 2 <= radius ** 2
+            s = out[:, :, z]
+            s[disk & (s == CSF)] = ROOTS
+    return out
+
+
+def load_anatomies(source, *, cauda_equina: bool = False) -> list:
     """Every training anatomy under `source`, PAM50 first.
 
     `source`: the PAM50 folder; a label-map folder holding `PAM50/` and optionally `spinegeneric/` (manual
@@ -136,13 +187,13 @@ def load_anatomies(source) -> list:
     if source.suffix == ".npz":
         return [Anatomy.load(source)]
     if (source / "PAM50_cord.nii.gz").exists():
-        return [Anatomy.from_pam50(source)]
+        return [Anatomy.from_pam50(source, cauda_equina=cauda_equina)]
     npz = sorted(source.glob("*.npz"))
     if npz:
         return [Anatomy.load(f) for f in npz]
     if not (source / "PAM50").is_dir():
         raise FileNotFoundError(f"no PAM50 label maps in {source}")
-    out = [Anatomy.from_pam50(source / "PAM50")]
+    out = [Anatomy.from_pam50(source / "PAM50", cauda_equina=cauda_equina)]
     for cord in sorted((source / "spinegeneric").glob("*_seg-manual.nii.gz")):
         subject, acq = cord.name.split("_")[:2]
         if subject in HELD_OUT_SUBJECTS or acq == "T1w":  # T1w masks here repeat the same subject's T2w mask
@@ -313,8 +364,11 @@ CONTRAST_PRIORS = {
 }
 
 
-def synth_intensity(labels, rng, spacing, *, lesion=None, contrast=None, air=None):
-    """Random-contrast image of a label volume. `contrast` picks a prior family or None for any."""
+def synth_intensity(labels, rng, spacing, *, lesion=None, contrast=None, air=None, lesion_contrast=1.0):
+    """Random-contrast image of a label volume. `contrast` picks a prior family or None for any.
+
+    `lesion_contrast` below 1 makes some lesions fainter: their difference from the cord is scaled by a
+    factor drawn from [lesion_contrast, 1]."""
     means = rng.uniform(0.0, 1.0, MAX_LABEL + 1).astype(np.float32)
     family = contrast if contrast is not None else (rng.choice(list(CONTRAST_PRIORS)) if rng.random() < 0.5 else None)
     lesion_gain = rng.uniform(1.3, 2.2) if rng.random() < 0.5 else rng.uniform(0.4, 0.75)
@@ -323,8 +377,11 @@ def synth_intensity(labels, rng, spacing, *, lesion=None, contrast=None, air=Non
         for lab in (WM, GM, CSF, BONE):
             means[lab] = rng.uniform(*prior[lab])
         lesion_gain = rng.uniform(*prior["lesion"])
+    if lesion_contrast < 1.0:  # drawn only then, so that the shipped recipe's random stream is unchanged
+        lesion_gain = 1.0 + (lesion_gain - 1.0) * rng.uniform(lesion_contrast, 1.0)
     if rng.random() < 0.5:  # often grey and white matter are not distinguishable
         means[GM] = means[WM]
+    means[ROOTS] = 0.5 * (means[WM] + means[ROOTS])  # nerve roots: near the cord's brightness (no new draw)
     # The cord must differ from the CSF around it, or there is nothing to see; but only a little on some
     # scans (full-field gradient echo), so the smallest gap allowed varies.
     min_gap = rng.uniform(0.06, 0.15)
@@ -419,19 +476,23 @@ def body_air_mask(shape, spacing, rng):
 # ----------------------------------------------------------------------------------------------------
 # samples for each network
 
-def _template_z(anatomy, rng, p_outside):
+def _template_z(anatomy, rng, p_outside, p_conus=0.0):
     lo, hi = anatomy.cord_z
+    # around where the cord ends: 50 mm below the conus's tip (the dural sac, if modelled) to 60 mm above
+    if p_conus and not anatomy.extend_z and rng.random() < p_conus:
+        return float(rng.uniform(lo - 100, lo + 120))
     # above the medulla (brain-like, no cord) or below the conus
     if rng.random() < p_outside and not anatomy.extend_z:
         return float(rng.choice([rng.uniform(hi + 10, hi + 120), rng.uniform(-60, lo - 6)]))
     return float(rng.uniform(lo, hi))
 
 
-def heatmap_sample(anatomy, rng, *, size=96, zoom=1.0, p_outside=0.12, p_sagittal=0.25):
+def heatmap_sample(anatomy, rng, *, size=96, zoom=1.0, p_outside=0.12, p_sagittal=0.25, p_conus=0.0):
     """One 2D slice for CNN1: (image (size, size), cord target (size, size)) at `zoom` mm in-plane.
 
     A share `p_outside` of the slices lies above the medulla or below the conus (no cord); a share
-    `p_sagittal` comes from sagittal acquisitions (thick left-right, fine along the cord)."""
+    `p_conus` lies within 50-60 mm of the conus's tip; a share `p_sagittal` comes from sagittal
+    acquisitions (thick left-right, fine along the cord)."""
     thickness = float(np.exp(rng.uniform(np.log(0.5), np.log(6.0))))
     inplane = rng.uniform(0.5, 1.3)
     sagittal = rng.random() < p_sagittal
@@ -441,7 +502,7 @@ def heatmap_sample(anatomy, rng, *, size=96, zoom=1.0, p_outside=0.12, p_sagitta
     shape = (size * up, size * up, nz)
     spacing = (fine, fine, fine)
     offset = rng.uniform(-0.35, 0.35, 2) * size * zoom
-    z = _template_z(anatomy, rng, p_outside)
+    z = _template_z(anatomy, rng, p_outside, p_conus)
     labels = sample_label_grid(anatomy, rng, shape, spacing, z, offset_mm=offset, max_tilt=25.0,
                                max_inplane=25.0, elastic_mm=1.0, bend_mm=0.0)
     if rng.random() < 0.5:
@@ -460,8 +521,25 @@ def heatmap_sample(anatomy, rng, *, size=96, zoom=1.0, p_outside=0.12, p_sagitta
     return image.astype(np.float32), target.astype(np.float32)
 
 
+@dataclass(frozen=True)
+class LesionStyle:
+    """How patch_sample draws lesions (and slice thickness) for the lesion task."""
+    volume_mm3: tuple = (5.0, 1700.0)  # log-uniform
+    contrast: float = 1.0  # below 1: fainter lesions too (synth_intensity's lesion_contrast)
+    p_free: float = 0.15  # share of lesion-free patches
+    max_axial_thickness_mm: float = 6.0  # above 6: 30% of axial patches get slices of 6 mm to this
+
+
+LESION_STYLES = {
+    "shipped": LesionStyle(),
+    # The misses of the shipped model are small (< 20 mm3) and faint (lesion/cord < 1.5) lesions, and its
+    # false lesion sits in the bright grey matter of a scan with 17 mm slices: more of all three.
+    "faint": LesionStyle(volume_mm3=(3.0, 800.0), contrast=0.4, p_free=0.25, max_axial_thickness_mm=17.0),
+}
+
+
 def patch_sample(anatomy, rng, *, shape=(64, 64, 48), spacing=(0.5, 0.5, 1.0), lesions=False,
-                 center_sigma_mm=1.5, p_sagittal=0.25):
+                 center_sigma_mm=1.5, p_sagittal=0.25, style: LesionStyle = LESION_STYLES["shipped"]):
     """One 3D patch for CNN2 centred near the cord: (image, cord target, lesion target).
 
     A share `p_sagittal` is acquired sagittally (thick slices left-right), the rest axially."""
@@ -474,14 +552,18 @@ def patch_sample(anatomy, rng, *, shape=(64, 64, 48), spacing=(0.5, 0.5, 1.0), l
     if rng.random() < 0.5:
         labels = labels[::-1]
     cord = np.isin(labels, (WM, GM))
-    lesion = insert_lesions(labels, rng, fine, count=(1, 5)) if lesions and rng.random() < 0.85 else None
+    lesion = None
+    if lesions and rng.random() < 1.0 - style.p_free:
+        lesion = insert_lesions(labels, rng, fine, count=(1, 5), volume_mm3=style.volume_mm3)
     labels = add_clutter(labels, rng, fine, n_blobs=(0, 6), blob_radius_mm=(1.0, 6.0))
     contrast = None
     if lesions:  # lesion contrast follows a plausible T1/T2/T2* family
         contrast = str(rng.choice(list(CONTRAST_PRIORS)))
-    image = synth_intensity(labels, rng, fine, lesion=lesion, contrast=contrast)
+    image = synth_intensity(labels, rng, fine, lesion=lesion, contrast=contrast, lesion_contrast=style.contrast)
     thickness = float(np.exp(rng.uniform(np.log(0.5), np.log(6.0))))
     slice_axis = 0 if rng.random() < p_sagittal else 2
+    if style.max_axial_thickness_mm > 6.0 and slice_axis == 2 and rng.random() < 0.3:
+        thickness = float(rng.uniform(6.0, style.max_axial_thickness_mm))
     image = degrade(image, rng, fine, thickness_mm=thickness, inplane_mm=rng.uniform(0.5, 1.2),
                     slice_axis=slice_axis)
 

@@ -25,6 +25,8 @@ class TaskConfig:
     steps: int
     network: dict = field(default_factory=dict)
     contrasts: tuple = ("t1", "t2", "t2s", "dwi")
+    lesion_style: str = "shipped"  # synth.LESION_STYLES: how lesion patches are drawn
+    p_conus: float = 0.0  # centerline: share of template slices drawn around the conus
 
 
 TASKS = {
@@ -87,9 +89,10 @@ class Sampler:
         if cfg.task == "centerline":
             anatomy, p_outside = self._anatomy(rng)
             return synth.heatmap_sample(anatomy, rng, size=cfg.patch_shape[0], zoom=cfg.voxel_size[0],
-                                        p_outside=p_outside)
+                                        p_outside=p_outside, p_conus=cfg.p_conus if p_outside else 0.0)
         img, cord, lesion = synth.patch_sample(self._anatomy(rng)[0], rng, shape=cfg.patch_shape,
-                                               spacing=cfg.voxel_size, lesions=cfg.task == "lesion")
+                                               spacing=cfg.voxel_size, lesions=cfg.task == "lesion",
+                                               style=synth.LESION_STYLES[cfg.lesion_style])
         return img, (lesion if cfg.task == "lesion" else cord)
 
     def __call__(self, rng):

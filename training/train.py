@@ -11,6 +11,9 @@ import sys
 from pathlib import Path
 
 
+CONUS_SHARE = 0.25  # --cauda-equina: share of the template's slices drawn within 50-60 mm of the conus
+
+
 def default_labelmaps() -> Path:
     """../shared/data/labelmaps beside the checkout (or the working folder), else ./labelmaps."""
     from .export import shared_data_dir
@@ -21,7 +24,8 @@ def default_labelmaps() -> Path:
 
 def run(task, out, *, steps=None, batch_size=None, learning_rate=None, labelmaps=None, seed=0, log=print,
         workers=0, max_minutes=None, network=None, init_weights=None, data=None, real_fraction=0.5,
-        contrasts=None, patch_shape=None, pos_weight=None, snapshot_every=1000):
+        contrasts=None, patch_shape=None, pos_weight=None, snapshot_every=1000, lesion_style=None,
+        cauda_equina=False):
     from . import losses, synth, tasks
     from .loop import train
 
@@ -34,9 +38,13 @@ def run(task, out, *, steps=None, batch_size=None, learning_rate=None, labelmaps
         cfg.learning_rate = learning_rate
     if network:
         cfg.network.update(network)
+    if lesion_style:
+        cfg.lesion_style = lesion_style
     if patch_shape:  # CNN2 is fully convolutional: it may train on smaller patches than it runs on
         cfg.patch_shape = tuple(patch_shape)
-    anatomy = synth.load_anatomies(labelmaps or default_labelmaps())
+    if cauda_equina:  # the template's dural sac and nerve roots below the conus, and slices drawn around it
+        cfg.p_conus = CONUS_SHARE
+    anatomy = synth.load_anatomies(labelmaps or default_labelmaps(), cauda_equina=cauda_equina)
     real = tasks.load_real(cfg, data, contrasts) if data else []
     if data:
         log(f"{len(real)} labelled real volumes from {data}; real fraction {real_fraction if real else 0}")
@@ -83,6 +91,12 @@ def main(argv=None):
     p.add_argument("--export", help="after training, export the final weights to this ONNX file")
     p.add_argument("--patch-shape", help="training patch, e.g. 32x32x32 (CNN2 is fully convolutional; the "
                    "exported model keeps the task's run-time patch)")
+    p.add_argument("--lesion-style", choices=["shipped", "faint"], help="lesion task: how synthetic lesions are "
+                   "drawn (training/synth.py LESION_STYLES; faint: smaller and fainter lesions, more lesion-free "
+                   "patches, axial slices up to 17 mm)")
+    p.add_argument("--cauda-equina", action="store_true", help="add a dural sac with nerve roots below the "
+                   "template's conus (synth.add_cauda_equina) and draw a quarter of its slices around the conus, so "
+                   "that the model learns where the cord ends")
     a = p.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     log = lambda m: print(m, flush=True)  # noqa: E731
@@ -99,7 +113,7 @@ def main(argv=None):
         max_minutes=a.max_minutes, init_weights=a.init_weights, data=a.data, real_fraction=a.real_fraction,
         contrasts=a.contrast.split(",") if a.contrast else None,
         patch_shape=[int(v) for v in a.patch_shape.split("x")] if a.patch_shape else None, pos_weight=a.pos_weight,
-        snapshot_every=a.snapshot_every, network={"base_filters": a.base_filters} if a.base_filters else None)
+        snapshot_every=a.snapshot_every, lesion_style=a.lesion_style, cauda_equina=a.cauda_equina, network={"base_filters": a.base_filters} if a.base_filters else None)
     if a.export:
         from .loop import last_snapshot, snapshot_step
 
