@@ -29,6 +29,9 @@ CORD_CASES = [  # image, contrast, reference cord mask
 ]
 CENTERLINE_ONLY = [("sct_testing/dmri/dwi_mean.nii.gz", "dwi", "sct_testing/dmri/dwi_mean_centerline-optic.nii.gz")]
 LESION_FREE = ["sct_testing/t2/t2.nii.gz", "unf01/sub-unf01_T2w.nii.gz", "sct_testing/mt/mt0.nii.gz"]
+# t2_lumbar (sagittal, RAS): on axial reformats the round cord ends between native slices 95 and 102 (read by
+# eye for this bench); below it the dural sac holds only nerve roots.
+LUMBAR_CONUS_TIP_BY_EYE = (95, 102)
 UNLABELED = [("unlabeled/t2_ms_axial.nii.gz", "t2"), ("unlabeled/t2_lumbar.nii.gz", "t2"),
              ("unlabeled/sub-01_acq-MTon_MTS.nii.gz", "t2s"), ("unlabeled/sub-03_acq-MToff_MTS.nii.gz", "t2s")]
 
@@ -92,6 +95,12 @@ def main(argv=None):
         except cordseg.CordsegError as exc:
             found, cl = str(exc), None
         les = None
+        if "lumbar" in img and cl is not None:
+            seg = cordseg.segment_cord(a.data / img, contrast, model=a.sc, centerline=cl)
+            mask_z = np.nonzero(np.asarray(seg.dataobj).any((0, 1)))[0]
+            lo, hi = LUMBAR_CONUS_TIP_BY_EYE
+            found += (f"; lowest native slice: centerline {int(np.floor(cl.native_points[:, 2].min()))}, "
+                      f"cord mask {int(mask_z.min()) if len(mask_z) else '-'} (conus tip by eye: {lo}-{hi})")
         if "ms" in img and cl is not None:
             les = cordseg.segment_lesions(a.data / img, contrast, model=a.lesion, centerline=cl)
         secs = time.perf_counter() - t0
