@@ -99,7 +99,7 @@ def main(argv=None):
             seg = cordseg.segment_cord(a.data / img, contrast, model=a.sc, centerline=cl)
             mask_z = np.nonzero(np.asarray(seg.dataobj).any((0, 1)))[0]
             lo, hi = LUMBAR_CONUS_TIP_BY_EYE
-            found += (f"; lowest native slice: centerline {int(np.floor(cl.native_points[:, 2].min()))}, "
+            found += (f"; lowest native slice: centerline {int(np.floor(cl.native_points()[:, 2].min()))}, "
                       f"cord mask {int(mask_z.min()) if len(mask_z) else '-'} (conus tip by eye: {lo}-{hi})")
         if "ms" in img and cl is not None:
             les = cordseg.segment_lesions(a.data / img, contrast, model=a.lesion, centerline=cl)

@@ -35,6 +35,10 @@ RECIPES = {
               "shipped run: two CPU cores, 1 worker, 80 minutes; the first with the gradient-echo contrast family"),
         Stage("all", dict(steps=1000, batch_size=32, learning_rate=3e-4, seed=13, max_minutes=45, snapshot_every=250),
               "shipped run: two CPU cores, 1 worker, stopped by its 45-minute limit at step 836"),
+        Stage("all", dict(steps=600, batch_size=32, learning_rate=3e-4, seed=19, snapshot_every=150,
+                          cauda_equina=True),
+              "shipped run: two CPU cores, 1 worker, 25 minutes; the template with a dural sac and nerve roots "
+              "below the conus, 12% of its slices drawn around the conus"),
     ],
     "sc": [
         Stage("PAM50", dict(steps=3000, batch_size=8, learning_rate=2e-3, max_minutes=11.3),

@@ -153,7 +153,9 @@ def add_cauda_equina(labels, *, below_mm=60.0, n_roots=16, seed=0):
     # roots: strands from points on the conus's surface (tip to 40 mm above it) down to the sac's floor
     inner = ndi.binary_erosion(sac, iterations=2)
     floor = np.argwhere(inner)
-    dorsal = floor[floor[:, 1] <= np.median(floor[:, 1])]  # lumbar roots lie mostly dorsally (y: anterior)
+    # lying supine, the roots settle against the back of the sac (y points anterior): most go to its
+    # dorsal third, where on axial slices they clump into a dark band or blob, the cord's look-alike
+    dorsal = floor[floor[:, 1] <= np.percentile(floor[:, 1], 33)]
     tip = zc[0]
     xx, yy = np.meshgrid(np.arange(out.shape[0]), np.arange(out.shape[1]), indexing="ij")
     for k in range(n_roots + 1):
@@ -164,7 +166,7 @@ def add_cauda_equina(labels, *, below_mm=60.0, n_roots=16, seed=0):
             start = np.argwhere(cord[:, :, tip]).mean(0)
         else:
             start = pts[rng.integers(len(pts))].astype(float)
-        pool = dorsal if rng.random() < 0.7 else floor
+        pool = dorsal if rng.random() < 0.85 else floor
         end = start if filum else pool[rng.integers(len(pool))].astype(float)
         radius = (0.4 if filum else rng.uniform(0.4, 0.9)) / ANATOMY_ZOOM
         for z in range(z0, -1, -1):

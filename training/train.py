@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 
-CONUS_SHARE = 0.25  # --cauda-equina: share of the template's slices drawn within 50-60 mm of the conus
+CONUS_SHARE = 0.12  # --cauda-equina: share of the template's slices drawn within 50-60 mm of the conus
 
 
 def default_labelmaps() -> Path:
