@@ -128,16 +128,10 @@ def _windows(vol: np.ndarray, zooms, rpi: Reoriented, model: Model, around: "Cen
     return heat
 
 
-def heatmap(rpi: Reoriented, model: Model, progress=None, span=(0.0, 1.0)) -> tuple[np.ndarray, tuple]:
-    """CNN1 probability volume on the model's grid (whole slices), and that grid's exact zooms."""
-    vol, zooms = _model_volume(rpi, model)
-    return _whole_slices(vol, model, progress, span), zooms
-
-
 def window_heatmap(rpi: Reoriented, model: Model, around: "Centerline", window_mm: float, progress=None,
                    span=(0.0, 1.0)) -> tuple[np.ndarray, tuple]:
     """CNN1 on a `window_mm` square of every slice, centred on `around` (its end points beyond its ends),
-    each window normalised on its own; zero outside the windows. Same grid as heatmap()."""
+    each window normalised on its own; zero outside the windows; on CNN1's grid, with its zooms."""
     vol, zooms = _model_volume(rpi, model)
     return _windows(vol, zooms, rpi, model, around, window_mm, progress, span), zooms
 

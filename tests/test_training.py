@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -429,15 +430,9 @@ def test_cauda_equina_adds_a_sac_with_roots_below_the_conus_and_no_cord():
         sl = below[:, :, z]
         assert (sl == synth.CSF).sum() > 100  # a dural sac on every slice
         assert (sl == synth.ROOTS).sum() > 0  # with nerve roots in it
-        roots_in_sac = ndi_binary_fill(np.isin(sl, (synth.CSF, synth.ROOTS)))
+        roots_in_sac = ndimage.binary_fill_holes(np.isin(sl, (synth.CSF, synth.ROOTS)))
         assert np.all(roots_in_sac[sl == synth.ROOTS])
     assert np.array_equal(out[:, :, :pad] == synth.BONE, labels[:, :, pad - 1::-1] == synth.BONE)
-
-
-def ndi_binary_fill(mask):
-    from scipy import ndimage as ndi
-
-    return ndi.binary_fill_holes(mask)
 
 
 def test_conus_slices_below_the_tip_have_no_cord_target():

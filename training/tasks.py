@@ -89,7 +89,7 @@ class Sampler:
         if cfg.task == "centerline":
             anatomy, p_outside = self._anatomy(rng)
             return synth.heatmap_sample(anatomy, rng, size=cfg.patch_shape[0], zoom=cfg.voxel_size[0],
-                                        p_outside=p_outside, p_conus=cfg.p_conus if p_outside else 0.0)
+                                        p_outside=p_outside, p_conus=cfg.p_conus)
         img, cord, lesion = synth.patch_sample(self._anatomy(rng)[0], rng, shape=cfg.patch_shape,
                                                spacing=cfg.voxel_size, lesions=cfg.task == "lesion",
                                                style=synth.LESION_STYLES[cfg.lesion_style])
