@@ -149,14 +149,14 @@ def test_evaluation_of_one_small_case_is_finite():
 def test_shipped_lesion_model_on_inserted_lesions():
     """The shipped lesion model on bench/lesions.py's 12 cases (seed 0), with the bars it meets today.
 
-    Measured: median Dice 0.578, pooled lesion-wise sensitivity 22/32, precision 22/32; one false lesion on the
+    Measured: median Dice 0.601, pooled lesion-wise sensitivity 25/32, precision 25/31; one false lesion on the
     three lesion-free scans (mt0). The issue's targets (Dice 0.6, sensitivity 0.83, precision 0.77, no false
-    lesion) are not all met yet: see models/cordseg_lesion.md.
+    lesion) are not all met yet (sensitivity, the false lesion): see models/cordseg_lesion.md.
     """
     if not DATA.is_dir():
         pytest.skip(f"shared test data not found at {DATA} (it sits beside the repository)")
     res = bench.run(DATA, seed=0, n=12, out=lambda *_: None)
     s = res["summary"]
-    assert s["median_dice"] >= 0.5
-    assert s["pooled"]["sensitivity"] >= 0.6 and s["pooled"]["precision"] >= 0.65
+    assert s["median_dice"] >= 0.58
+    assert s["pooled"]["sensitivity"] >= 0.75 and s["pooled"]["precision"] >= 0.77
     assert s["lesion_free_false_lesions"] <= 1

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from training import recipes
-from training.recipes import Stage
+from training.recipes import Soup, Stage
 
 
 def _fake_run(calls):
@@ -49,8 +49,46 @@ def test_shipped_recipes_cover_every_task_with_known_options():
     allowed = set(inspect.signature(run).parameters)
     assert set(recipes.RECIPES) == {"centerline", "sc", "lesion"}
     for stages in recipes.RECIPES.values():
-        assert stages and all(s.labelmaps in ("PAM50", "all") for s in stages)
-        assert all(set(s.options) <= allowed for s in stages)
+        assert stages
+        for stage in stages:
+            branches = stage.branches if isinstance(stage, Soup) else (stage,)
+            if isinstance(stage, Soup):  # each branch's named snapshots are ones it writes
+                assert len(stage.snapshots) == len(branches)
+                for b, keep in zip(branches, stage.snapshots):
+                    last = b.options.get("stop_at", b.options["steps"])
+                    every = b.options.get("snapshot_every", 1000)
+                    assert all(k == last or (k % every == 0 and k < last) for k in keep)
+            assert all(b.labelmaps in ("PAM50", "all") and set(b.options) <= allowed for b in branches)
+
+
+def test_a_soup_stage_averages_named_snapshots_of_branches_from_one_start(tmp_path):
+    calls, averaged = [], []
+
+    def run(task, out, *, labelmaps, workers, init_weights, log, steps, snapshot_every=1000, **kw):
+        calls.append(dict(out=out, init=init_weights, steps=steps))
+        out.mkdir(parents=True, exist_ok=True)
+        for k in list(range(snapshot_every, steps, snapshot_every)) + [steps]:
+            (out / f"ema_{k:06d}.weights.h5").write_text("w")
+
+    def average(paths, out_path, network):
+        averaged.append((list(paths), out_path, network))
+        out_path.write_text("mean")
+
+    plan = {"lesion": [Stage("all", dict(steps=4)),
+                       Soup((Stage("all", dict(steps=6, snapshot_every=2)), Stage("all", dict(steps=5))),
+                            ((4, 6), (5,)))]}
+    out = tmp_path / "out"
+    weights, total = recipes.run_recipe("lesion", out, tmp_path, recipes=plan, run=run, average=average,
+                                        log=lambda m: None)
+    start = out / "stage1/ema_000004.weights.h5"
+    assert [c["init"] for c in calls] == [None, start, start]  # both branches start from stage 1
+    assert averaged == [([out / "stage2/branch1/ema_000004.weights.h5", out / "stage2/branch1/ema_000006.weights.h5",
+                          out / "stage2/branch2/ema_000005.weights.h5"], out / "stage2/ema_000011.weights.h5", None)]
+    assert weights == out / "stage2/ema_000011.weights.h5" and total == 4 + 11
+    calls.clear(), averaged.clear()
+    assert recipes.run_recipe("lesion", out, tmp_path, recipes=plan, run=run, average=average,
+                              log=lambda m: None) == (weights, 15)
+    assert calls == [] and averaged == []
 
 
 def test_tiny_recipe_trains_end_to_end(tmp_path):
@@ -66,11 +104,23 @@ def test_tiny_recipe_trains_end_to_end(tmp_path):
                          (0, nz - 1))
     anat.save(tmp_path / "a.npz")
     tiny = dict(batch_size=2, network={"filters": (4, 8, 8)}, patch_shape=None)
-    plan = {"centerline": [Stage("all", dict(steps=2, **tiny)), Stage("all", dict(steps=3, **tiny))]}
+    plan = {"centerline": [Stage("all", dict(steps=2, **tiny)), Stage("all", dict(steps=3, **tiny)),
+                           Soup((Stage("all", dict(steps=2, seed=1, **tiny)), Stage("all", dict(steps=3, seed=2, **tiny))),
+                                ((2,), (3,)))]}
     weights, total = recipes.run_recipe("centerline", tmp_path / "out", tmp_path / "a.npz", recipes=plan,
                                         run=run, log=lambda m: None)
-    assert weights.name == "ema_000003.weights.h5" and total == 5
+    assert weights == tmp_path / "out/stage3/ema_000005.weights.h5" and total == 2 + 3 + 5
     assert (tmp_path / "out/stage1/done").read_text().strip() == "2"
+    # the soup is the mean of its branches' last snapshots, in the tiny network's shape
+    from training.networks import build_cnn1
+
+    nets = []
+    for f in ("stage3/branch1/ema_000002.weights.h5", "stage3/branch2/ema_000003.weights.h5", weights.name):
+        net = build_cnn1(filters=(4, 8, 8))
+        net.load_weights(str(tmp_path / "out" / (f if "/" in f else f"stage3/{f}")))
+        nets.append(net.get_weights())
+    for a, b, mean in zip(*nets):
+        np.testing.assert_allclose(mean, (a.astype(np.float64) + b) / 2, rtol=1e-5, atol=1e-7)
 
 
 def test_export_after_jax_training_runs_in_a_tensorflow_process(tmp_path, monkeypatch):

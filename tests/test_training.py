@@ -371,6 +371,25 @@ def test_training_lowers_the_loss_and_resumes(tmp_path):
     assert pred.shape == y.shape and np.all(np.isfinite(pred))
 
 
+def test_stop_at_ends_early_on_the_full_schedule(tmp_path):
+    """A run stopped at a step keeps the learning rate it would have had there in the longer run."""
+    keras = pytest.importorskip("keras")
+    from training.loop import train
+    from training.losses import dice_bce_loss
+
+    messages = []
+    model = train(_tiny_cnn1, dice_bce_loss, _disc_sampler, out_dir=tmp_path, steps=40, stop_at=15,
+                  learning_rate=1e-2, seed=0, snapshot_every=10, log=messages.append)
+    assert json.loads((tmp_path / "state.json").read_text()) == {"step": 15}
+    assert sorted(p.name for p in tmp_path.glob("ema_*")) == ["ema_000010.weights.h5", "ema_000015.weights.h5"]
+    assert messages[-1] == "stopping at step 15: stop_at 15"
+    schedule = keras.optimizers.schedules.CosineDecay(1e-2, decay_steps=40, alpha=0.05)
+    lr = model.optimizer.learning_rate  # evaluated at the optimiser's own iteration count
+    assert int(model.optimizer.iterations) == 15
+    np.testing.assert_allclose(float(lr), float(schedule(15)), rtol=1e-5)
+    assert float(lr) > 2 * float(keras.optimizers.schedules.CosineDecay(1e-2, decay_steps=15, alpha=0.05)(15))
+
+
 def test_average_of_snapshots_is_their_mean(tmp_path):
     pytest.importorskip("keras")
     from training.loop import average_snapshots

@@ -86,8 +86,9 @@ def save_atomically(save, path) -> Path:
 
 
 def average_snapshots(build_model, paths, out_path) -> Path:
-    """One weights file holding the mean of several snapshots of one run (all variables, batch-norm
-    statistics included). Checkpoints of one run swing on real images; their mean is steadier."""
+    """One weights file holding the mean of several snapshots (all variables, batch-norm statistics included).
+    Checkpoints of one run swing on real images; their mean is steadier. Runs fine-tuned from one starting
+    point average too (a "model soup"): one network, no cost at run time."""
     model = build_model()
     total = None
     for p in paths:
@@ -121,8 +122,11 @@ def save_snapshot(model, path):
 
 
 def train(build_model, loss, sample_batch, *, out_dir, steps, learning_rate, seed=0, checkpoint_every=250,
-          snapshot_every=1000, log=print, lr_schedule="cosine", workers=0, max_seconds=None):
-    """Train `build_model()` on batches from `sample_batch(rng)` for `steps` steps, resuming if possible."""
+          snapshot_every=1000, log=print, lr_schedule="cosine", workers=0, max_seconds=None, stop_at=None):
+    """Train `build_model()` on batches from `sample_batch(rng)` for `steps` steps, resuming if possible.
+
+    `stop_at` ends the run early at that step while the learning-rate schedule still spans `steps`: a recipe
+    uses it to repeat a run that its time limit stopped, on hardware of any speed."""
     import keras
 
     out = Path(out_dir)
@@ -148,24 +152,27 @@ def train(build_model, loss, sample_batch, *, out_dir, steps, learning_rate, see
     t0, losses = time.time(), []
     logfile = open(out / "log.csv", "a")
     try:
-        while step < steps:
+        last = steps if stop_at is None else min(steps, stop_at)
+        while step < last:
             x, y = q.get()
             losses.append(float(model.train_on_batch(x, y)))
             step += 1
-            if step % 50 == 0 or step == steps:
+            if step % 50 == 0 or step == last:
                 msg = f"{step},{np.mean(losses):.5f},{time.time() - t0:.1f}"
                 logfile.write(msg + "\n")
                 logfile.flush()
                 log(f"step {step} loss {np.mean(losses):.4f} ({time.time() - t0:.0f} s)")
                 losses = []
             out_of_time = max_seconds is not None and time.time() - t0 > max_seconds
-            if step % checkpoint_every == 0 or step == steps or out_of_time:
+            stopping = out_of_time or step == last < steps
+            if step % checkpoint_every == 0 or step == steps or stopping:
                 save_atomically(model.save, ckpt)
                 state_file.write_text(json.dumps({"step": step}))
-            if step % snapshot_every == 0 or step == steps or out_of_time:
+            if step % snapshot_every == 0 or step == steps or stopping:
                 save_snapshot(model, snapshot_path(out, step))
-            if out_of_time:
-                log(f"stopping at step {step}: time budget of {max_seconds:.0f} s spent")
+            if stopping:
+                log(f"stopping at step {step}: " + (f"time budget of {max_seconds:.0f} s spent" if out_of_time
+                                                     else f"stop_at {stop_at}"))
                 break
     finally:
         stop.set()

@@ -12,16 +12,25 @@ number of workers.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from .loop import last_snapshot, snapshot_step
+from .loop import last_snapshot, snapshot_path, snapshot_step
 
 
 @dataclass(frozen=True)
 class Stage:
     labelmaps: str  # "PAM50" | "all"
     options: dict = field(default_factory=dict)  # keyword arguments of train.run
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class Soup:
+    """Branches that each train from the previous stage's weights; the stage's result is the mean of the
+    named snapshots of every branch (weight averaging: one network, no cost at run time)."""
+    branches: tuple  # of Stage
+    snapshots: tuple  # per branch, the snapshot steps that enter the mean
     note: str = ""
 
 
@@ -39,6 +48,9 @@ RECIPES = {
                           cauda_equina=True),
               "shipped run: two CPU cores, 1 worker, 25 minutes; the template with a dural sac and nerve roots "
               "below the conus, 12% of its slices drawn around the conus"),
+        Stage("all", dict(steps=600, batch_size=32, learning_rate=2e-4, seed=23, snapshot_every=150,
+                          cauda_equina=True),
+              "shipped run: two CPU cores, 1 worker, 25 minutes; stage 5 continued at a lower learning rate"),
     ],
     "sc": [
         Stage("PAM50", dict(steps=3000, batch_size=8, learning_rate=2e-3, max_minutes=11.3),
@@ -49,29 +61,69 @@ RECIPES = {
         Stage("all", dict(steps=4000, batch_size=8, learning_rate=2e-3, pos_weight=2.0, seed=1),
               "shipped run: one GPU, 4 workers; its cosine decay ran over 3,500 steps and the last 500 at the "
               "floor (it was resumed with more steps)"),
+        Soup((Stage("all", dict(steps=2800, stop_at=2299, batch_size=8, learning_rate=5e-4, pos_weight=2.0,
+                                seed=41, snapshot_every=700)),
+              Stage("all", dict(steps=2800, stop_at=2393, batch_size=8, learning_rate=5e-4, pos_weight=2.0,
+                                seed=42, snapshot_every=700, lesion_style="faint"))),
+             ((2100, 2299), (2100, 2393)),
+             "shipped runs: one GPU, 4 workers each, four networks at once; both were stopped by their 8.2-minute "
+             "limit (at steps 2,299 and 2,393 of a 2,800-step cosine decay)"),
     ],
 }
 
 
-def run_recipe(task, out, labelmaps_root, *, workers=0, log=print, recipes=None, run=None) -> tuple[Path, int]:
-    """Run every stage of `task`'s recipe; returns (the last EMA snapshot, total steps over all stages)."""
+def run_recipe(task, out, labelmaps_root, *, workers=0, log=print, recipes=None, run=None,
+               average=None) -> tuple[Path, int]:
+    """Run every stage of `task`'s recipe; returns (the last EMA snapshot, total steps over all stages).
+
+    A soup's snapshot is named after the steps its branches trained together, so the total counts them all."""
     if run is None:
         from .train import run
+    if average is None:
+        average = _average_for(task)
     stages = (recipes or RECIPES)[task]
     root, out = Path(labelmaps_root), Path(out)
+
+    def train_stage(stage, folder, init, label):
+        done = (folder / "done").exists()
+        if not done:
+            log(f"{label}: {stage.options}" + (f" ({stage.note})" if stage.note else ""))
+            maps = root / "PAM50" if stage.labelmaps == "PAM50" and (root / "PAM50").is_dir() else root
+            run(task, folder, labelmaps=maps, workers=workers, init_weights=init, log=log, **stage.options)
+        last = last_snapshot(folder)
+        if last is None:
+            raise RuntimeError(f"{label} of the {task} recipe wrote no snapshot in {folder}")
+        if not done:  # finished, or stopped by its time or step limit: either way a rerun moves on
+            (folder / "done").write_text(f"{snapshot_step(last)}\n")
+        return last
+
     prev, total = None, 0
     for i, stage in enumerate(stages, start=1):
         folder = out / f"stage{i}"
-        done = (folder / "done").exists()
-        if not done:
-            log(f"stage {i}/{len(stages)}: {stage.options}" + (f" ({stage.note})" if stage.note else ""))
-            maps = root / "PAM50" if stage.labelmaps == "PAM50" and (root / "PAM50").is_dir() else root
-            run(task, folder, labelmaps=maps, workers=workers, init_weights=prev, log=log, **stage.options)
-        prev = last_snapshot(folder)
-        if prev is None:
-            raise RuntimeError(f"stage {i} of the {task} recipe wrote no snapshot in {folder}")
-        steps = snapshot_step(prev)
-        if not done:  # finished, or stopped by its time limit: either way a rerun moves on
-            (folder / "done").write_text(f"{steps}\n")
+        label = f"stage {i}/{len(stages)}"
+        if isinstance(stage, Soup):
+            ingredients, steps = [], 0
+            for b, (branch, keep) in enumerate(zip(stage.branches, stage.snapshots), start=1):
+                sub = folder / f"branch{b}"
+                steps += snapshot_step(train_stage(branch, sub, prev, f"{label}, branch {b}"))
+                ingredients += [snapshot_path(sub, k) for k in keep]
+            prev = snapshot_path(folder, steps)
+            if not prev.exists():
+                log(f"{label}: the mean of {len(ingredients)} snapshots" + (f" ({stage.note})" if stage.note else ""))
+                average(ingredients, prev, stage.branches[0].options.get("network"))
+        else:
+            prev = train_stage(stage, folder, prev, label)
+            steps = snapshot_step(prev)
         total += steps
     return prev, total
+
+
+def _average_for(task):
+    def average(paths, out_path, network=None):
+        from . import tasks
+        from .loop import average_snapshots
+
+        cfg = tasks.TASKS[task]
+        cfg = replace(cfg, network={**cfg.network, **(network or {})})
+        return average_snapshots(lambda: tasks.build_model(cfg), paths, out_path)
+    return average

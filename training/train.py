@@ -25,7 +25,7 @@ def default_labelmaps() -> Path:
 def run(task, out, *, steps=None, batch_size=None, learning_rate=None, labelmaps=None, seed=0, log=print,
         workers=0, max_minutes=None, network=None, init_weights=None, data=None, real_fraction=0.5,
         contrasts=None, patch_shape=None, pos_weight=None, snapshot_every=1000, lesion_style=None,
-        cauda_equina=False):
+        cauda_equina=False, stop_at=None):
     from . import losses, synth, tasks
     from .loop import train
 
@@ -62,7 +62,8 @@ def run(task, out, *, steps=None, batch_size=None, learning_rate=None, labelmaps
         loss = lesion_loss
     return train(build, loss, sampler, out_dir=out, steps=cfg.steps,
                  learning_rate=cfg.learning_rate, seed=seed, log=log, workers=workers,
-                 max_seconds=None if max_minutes is None else 60.0 * max_minutes, snapshot_every=snapshot_every)
+                 max_seconds=None if max_minutes is None else 60.0 * max_minutes, snapshot_every=snapshot_every,
+                 stop_at=stop_at)
 
 
 def main(argv=None):
@@ -79,6 +80,8 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=0, help="processes making batches (0: one thread)")
     p.add_argument("--max-minutes", type=float, help="stop (and save) after this long")
+    p.add_argument("--stop-at", type=int, help="stop (and save) at this step; the learning rate still decays "
+                   "over --steps")
     p.add_argument("--base-filters", type=int, help="CNN2 width")
     p.add_argument("--init-weights", help="start from these *.weights.h5 (fine-tuning)")
     p.add_argument("--data", help="a BIDS dataset with manual masks to mix into training (see training/bids.py)")
@@ -113,7 +116,8 @@ def main(argv=None):
         max_minutes=a.max_minutes, init_weights=a.init_weights, data=a.data, real_fraction=a.real_fraction,
         contrasts=a.contrast.split(",") if a.contrast else None,
         patch_shape=[int(v) for v in a.patch_shape.split("x")] if a.patch_shape else None, pos_weight=a.pos_weight,
-        snapshot_every=a.snapshot_every, lesion_style=a.lesion_style, cauda_equina=a.cauda_equina, network={"base_filters": a.base_filters} if a.base_filters else None)
+        snapshot_every=a.snapshot_every, lesion_style=a.lesion_style, cauda_equina=a.cauda_equina, stop_at=a.stop_at,
+        network={"base_filters": a.base_filters} if a.base_filters else None)
     if a.export:
         from .loop import last_snapshot, snapshot_step
 
