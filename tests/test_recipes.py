@@ -70,24 +70,31 @@ def test_a_soup_stage_averages_named_snapshots_of_branches_from_one_start(tmp_pa
         for k in list(range(snapshot_every, steps, snapshot_every)) + [steps]:
             (out / f"ema_{k:06d}.weights.h5").write_text("w")
 
-    def average(paths, out_path, network):
-        averaged.append((list(paths), out_path, network))
+    def average(paths, out_path, network, weights):
+        averaged.append((list(paths), out_path, network, weights))
         out_path.write_text("mean")
 
     plan = {"lesion": [Stage("all", dict(steps=4)),
                        Soup((Stage("all", dict(steps=6, snapshot_every=2)), Stage("all", dict(steps=5))),
-                            ((4, 6), (5,)))]}
+                            ((4, 6), (5,))),
+                       Soup((Stage("all", dict(steps=2)), Stage("all", dict(steps=2))), ((2,), (2,)),
+                            start_share=0.5)]}
     out = tmp_path / "out"
     weights, total = recipes.run_recipe("lesion", out, tmp_path, recipes=plan, run=run, average=average,
                                         log=lambda m: None)
     start = out / "stage1/ema_000004.weights.h5"
-    assert [c["init"] for c in calls] == [None, start, start]  # both branches start from stage 1
-    assert averaged == [([out / "stage2/branch1/ema_000004.weights.h5", out / "stage2/branch1/ema_000006.weights.h5",
-                          out / "stage2/branch2/ema_000005.weights.h5"], out / "stage2/ema_000011.weights.h5", None)]
-    assert weights == out / "stage2/ema_000011.weights.h5" and total == 4 + 11
+    soup = out / "stage2/ema_000011.weights.h5"
+    assert [c["init"] for c in calls] == [None, start, start, soup, soup]  # branches start from the stage before
+    third = 1 / 3
+    assert averaged[0] == ([out / "stage2/branch1/ema_000004.weights.h5", out / "stage2/branch1/ema_000006.weights.h5",
+                            out / "stage2/branch2/ema_000005.weights.h5"], soup, None, [third, third, third])
+    # start_share: the starting weights enter the mean with that share, the branches share the rest
+    assert averaged[1] == ([soup, out / "stage3/branch1/ema_000002.weights.h5", out / "stage3/branch2/ema_000002.weights.h5"],
+                           out / "stage3/ema_000004.weights.h5", None, [0.5, 0.25, 0.25])
+    assert weights == out / "stage3/ema_000004.weights.h5" and total == 4 + 11 + 4
     calls.clear(), averaged.clear()
     assert recipes.run_recipe("lesion", out, tmp_path, recipes=plan, run=run, average=average,
-                              log=lambda m: None) == (weights, 15)
+                              log=lambda m: None) == (weights, 19)
     assert calls == [] and averaged == []
 
 

@@ -408,6 +408,13 @@ def test_average_of_snapshots_is_their_mean(tmp_path):
     for k, v in enumerate(fresh.get_weights()):  # batch-norm statistics are averaged as well
         np.testing.assert_allclose(v, 2.0 * (k + 1), rtol=1e-6)
     assert [p.name for p in tmp_path.iterdir() if "tmp" in p.name] == []
+    # weighted: shares 1/2, 1/4, 1/4 of values 1, 2, 3 (times k + 1) give 1.75
+    out = average_snapshots(_tiny_cnn1, paths, tmp_path / "w.weights.h5", weights=[0.5, 0.25, 0.25])
+    fresh.load_weights(str(out))
+    for k, v in enumerate(fresh.get_weights()):
+        np.testing.assert_allclose(v, 1.75 * (k + 1), rtol=1e-6)
+    with pytest.raises(ValueError, match="summing to 1"):
+        average_snapshots(_tiny_cnn1, paths, tmp_path / "bad.weights.h5", weights=[0.5, 0.5, 0.5])
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -85,17 +85,20 @@ def save_atomically(save, path) -> Path:
     return path
 
 
-def average_snapshots(build_model, paths, out_path) -> Path:
-    """One weights file holding the mean of several snapshots (all variables, batch-norm statistics included).
-    Checkpoints of one run swing on real images; their mean is steadier. Runs fine-tuned from one starting
-    point average too (a "model soup"): one network, no cost at run time."""
+def average_snapshots(build_model, paths, out_path, weights=None) -> Path:
+    """One weights file holding the mean of several snapshots (all variables, batch-norm statistics included),
+    equal or `weights`-weighted. Checkpoints of one run swing on real images; their mean is steadier. Runs
+    fine-tuned from one starting point average too (a "model soup"): one network, no cost at run time."""
+    shares = np.full(len(paths), 1.0 / len(paths)) if weights is None else np.asarray(weights, float)
+    if len(shares) != len(paths) or np.any(shares < 0) or not np.isclose(shares.sum(), 1.0):
+        raise ValueError(f"weights must be {len(paths)} non-negative shares summing to 1, got {weights}")
     model = build_model()
     total = None
-    for p in paths:
+    for p, share in zip(paths, shares):
         model.load_weights(str(p))
-        w = [np.asarray(v, np.float64) for v in model.get_weights()]
+        w = [share * np.asarray(v, np.float64) for v in model.get_weights()]
         total = w if total is None else [t + x for t, x in zip(total, w)]
-    model.set_weights([t / len(paths) for t in total])
+    model.set_weights(total)
     return save_atomically(model.save_weights, out_path)
 
 

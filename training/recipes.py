@@ -32,6 +32,7 @@ class Soup:
     branches: tuple  # of Stage
     snapshots: tuple  # per branch, the snapshot steps that enter the mean
     note: str = ""
+    start_share: float = 0.0  # weight of the starting weights themselves in the mean (the rest: the snapshots)
 
 
 RECIPES = {
@@ -68,6 +69,13 @@ RECIPES = {
              ((2100, 2299), (2100, 2393)),
              "shipped runs: one GPU, 4 workers each, four networks at once; both were stopped by their 8.2-minute "
              "limit (at steps 2,299 and 2,393 of a 2,800-step cosine decay)"),
+        Soup(tuple(Stage("all", dict(steps=700, batch_size=8, learning_rate=2e-4, pos_weight=2.0, seed=seed,
+                                     snapshot_every=350, **style))
+                   for seed, style in ((51, dict(lesion_style="faint")), (52, {}),
+                                       (53, dict(lesion_style="faint")), (54, {}))),
+             ((700,),) * 4,
+             "shipped runs: one GPU, 4 workers each, four networks at once, 2.2 minutes; the result weighs the "
+             "starting weights 1/2 and each branch 1/8", start_share=0.5),
     ],
 }
 
@@ -107,10 +115,13 @@ def run_recipe(task, out, labelmaps_root, *, workers=0, log=print, recipes=None,
                 sub = folder / f"branch{b}"
                 steps += snapshot_step(train_stage(branch, sub, prev, f"{label}, branch {b}"))
                 ingredients += [snapshot_path(sub, k) for k in keep]
+            shares = [(1.0 - stage.start_share) / len(ingredients)] * len(ingredients)
+            if stage.start_share:
+                ingredients, shares = [prev] + ingredients, [stage.start_share] + shares
             prev = snapshot_path(folder, steps)
             if not prev.exists():
                 log(f"{label}: the mean of {len(ingredients)} snapshots" + (f" ({stage.note})" if stage.note else ""))
-                average(ingredients, prev, stage.branches[0].options.get("network"))
+                average(ingredients, prev, stage.branches[0].options.get("network"), shares)
         else:
             prev = train_stage(stage, folder, prev, label)
             steps = snapshot_step(prev)
@@ -119,11 +130,11 @@ def run_recipe(task, out, labelmaps_root, *, workers=0, log=print, recipes=None,
 
 
 def _average_for(task):
-    def average(paths, out_path, network=None):
+    def average(paths, out_path, network=None, weights=None):
         from . import tasks
         from .loop import average_snapshots
 
         cfg = tasks.TASKS[task]
         cfg = replace(cfg, network={**cfg.network, **(network or {})})
-        return average_snapshots(lambda: tasks.build_model(cfg), paths, out_path)
+        return average_snapshots(lambda: tasks.build_model(cfg), paths, out_path, weights)
     return average
