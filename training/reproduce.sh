@@ -2,10 +2,11 @@
 # Reproduce the three shipped models from scratch: one command per model runs every training stage the
 # shipped file went through (training/recipes.py), then exports it to ONNX with its metadata.
 #
-# The shipped files were trained on one GPU with Keras 3 on JAX (KERAS_BACKEND=jax; 4-5 CPU workers per
-# network, several networks at once).
+# Most shipped stages were trained on one GPU with Keras 3 on JAX (KERAS_BACKEND=jax; 4-5 CPU workers per
+# network, several networks at once); CNN1's stages 3-6 ran on two CPU cores with TensorFlow.
 # On a CPU every command runs, only slower (the model cards give the speeds). Stages limited by time
-# (--max-minutes in the recipe) do as many steps as the machine allows in that time. A stopped command
+# (--max-minutes in the recipe) do as many steps as the machine allows in that time; stages that a time
+# limit stopped at a known step (stop_at in the recipe) stop at that step on any machine. A stopped command
 # resumes where it stopped when run again with the same --out.
 # Usage: bash training/reproduce.sh [OUT_DIR] [LABELMAPS (folder with PAM50/ and spinegeneric/)]
 set -euo pipefail
