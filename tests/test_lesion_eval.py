@@ -160,3 +160,49 @@ def test_shipped_lesion_model_on_inserted_lesions():
     assert s["median_dice"] >= 0.58
     assert s["pooled"]["sensitivity"] >= 0.75 and s["pooled"]["precision"] >= 0.77
     assert s["lesion_free_false_lesions"] <= 1
+
+
+# ----------------------------------------------------------------------------------------------------
+# bench/heldout_lesions.py: synthetic patches on the held-out subject's masks
+
+
+def _load_heldout():
+    spec = importlib.util.spec_from_file_location("bench_heldout", ROOT / "bench" / "heldout_lesions.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+class _StandIn:
+    """A lesion 'model' answering with given maps in call order (the runtime's Model interface)."""
+    normalisation, normalisation_params, threshold = "zscore_stack", None, 0.5
+
+    def __init__(self, maps):
+        self.maps, self.used = list(maps), 0
+
+    def predict(self, batch, flip_average=False):
+        out = np.stack(self.maps[self.used:self.used + len(batch)]).astype(np.float32)
+        self.used += len(batch)
+        return out
+
+
+def test_heldout_patches_come_from_unseen_masks_and_are_scored_by_the_paper_rule():
+    labelmaps = DATA / "labelmaps"
+    if not labelmaps.is_dir():
+        pytest.skip(f"shared test data not found at {DATA} (it sits beside the repository)")
+    heldout = _load_heldout()
+    cases = heldout.draw_cases(labelmaps, 10, seed=0)
+    assert len(cases) == 10 and all(img.shape == (48, 48, 48) and np.isfinite(img).all() for img, _ in cases)
+    assert any(ref.any() for _, ref in cases)
+    refs = [ref.astype(np.float32) for _, ref in cases]
+    perfect = heldout.score(_StandIn(refs), cases)
+    n_ref = sum(metrics.lesion_detection(r, r).n_ref for r in refs)
+    assert perfect["dice"] == 1.0 and perfect["sensitivity"] == (n_ref, n_ref)
+    assert perfect["precision"] == (n_ref, n_ref) and perfect["free_false"][0] == 0
+    empty = heldout.score(_StandIn([np.zeros_like(r) for r in refs]), cases)
+    assert empty["dice"] == 0.0 and empty["sensitivity"] == (0, n_ref) and empty["precision"] == (0, 0)
+    # a blob in every lesion-free patch is a false lesion there
+    blob = np.zeros((48, 48, 48), np.float32)
+    blob[20:24, 20:24, 20:24] = 1.0
+    noisy = heldout.score(_StandIn([np.maximum(r, blob) if not r.any() else r for r in refs]), cases)
+    assert noisy["free_false"] == (perfect["free_false"][1], perfect["free_false"][1])
