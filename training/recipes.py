@@ -2,7 +2,8 @@
 `cordseg train TASK --recipe shipped --out DIR [--export FILE]`.
 
 Each stage trains from the previous stage's last EMA snapshot, in its own folder under DIR (a stopped
-recipe resumes: finished stages are skipped, the interrupted one resumes from its checkpoint). Label maps:
+recipe resumes: finished stages are skipped, the interrupted one resumes from its checkpoint). A `Soup` stage
+trains several branches from that snapshot (stageN/branchK) and averages named snapshots of them. Label maps:
 "PAM50" is the template alone, "all" adds the spine-generic manual masks (synth.load_anatomies).
 
 A rerun follows the shipped recipe with today's generator, not bit for bit the shipped weights: the
