@@ -460,7 +460,7 @@ def import_keras(h5_path, out_path, *, task: str, contrast: str, atol: float = A
 
     Raises ModelError (writing nothing) when the file cannot be rebuilt, when the rebuilt network
     disagrees with `load_model` where that loads, or when ONNX and Keras differ by more than `atol`.
-    A CNN1 (task centerline) is first tried with dynamic height and width ("slice"); if that fails
+    A CNN1 (task centerline) is first tried with dynamic height and width ("slice"), twice; if that fails
     parity it is exported at the file's fixed input size. Other 2D models keep their fixed input size.
     """
     from . import export
@@ -474,7 +474,13 @@ def import_keras(h5_path, out_path, *, task: str, contrast: str, atol: float = A
     kf = read_keras_file(h5_path)
     first_error = None
     # only CNN1 runs on whole slices; 2D cord models ran on fixed crops around the centerline
-    for dynamic in ([True, False] if dynamic_2d and task == "centerline" else [False]):
+    # The dynamic attempt is made twice, the second time in a cleared Keras session: in a process that has
+    # built and converted other networks before, it was now and then refused although it passes on its own.
+    for attempt, dynamic in enumerate([True, True, False] if dynamic_2d and task == "centerline" else [False]):
+        if attempt == 1:
+            import keras
+
+            keras.backend.clear_session()
         rebuilt = rebuild(kf, dynamic_2d=dynamic)
         if rebuilt.ndim == 4 and task in ("lesion",) or rebuilt.ndim == 5 and task == "centerline":
             raise ModelError(f"{h5_path.name} is a {rebuilt.ndim - 2}D network; task '{task}' needs the other kind")
@@ -492,8 +498,8 @@ def import_keras(h5_path, out_path, *, task: str, contrast: str, atol: float = A
             path, diff = export.export_checked(rebuilt.model, out_path, meta, check_inputs=batches[0], atol=atol,
                                                proto=proto)
         except ModelError as exc:
-            if rebuilt.dynamic:  # retry with the file's fixed input size
-                first_error = exc
+            if rebuilt.dynamic:  # retry (then with the file's fixed input size)
+                first_error = first_error or exc
                 continue
             if first_error is not None:
                 raise ModelError(f"{exc} (dynamic-size attempt: {first_error})") from exc
