@@ -31,13 +31,7 @@ BATCH = 8
 def heldout_anatomies(labelmaps: Path):
     from cordseg.training import synth
 
-    anatomies = []
-    for subject in synth.HELD_OUT_SUBJECTS:
-        for cord in sorted((labelmaps / "spinegeneric").glob(f"{subject}_*_seg-manual.nii.gz")):
-            if "_T1w_" in cord.name:  # as in training: the T1w mask repeats the subject's T2w one
-                continue
-            csf = cord.with_name(cord.name.replace("_seg-manual", "_csfseg-manual"))
-            anatomies.append(synth.Anatomy.from_masks(cord, csf if csf.exists() else None))
+    anatomies = synth.mask_anatomies(labelmaps, held_out=True)
     if not anatomies:
         raise FileNotFoundError(f"no mask of {synth.HELD_OUT_SUBJECTS} under {labelmaps / 'spinegeneric'}")
     return anatomies

@@ -241,9 +241,7 @@ def export_from_weights_checked(task, weights_path, out_path, *, contrast, summa
 
     if task not in tasks.TASKS:
         raise ModelError(f"unknown task '{task}' (known: {', '.join(tasks.TASKS)})")
-    cfg = tasks.TASKS[task]
-    if network:
-        cfg = _with_network(cfg, network)
+    cfg = tasks.with_network(tasks.TASKS[task], network)
     weights_path = Path(weights_path)
     if not weights_path.exists():
         raise ModelError(f"weights file not found: {weights_path}")
@@ -257,14 +255,6 @@ def export_from_weights_checked(task, weights_path, out_path, *, contrast, summa
     meta = tasks.metadata(cfg, contrast=contrast, steps=steps, summary=summary)
     meta.setdefault("cordseg_source", "cordseg")
     return export_checked(model, out_path, meta, check_inputs=check_inputs, opset=opset, atol=atol)
-
-
-def _with_network(cfg, network):
-    import copy
-
-    cfg = copy.deepcopy(cfg)
-    cfg.network.update(network)
-    return cfg
 
 
 def main(argv=None) -> int:
@@ -295,7 +285,7 @@ def main(argv=None) -> int:
             if len(weights) > 1:
                 from . import tasks
 
-                cfg = tasks.TASKS[a.task] if not network else _with_network(tasks.TASKS[a.task], network)
+                cfg = tasks.with_network(tasks.TASKS[a.task], network)
                 try:
                     source = average_snapshots(lambda: tasks.build_model(cfg), weights,
                                                Path(tmp) / "mean.weights.h5")

@@ -13,7 +13,7 @@ number of workers.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .loop import last_snapshot, snapshot_path, snapshot_step
@@ -135,7 +135,6 @@ def _average_for(task):
         from . import tasks
         from .loop import average_snapshots
 
-        cfg = tasks.TASKS[task]
-        cfg = replace(cfg, network={**cfg.network, **(network or {})})
+        cfg = tasks.with_network(tasks.TASKS[task], network)
         return average_snapshots(lambda: tasks.build_model(cfg), paths, out_path, weights)
     return average

@@ -195,10 +195,16 @@ def load_anatomies(source, *, cauda_equina: bool = False) -> list:
         return [Anatomy.load(f) for f in npz]
     if not (source / "PAM50").is_dir():
         raise FileNotFoundError(f"no PAM50 label maps in {source}")
-    out = [Anatomy.from_pam50(source / "PAM50", cauda_equina=cauda_equina)]
-    for cord in sorted((source / "spinegeneric").glob("*_seg-manual.nii.gz")):
+    return [Anatomy.from_pam50(source / "PAM50", cauda_equina=cauda_equina)] + mask_anatomies(source)
+
+
+def mask_anatomies(labelmaps, *, held_out: bool = False) -> list:
+    """Anatomies from the manual cord (and CSF) masks in `labelmaps/spinegeneric`: the training subjects', or
+    with `held_out` those of HELD_OUT_SUBJECTS (validation only)."""
+    out = []
+    for cord in sorted((Path(labelmaps) / "spinegeneric").glob("*_seg-manual.nii.gz")):
         subject, acq = cord.name.split("_")[:2]
-        if subject in HELD_OUT_SUBJECTS or acq == "T1w":  # T1w masks here repeat the same subject's T2w mask
+        if (subject in HELD_OUT_SUBJECTS) != held_out or acq == "T1w":  # T1w masks repeat the T2w one
             continue
         csf = cord.with_name(cord.name.replace("_seg-manual", "_csfseg-manual"))
         out.append(Anatomy.from_masks(cord, csf if csf.exists() else None))

@@ -4,6 +4,8 @@ Every per-model number the runtime needs is defined here once and written into t
 """
 from __future__ import annotations
 
+import copy
+
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -40,6 +42,13 @@ TASKS = {
                          batch_size=2, learning_rate=2e-3, steps=6000, network={"base_filters": 8},
                          contrasts=("t2", "t2s")),
 }
+
+
+def with_network(cfg: TaskConfig, network: dict | None) -> TaskConfig:
+    """A copy of `cfg` whose network settings are updated with `network` (e.g. another CNN2 width)."""
+    cfg = copy.deepcopy(cfg)
+    cfg.network.update(network or {})
+    return cfg
 
 
 def build_model(cfg: TaskConfig):

@@ -5,7 +5,6 @@ Also reachable as `cordseg train TASK ...`. Resumes from DIR/checkpoint.keras wh
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -29,15 +28,13 @@ def run(task, out, *, steps=None, batch_size=None, learning_rate=None, labelmaps
     from . import losses, synth, tasks
     from .loop import train
 
-    cfg = dataclasses.replace(tasks.TASKS[task], network=dict(tasks.TASKS[task].network))  # a copy to adjust
+    cfg = tasks.with_network(tasks.TASKS[task], network)  # a copy to adjust
     if steps:
         cfg.steps = steps
     if batch_size:
         cfg.batch_size = batch_size
     if learning_rate:
         cfg.learning_rate = learning_rate
-    if network:
-        cfg.network.update(network)
     if lesion_style:
         cfg.lesion_style = lesion_style
     if patch_shape:  # CNN2 is fully convolutional: it may train on smaller patches than it runs on
