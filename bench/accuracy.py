@@ -55,6 +55,8 @@ def main(argv=None):
     p.add_argument("--json", type=Path)
     for task in ("centerline", "sc", "lesion"):
         p.add_argument(f"--{task}", type=Path, help=f"a {task} model to measure instead of the installed one")
+    p.add_argument("--sc-thresholds", help="also report cord Dice of the soft map thresholded at these values "
+                   "(comma-separated, e.g. 0.3,0.5,0.7; the mask itself also keeps the largest component only)")
     a = p.parse_args(argv)
     ctr = dict(centerline_model=a.centerline)
     warnings.simplefilter("ignore")
@@ -73,6 +75,9 @@ def main(argv=None):
         rows.append(dict(image=img, contrast=contrast, centerline_mse_mm2=mse, localization_rate=loc,
                          slices=f"{n}/{n_ref}", dice=d, volume_ratio=float(ratio), seconds=secs))
         print(f"{img:42s} {contrast:8s} {mse:11.3f} {loc:10.3f} {d:9.3f} {ratio:9.2f} {secs:8.2f}")
+        if a.sc_thresholds:
+            soft = np.asarray(cordseg.segment_cord(a.data / img, contrast, soft=True, model=a.sc, centerline=cl).dataobj)
+            rows[-1]["dice_by_threshold"] = {t: metrics.dice(soft >= float(t), truth) for t in a.sc_thresholds.split(",")}
     for img, contrast, ref in CENTERLINE_ONLY:
         t0 = time.perf_counter()
         _, cl = cordseg.detect_centerline(a.data / img, contrast, model=a.centerline)
@@ -80,6 +85,12 @@ def main(argv=None):
         mse, _, n, n_ref = centerline_error(cl, a.data / ref, ref_is_mask=False)  # a one-voxel-per-slice line
         rows.append(dict(image=img, contrast=contrast, centerline_mse_mm2=mse, slices=f"{n}/{n_ref}", seconds=secs))
         print(f"{img:42s} {contrast:8s} {mse:11.3f} {f'{n}/{n_ref} sl':>10s} {'-':>9s} {'-':>9s} {secs:8.2f}")
+    if a.sc_thresholds:
+        sweep = [r["dice_by_threshold"] for r in rows if "dice_by_threshold" in r]
+        print("\ncord Dice of the soft map by threshold (per image, then the median):")
+        for t in a.sc_thresholds.split(","):
+            vals = [d[t] for d in sweep]
+            print(f"  {t:>5s}  " + " ".join(f"{v:.3f}" for v in vals) + f"   median {np.median(vals):.3f}")
     print("\nlesion-free scans (lesions reported; 0 expected):")
     for img in LESION_FREE:
         les = cordseg.segment_lesions(a.data / img, "t2s" if "mt0" in img else "t2", model=a.lesion, **ctr)
