@@ -295,19 +295,22 @@ def float_image(data, ref: nib.Nifti1Image) -> nib.Nifti1Image:
 
 
 def predict(img, contrast, models=None):
-    """Soft lesion map on the native grid, and the model's own threshold. `models` maps a contrast (or "*")
-    to a lesion ONNX file; by default the shipped model (cordseg's model registry) answers."""
+    """Soft lesion map and lesion mask (what `cordseg lesion` writes: thresholded, faint lesions dropped) on
+    the native grid, and the model's own threshold. `models` maps a contrast (or "*") to a lesion ONNX file;
+    by default the shipped model (cordseg's model registry) answers."""
     path = (models or {}).get(contrast, (models or {}).get("*"))
     prob = np.asarray(cordseg.segment_lesions(img, contrast, soft=True, model=path).dataobj, np.float32)
-    return prob, find_model("lesion", contrast, path).threshold
+    mask = np.asarray(cordseg.segment_lesions(img, contrast, model=path).dataobj) > 0
+    return prob, mask, find_model("lesion", contrast, path).threshold
 
 
-def score(prob, ref, zooms, thresholds, default):
-    """Metrics at the model's threshold, and lesion counts at each swept threshold."""
+def score(prob, mask, ref, zooms, thresholds, default):
+    """Metrics of the mask (at the model's threshold), and lesion counts of the soft map at each swept
+    threshold."""
     ref = np.asarray(ref) > 0
     out = {}
     for thr in sorted(set(thresholds) | {default}):
-        pred = prob >= thr
+        pred = mask if thr == default else prob >= thr
         det = metrics.lesion_detection(pred, ref)
         row = dict(n_pred=det.n_pred, n_ref=det.n_ref, tp_pred=det.tp_pred, fp=det.fp, tp_ref=det.tp_ref,
                    fn=det.fn, dice=metrics.dice(pred, ref), pred_mm3=metrics.volume_mm3(pred, zooms))
@@ -322,10 +325,10 @@ def score(prob, ref, zooms, thresholds, default):
 def evaluate_case(img: nib.Nifti1Image, contrast, labels, thresholds=THRESHOLDS, models=None):
     """Run the lesion model on `img` and score it against `labels` (0 = no lesion). Returns (scores, per-lesion
     rows with the detection at the model's threshold and the model's peak probability inside each lesion)."""
-    prob, default = predict(img, contrast, models)
+    prob, mask, default = predict(img, contrast, models)
     zooms = img.header.get_zooms()[:3]
-    scores = score(prob, labels, zooms, thresholds, default)
-    pl, _ = metrics.label_lesions(prob >= default)
+    scores = score(prob, mask, labels, zooms, thresholds, default)
+    pl, _ = metrics.label_lesions(mask)
     per = []
     for k in range(1, int(labels.max()) + 1):
         m = labels == k
@@ -400,8 +403,8 @@ def run(data: Path, seed=0, n=12, thresholds=THRESHOLDS, out=print, models=None)
     for path, _, _ in SCANS:
         img, data_arr, cord, contrast = loaded[path]
         empty = np.zeros(data_arr.shape, np.int16)
-        prob, default = predict(float_image(data_arr, img), contrast, models)
-        scores = score(prob, empty, img.header.get_zooms()[:3], thresholds, default)
+        prob, mask, default = predict(float_image(data_arr, img), contrast, models)
+        scores = score(prob, mask, empty, img.header.get_zooms()[:3], thresholds, default)
         d = scores[f"{default:g}"]
         free.append(dict(scan=path, scores=scores, max_prob_cord=float(prob[cord].max()),
                          max_prob=float(prob.max()), threshold=default))
@@ -474,11 +477,12 @@ def run(data: Path, seed=0, n=12, thresholds=THRESHOLDS, out=print, models=None)
     ms_path, ms_contrast = MS_SCAN
     ms = dict(scan=ms_path)
     if (data / ms_path).exists():
-        prob, thr0 = predict(str(data / ms_path), ms_contrast, models)
+        prob, mask, thr0 = predict(str(data / ms_path), ms_contrast, models)
         ref_img = nib.load(str(data / ms_path))
         ms_rows = []
         for thr in sorted(set(thresholds) | {thr0}):
-            tab = cordseg.lesion_table(float_image((prob >= thr).astype(np.float32), ref_img))
+            pred = mask if thr == thr0 else prob >= thr
+            tab = cordseg.lesion_table(float_image(pred.astype(np.float32), ref_img))
             ms_rows.append(dict(threshold=thr, lesions=len(tab), total_mm3=sum(r.volume_mm3 for r in tab),
                                 volumes_mm3=[round(r.volume_mm3, 1) for r in tab]))
         ms.update(max_prob=float(prob.max()), by_threshold=ms_rows)

@@ -19,7 +19,7 @@ from scipy import ndimage as ndi
 
 from . import centerline as _centerline
 from . import segmentation as _segmentation
-from .errors import CordsegError, CordsegWarning, InputError, NoCordError
+from .errors import CordsegError, CordsegWarning, InputError, ModelError, NoCordError
 from .inference import CONTRASTS, find_model
 from .metrics import axial_axis, label_lesions
 from .io import image_like, load_image, same_grid
@@ -114,7 +114,8 @@ def _given_centerline(centerline, rpi):
 
 
 def _soft_map(task, img, contrast, threshold, model, centerline_model, volume, progress, centerline=None):
-    """Shared by cord and lesion segmentation: (input image, RPI view, probability map, CNN2 model)."""
+    """Shared by cord and lesion segmentation: (input image, RPI view, probability map, CNN2 model,
+    centerline, contrast)."""
     check_threshold(threshold)
     image, contrast, rpi = _prepare(img, contrast, volume)
     cnn2 = find_model(task, contrast, model)  # before any work: a missing model fails fast
@@ -124,7 +125,7 @@ def _soft_map(task, img, contrast, threshold, model, centerline_model, volume, p
     else:
         cl = _centerline.detect(rpi, find_model("centerline", contrast, centerline_model), progress=progress)
     prob = _segmentation.soft_segmentation(cl, cnn2, progress, stage={"sc": "cord", "lesion": "lesions"}[task])
-    return image, rpi, prob, cnn2
+    return image, rpi, prob, cnn2, cl, contrast
 
 
 def segment_cord(img, contrast=None, soft=False, *, threshold=None, model=None, centerline_model=None,
@@ -134,8 +135,8 @@ def segment_cord(img, contrast=None, soft=False, *, threshold=None, model=None, 
     centerline: use this centerline instead of detecting one: a mask (path or image, on any grid of the same
     session; marked voxels on a few slices are interpolated between) or the Centerline that
     detect_centerline returned for this image."""
-    image, rpi, prob, sc_model = _soft_map("sc", img, contrast, threshold, model, centerline_model, volume,
-                                           progress, centerline)
+    image, rpi, prob, sc_model, _, _ = _soft_map("sc", img, contrast, threshold, model, centerline_model, volume,
+                                                 progress, centerline)
     if soft:
         return _mask_image(rpi.to_native(prob), image, np.float32)
     thr = sc_model.threshold if threshold is None else float(threshold)
@@ -146,16 +147,39 @@ def segment_cord(img, contrast=None, soft=False, *, threshold=None, model=None, 
     return _mask_image(rpi.to_native(mask), image)
 
 
-def segment_lesions(img, contrast=None, soft=False, *, threshold=None, model=None, centerline_model=None,
-                    centerline=None, volume=None, progress=None):
+def segment_lesions(img, contrast=None, soft=False, *, threshold=None, min_contrast=None, model=None,
+                    centerline_model=None, cord_model=None, centerline=None, volume=None, progress=None):
     """MS lesion mask (uint8) or probability map (float32) in the cord, on the input grid (centerline: as
-    for segment_cord)."""
-    image, rpi, prob, lesion_model = _soft_map("lesion", img, contrast, threshold, model, centerline_model,
-                                               volume, progress, centerline)
+    for segment_cord).
+
+    The mask keeps only lesions that touch the cord and whose mean intensity is at least `min_contrast`
+    times the median of the lesion-free cord on their slices (None: the lesion model's own value, 1.1 for
+    the shipped one; 0: no screening, every voxel at the threshold). The cord is segmented with `cord_model`
+    (default: the installed cord model for the contrast) along the same centerline. The soft map is the
+    network's output, unscreened."""
+    if min_contrast is not None and not (np.isfinite(min_contrast) and min_contrast >= 0):
+        raise InputError(f"min_contrast must be a number >= 0, got {min_contrast!r}")
+    image, rpi, prob, lesion_model, cl, contrast = _soft_map("lesion", img, contrast, threshold, model,
+                                                            centerline_model, volume, progress, centerline)
     if soft:
         return _mask_image(rpi.to_native(prob), image, np.float32)
     thr = lesion_model.threshold if threshold is None else float(threshold)
-    return _mask_image(rpi.to_native((prob >= thr).astype(np.uint8)), image)
+    mask = (prob >= thr).astype(np.uint8)
+    floor = lesion_model.min_lesion_contrast if min_contrast is None else float(min_contrast)
+    if floor > 0 and mask.any():
+        mask = _screen(mask, rpi, cl, contrast, cord_model, floor, progress)
+    return _mask_image(rpi.to_native(mask), image)
+
+
+def _screen(mask, rpi, cl, contrast, cord_model, min_contrast, progress):
+    try:
+        sc = find_model("sc", contrast, cord_model)
+    except ModelError as err:
+        warnings.warn(f"lesion screening skipped: {err}", CordsegWarning, stacklevel=3)
+        return mask
+    cord_prob = _segmentation.soft_segmentation(cl, sc, progress, stage="cord")
+    cord = _segmentation.keep_largest_component((cord_prob >= sc.threshold).astype(np.uint8))
+    return _segmentation.screen_lesions(mask, rpi.data, cord, min_contrast)[0]
 
 
 @dataclass

@@ -179,9 +179,13 @@ def sc(image, contrast, out, volume, quiet, verbose, soft, threshold, model, cen
 @click.option("--csv", "csv_file", type=click.Path(dir_okay=False), help="write one row per lesion here")
 @click.option("--soft", is_flag=True, help="write the float32 probability map instead of a mask")
 @click.option("--threshold", type=float, default=None, help="probability threshold (default: the model's)")
+@click.option("--min-contrast", type=float, default=None,
+              help="report only lesions touching the cord and at least this many times brighter than the "
+              "cord's median on their slices (default: the model's, 1.1 for the shipped one; 0: no screening)")
 @click.option("--model", type=click.Path(dir_okay=False), help="a CNN2 lesion ONNX model file to use")
 @_given_centerline_option
-def lesion(image, contrast, out, volume, quiet, verbose, csv_file, soft, threshold, model, centerline_file):
+def lesion(image, contrast, out, volume, quiet, verbose, csv_file, soft, threshold, min_contrast, model,
+           centerline_file):
     """MS lesion segmentation -> <stem>_lesionseg.nii.gz; prints lesion count and volume."""
     from . import api
 
@@ -192,8 +196,9 @@ def lesion(image, contrast, out, volume, quiet, verbose, csv_file, soft, thresho
         if not folder.is_dir() or not os.access(folder, os.W_OK):
             _fail(f"cannot write {csv_file}: folder {folder} does not exist or is not writable")
     rep = Reporter(quiet, verbose)
-    seg = _run(lambda: api.segment_lesions(image, contrast, soft=soft, threshold=threshold, model=model,
-                                           centerline=centerline_file, volume=volume, progress=rep))
+    seg = _run(lambda: api.segment_lesions(image, contrast, soft=soft, threshold=threshold,
+                                           min_contrast=min_contrast, model=model, centerline=centerline_file,
+                                           volume=volume, progress=rep))
     rep.done()
     _save(seg, path)
     if soft:

@@ -118,6 +118,11 @@ class Model:
         return float(self.metadata["cordseg_threshold"])
 
     @property
+    def min_lesion_contrast(self) -> float:
+        """Lesion models: the least lesion/cord intensity ratio a reported lesion has (0: no check)."""
+        return float(self.metadata.get("cordseg_min_lesion_contrast", "0"))
+
+    @property
     def size_multiple(self) -> int:
         return int(self.metadata.get("cordseg_size_multiple", "1"))
 

@@ -147,16 +147,20 @@ def test_lesions_on_a_lesion_free_phantom():
     les = cordseg.segment_lesions(ph.image, "t2")
     assert_on_grid(les, ph.image)
     assert les.get_data_dtype() == np.uint8
-    # measured: one 4 mm3 speck in the phantom's one-voxel-thin bright CSF ring, outside the cord (peak p
-    # 0.54); the real lesion-free scans give none (tests/test_real_data.py). A lesion of real size is a fault.
-    assert sum(row.volume_mm3 for row in lesion_table(les)) <= 8
+    # the network alone marks a 4 mm3 speck in the phantom's one-voxel-thin bright CSF ring (peak p 0.54),
+    # outside the cord: screening drops it (segmentation.screen_lesions)
+    assert lesion_table(les) == []
+    raw = cordseg.segment_lesions(ph.image, "t2", min_contrast=0)
+    assert 0 < sum(row.volume_mm3 for row in lesion_table(raw)) <= 8
 
 
-@pytest.mark.xfail(strict=True, reason="the shipped lesion model (session 6) marks a 3-6 mm3 speck in the "
-                   "phantom's thin CSF ring on 5 of 6 seeds; the model shipped before it found none")
-def test_no_lesion_at_all_on_a_lesion_free_phantom():
-    ph = make_phantom((48, 48, 24), axcodes=("R", "P", "I"), seed=0)
-    assert lesion_table(cordseg.segment_lesions(ph.image, "t2")) == []
+def test_screened_lesions_on_lesion_free_phantoms():
+    """Measured on seeds 0-7: none on seven; on seed 2 one voxel (1 mm3) in the cord, 1.15x its median."""
+    total = 0.0
+    for seed in range(4):
+        ph = make_phantom((48, 48, 24), axcodes=("R", "P", "I"), seed=seed)
+        total += sum(row.volume_mm3 for row in lesion_table(cordseg.segment_lesions(ph.image, "t2")))
+    assert total <= 2
 
 
 def test_path_input_reads_contrast_from_the_name(tmp_path):

@@ -196,12 +196,21 @@ def test_lesion_csv_with_the_shipped_model(tmp_path, t2w):
     assert result.exit_code == 0, stderr
     seg = assert_on_grid(tmp_path / "sub-01_T2w_lesionseg.nii.gz", t2w)
     assert seg.get_data_dtype() == np.uint8
-    # lesion-free phantom; measured: 2 specks, 16 mm3, in its thin bright CSF ring (see test_api's xfail)
+    # lesion-free phantom; measured: one 2 mm3 speck in the cord (unscreened, --min-contrast 0: two, 11 mm3)
     match = re.match(r"lesions: (\d+), total volume ([\d.]+) mm3 -> ", stdout)
-    assert match and int(match[1]) <= 3 and float(match[2]) <= 24
+    assert match and int(match[1]) <= 1 and float(match[2]) <= 4
     header, rows = read_csv(table)
     assert header == LESION_HEADER and len(rows) == int(match[1])
     assert sum(float(r[1]) for r in rows) == pytest.approx(float(match[2]), abs=0.1)
+
+
+def test_lesion_min_contrast_option(tmp_path, t2w):
+    result, stdout, stderr = invoke("lesion", t2w, "-o", tmp_path, "--min-contrast", "0", "-q")
+    assert result.exit_code == 0, stderr
+    n = int(re.match(r"lesions: (\d+)", stdout)[1])
+    assert n == 2  # measured: both of the network's specks, unscreened
+    result, stdout, stderr = invoke("lesion", t2w, "-o", tmp_path, "--min-contrast", "-1", "-q")
+    assert result.exit_code != 0 and "min_contrast" in stderr and "Traceback" not in stderr
 
 
 def test_lesion_csv_rows_match_the_mask(tmp_path, t2w, tiny_onnx):

@@ -117,9 +117,10 @@ def test_scoring_perfect_and_empty_predictions():
     labels = np.zeros((20, 20, 10), np.int16)
     labels[2:5, 2:5, 2:4] = 1
     labels[10:14, 10:13, 5:8] = 2
-    perfect = bench.score((labels > 0).astype(np.float32), labels, (1, 1, 1), (0.1, 0.5), 0.5)["0.5"]
+    perfect = bench.score((labels > 0).astype(np.float32), labels > 0, labels, (1, 1, 1), (0.1, 0.5), 0.5)["0.5"]
     assert perfect["dice"] == 1.0 and perfect["lesion_sensitivity"] == 1.0 and perfect["lesion_precision"] == 1.0
-    empty = bench.score(np.zeros(labels.shape, np.float32), labels, (1, 1, 1), (0.1,), 0.5)
+    empty = bench.score(np.zeros(labels.shape, np.float32), np.zeros(labels.shape, bool), labels, (1, 1, 1),
+                        (0.1,), 0.5)
     assert empty["0.5"]["dice"] == 0.0 and empty["0.5"]["fn"] == 2 and empty["0.5"]["n_pred"] == 0
     assert math.isnan(empty["0.5"]["lesion_precision"])
     assert set(empty) == {"0.1", "0.5"}

@@ -31,6 +31,11 @@ class TaskConfig:
     p_conus: float = 0.0  # centerline: share of template slices drawn around the conus
 
 
+# Reported lesions must be this much brighter than the lesion-free cord on their slices (t2/t2s lesions
+# are hyper-intense). Below the faintest lesion the generator draws (1 + 0.3 * 0.4 = 1.12 times its
+# surroundings, the "faint" style) and above bright grey matter (1.01-1.05 of the cord's median on mt0).
+MIN_LESION_CONTRAST = 1.1
+
 TASKS = {
     "centerline": TaskConfig("centerline", (1.0, 1.0, None), (96, 96), "percentile_slices", 0.5,
                              batch_size=12, learning_rate=2e-3, steps=6000,
@@ -142,4 +147,4 @@ def metadata(cfg: TaskConfig, *, contrast: str, steps: int, summary: str, versio
         "cordseg_version": version,
         "cordseg_training": summary,
         "cordseg_steps": str(steps),
-    }
+    } | ({"cordseg_min_lesion_contrast": f"{MIN_LESION_CONTRAST:g}"} if cfg.task == "lesion" else {})

@@ -1,0 +1,85 @@
+"""Lesion screening (segmentation.screen_lesions, segment_lesions(min_contrast=)): reported lesions touch the
+cord and are brighter than the lesion-free cord on their slices."""
+import numpy as np
+import pytest
+
+import cordseg
+from cordseg import segmentation
+from cordseg.errors import InputError
+from cordseg.phantom import make_phantom
+
+
+def _scene():
+    """A 12-voxel-wide square cord of intensity 100 over 10 slices; masks of three candidate lesions."""
+    image = np.full((40, 40, 10), 20.0, np.float32)
+    cord = np.zeros(image.shape, np.uint8)
+    cord[14:26, 14:26, :] = 1
+    image[cord > 0] = 100.0
+    mask = np.zeros(image.shape, np.uint8)
+    mask[16:19, 16:19, 2:4] = 1  # bright: 1.5x the cord
+    image[16:19, 16:19, 2:4] = 150.0
+    mask[22:25, 22:25, 6:8] = 1  # as bright as the cord around it (bright grey matter)
+    image[22:25, 22:25, 6:8] = 103.0
+    mask[2:5, 2:5, 4:6] = 1  # outside the cord (bright CSF)
+    image[2:5, 2:5, 4:6] = 180.0
+    return image, cord, mask
+
+
+def test_contrast_of_each_lesion_against_the_cord_on_its_slices():
+    image, cord, mask = _scene()
+    labels, contrasts = segmentation.lesion_contrasts(mask, image, cord)
+    by_label = {int(labels[17, 17, 2]): 1.5, int(labels[23, 23, 6]): 1.03}
+    for label, expected in by_label.items():
+        assert contrasts[label - 1] == pytest.approx(expected)
+
+
+def test_screening_keeps_the_bright_lesion_in_the_cord_only():
+    image, cord, mask = _scene()
+    kept, dropped = segmentation.screen_lesions(mask, image, cord, 1.1)
+    assert dropped == 2
+    assert kept.dtype == mask.dtype and kept.sum() == 18 and kept[16:19, 16:19, 2:4].all()
+    # a lower bar keeps the faint one too, never the one outside the cord
+    kept, dropped = segmentation.screen_lesions(mask, image, cord, 1.0)
+    assert dropped == 1 and kept[22:25, 22:25, 6:8].all() and not kept[2:5, 2:5, 4:6].any()
+
+
+def test_screening_is_the_same_on_an_offset_image():
+    """Intensities below zero (a z-scored or offset image) are measured from the image's floor."""
+    image, cord, mask = _scene()
+    shifted = image - 60.0  # cord 40, bright lesion 90, background -40
+    # measured from the floor (-40): bright 130/80, faint 83/80; the same two are dropped
+    kept, dropped = segmentation.screen_lesions(mask, shifted, cord, 1.1)
+    assert kept[16:19, 16:19, 2:4].all() and not kept[22:25, 22:25, 6:8].any() and dropped == 2
+
+
+def test_no_judgement_without_enough_cord():
+    """Where the cord on a lesion's slices is nearly all lesion, the lesion is kept (nothing to compare)."""
+    image = np.full((20, 20, 4), 10.0, np.float32)
+    cord = np.zeros(image.shape, np.uint8)
+    cord[8:12, 8:12, 1:3] = 1
+    mask = cord.copy()
+    kept, dropped = segmentation.screen_lesions(mask, image, cord, 1.1)
+    assert dropped == 0 and np.array_equal(kept, mask)
+
+
+def test_empty_mask_is_returned_unchanged():
+    image, cord, _ = _scene()
+    empty = np.zeros(image.shape, np.uint8)
+    kept, dropped = segmentation.screen_lesions(empty, image, cord, 1.1)
+    assert dropped == 0 and not kept.any()
+
+
+def test_min_contrast_zero_is_the_thresholded_soft_map():
+    ph = make_phantom((48, 48, 24), axcodes=("R", "P", "I"), seed=2)
+    soft = np.asarray(cordseg.segment_lesions(ph.image, "t2", soft=True).dataobj)
+    raw = np.asarray(cordseg.segment_lesions(ph.image, "t2", min_contrast=0).dataobj)
+    assert np.array_equal(raw, (soft >= 0.5).astype(np.uint8))
+    screened = np.asarray(cordseg.segment_lesions(ph.image, "t2").dataobj)
+    assert (screened <= raw).all()  # screening only removes whole lesions
+
+
+@pytest.mark.parametrize("bad", [-0.5, float("nan"), float("inf")])
+def test_bad_min_contrast_is_refused(bad):
+    ph = make_phantom((24, 24, 8), seed=0)
+    with pytest.raises(InputError, match="min_contrast"):
+        cordseg.segment_lesions(ph.image, "t2", min_contrast=bad)
