@@ -18,9 +18,10 @@ masks, by a procedure that shares nothing with training/synth.insert_lesions:
   1-4 per scan, intensity footprints disjoint and reference lesions separate 26-connected components.
 
 The reference lesion mask is the set of cord voxels at least half inside the shape (the half-maximum contour
-of the profile). Each case is scored with cordseg.metrics (voxel Dice, the paper's 25% lesion-wise rule); the
-unmodified scans give false positives on lesion-free scans; thresholds 0.1-0.5 are swept on the soft map
-(report only: the model's own threshold is what ships); the real MS scan unlabeled/t2_ms_axial is reported.
+of the profile). Each case is scored with cordseg.metrics (voxel Dice, the paper's 25% lesion-wise rule) on
+the mask `cordseg lesion` writes (threshold, then lesion screening: `--min-contrast`); the unmodified scans
+give false positives on lesion-free scans; thresholds 0.1-0.5 are swept on the unscreened soft map (report
+only: the model's own threshold is what ships); the real MS scan unlabeled/t2_ms_axial is reported.
 """
 from __future__ import annotations
 
@@ -294,38 +295,41 @@ def float_image(data, ref: nib.Nifti1Image) -> nib.Nifti1Image:
 # ------------------------------------------------------------------------------------------ evaluation
 
 
-def predict(img, contrast, models=None):
+def predict(img, contrast, models=None, min_contrast=None):
     """Soft lesion map and lesion mask (what `cordseg lesion` writes: thresholded, faint lesions dropped) on
     the native grid, and the model's own threshold. `models` maps a contrast (or "*") to a lesion ONNX file;
-    by default the shipped model (cordseg's model registry) answers."""
+    by default the shipped model (cordseg's model registry) answers. `min_contrast`: the mask's lesion
+    screening (None: the model's own; 0: none)."""
     path = (models or {}).get(contrast, (models or {}).get("*"))
     prob = np.asarray(cordseg.segment_lesions(img, contrast, soft=True, model=path).dataobj, np.float32)
-    mask = np.asarray(cordseg.segment_lesions(img, contrast, model=path).dataobj) > 0
+    mask = np.asarray(cordseg.segment_lesions(img, contrast, model=path, min_contrast=min_contrast).dataobj) > 0
     return prob, mask, find_model("lesion", contrast, path).threshold
 
 
 def score(prob, mask, ref, zooms, thresholds, default):
-    """Metrics of the mask (at the model's threshold), and lesion counts of the soft map at each swept
-    threshold."""
+    """Metrics of the mask (key "mask": what the CLI writes) and lesion counts of the unscreened soft map at
+    each swept threshold and the model's own (keys "0.1", ...)."""
     ref = np.asarray(ref) > 0
-    out = {}
-    for thr in sorted(set(thresholds) | {default}):
-        pred = mask if thr == default else prob >= thr
+
+    def row(pred, full):
         det = metrics.lesion_detection(pred, ref)
-        row = dict(n_pred=det.n_pred, n_ref=det.n_ref, tp_pred=det.tp_pred, fp=det.fp, tp_ref=det.tp_ref,
-                   fn=det.fn, dice=metrics.dice(pred, ref), pred_mm3=metrics.volume_mm3(pred, zooms))
-        if thr == default:
-            row.update(lesion_sensitivity=det.sensitivity, lesion_precision=det.precision,
-                       voxel_sensitivity=metrics.voxel_sensitivity(pred, ref),
-                       voxel_precision=metrics.voxel_precision(pred, ref))
-        out[f"{thr:g}"] = row
+        r = dict(n_pred=det.n_pred, n_ref=det.n_ref, tp_pred=det.tp_pred, fp=det.fp, tp_ref=det.tp_ref,
+                 fn=det.fn, dice=metrics.dice(pred, ref), pred_mm3=metrics.volume_mm3(pred, zooms))
+        if full:
+            r.update(lesion_sensitivity=det.sensitivity, lesion_precision=det.precision,
+                     voxel_sensitivity=metrics.voxel_sensitivity(pred, ref),
+                     voxel_precision=metrics.voxel_precision(pred, ref))
+        return r
+
+    out = {f"{thr:g}": row(prob >= thr, False) for thr in sorted(set(thresholds) | {default})}
+    out["mask"] = row(np.asarray(mask, bool), True)
     return out
 
 
-def evaluate_case(img: nib.Nifti1Image, contrast, labels, thresholds=THRESHOLDS, models=None):
+def evaluate_case(img: nib.Nifti1Image, contrast, labels, thresholds=THRESHOLDS, models=None, min_contrast=None):
     """Run the lesion model on `img` and score it against `labels` (0 = no lesion). Returns (scores, per-lesion
     rows with the detection at the model's threshold and the model's peak probability inside each lesion)."""
-    prob, mask, default = predict(img, contrast, models)
+    prob, mask, default = predict(img, contrast, models, min_contrast)
     zooms = img.header.get_zooms()[:3]
     scores = score(prob, mask, labels, zooms, thresholds, default)
     pl, _ = metrics.label_lesions(mask)
@@ -357,7 +361,7 @@ def _pooled(rows, key):
                 f1=f1)
 
 
-def run(data: Path, seed=0, n=12, thresholds=THRESHOLDS, out=print, models=None):
+def run(data: Path, seed=0, n=12, thresholds=THRESHOLDS, out=print, models=None, min_contrast=None):
     loaded = {}
     for path, cord_path, contrast in SCANS:
         img = nib.load(str(data / path))
@@ -367,8 +371,9 @@ def run(data: Path, seed=0, n=12, thresholds=THRESHOLDS, out=print, models=None)
     for contrast in sorted({c for _, _, c in SCANS}):
         path = (models or {}).get(contrast, (models or {}).get("*"))
         m = find_model("lesion", contrast, path)
+        screen = m.min_lesion_contrast if min_contrast is None else min_contrast
         out(f"Lesion model for {contrast}: {m.path} ({m.metadata.get('cordseg_source', '?')}; threshold "
-            f"{m.threshold:g})")
+            f"{m.threshold:g}; lesion screening " + (f"min contrast {screen:g})" if screen > 0 else "off)"))
     out("\n## Inserted lesions\n")
     out("| case | scan | seed | lesions | ref mm3 | ratio | pred | TP | FN | FP | Dice | les sens | les prec "
         "| vox sens | vox prec | peak p in lesions | s |")
@@ -382,9 +387,9 @@ def run(data: Path, seed=0, n=12, thresholds=THRESHOLDS, out=print, models=None)
         ins = insert_lesions(data_arr, cord, img.header.get_zooms()[:3], axis, rng, ratio=RATIO[contrast])
         t0 = time.perf_counter()
         scores, per, default = evaluate_case(float_image(ins.image, img), contrast, ins.labels, thresholds,
-                                               models)
+                                               models, min_contrast)
         secs = time.perf_counter() - t0
-        d = scores[f"{default:g}"]
+        d = scores["mask"]
         lesions = [asdict(les) | p for les, p in zip(ins.lesions, per)]
         cases.append(dict(case=i, scan=path, contrast=contrast, rng=[seed, i], lesions=lesions, scores=scores,
                           threshold=default, seconds=secs))
@@ -403,16 +408,16 @@ def run(data: Path, seed=0, n=12, thresholds=THRESHOLDS, out=print, models=None)
     for path, _, _ in SCANS:
         img, data_arr, cord, contrast = loaded[path]
         empty = np.zeros(data_arr.shape, np.int16)
-        prob, mask, default = predict(float_image(data_arr, img), contrast, models)
+        prob, mask, default = predict(float_image(data_arr, img), contrast, models, min_contrast)
         scores = score(prob, mask, empty, img.header.get_zooms()[:3], thresholds, default)
-        d = scores[f"{default:g}"]
+        d = scores["mask"]
         free.append(dict(scan=path, scores=scores, max_prob_cord=float(prob[cord].max()),
                          max_prob=float(prob.max()), threshold=default))
         out(f"| {Path(path).name} | {d['n_pred']} | {d['pred_mm3']:.1f} | {prob[cord].max():.3g} | "
             f"{prob.max():.3g} |")
 
     default = cases[0]["threshold"]
-    key = f"{default:g}"
+    key = "mask"
     dices = [c["scores"][key]["dice"] for c in cases]
     sens = [c["scores"][key]["lesion_sensitivity"] for c in cases]
     prec = [c["scores"][key]["lesion_precision"] for c in cases]
@@ -454,17 +459,20 @@ def run(data: Path, seed=0, n=12, thresholds=THRESHOLDS, out=print, models=None)
         breakdown[name] = dict(detected=det, lesions=len(g), median_peak_prob=med)
         out(f"| {name} | {det}/{len(g)} | {med:.2f} |")
 
-    out("\n## Threshold sweep (soft map thresholded; report only, the shipped threshold is unchanged)\n")
+    out("\n## Threshold sweep (unscreened soft map thresholded; report only, the shipped threshold is "
+        "unchanged; the last row is the screened mask)\n")
     out("| threshold | pooled sens | pooled prec | pooled F1 | median Dice | false lesions on lesion-free scans |")
     out("|---|---|---|---|---|---|")
     sweep = []
-    for thr in sorted(set(thresholds) | {default}):
-        k = f"{thr:g}"
+    for thr in [*sorted(set(thresholds) | {default}), "mask"]:
+        k = thr if thr == "mask" else f"{thr:g}"
         pl = _pooled(cases, k)
         fl = sum(f["scores"][k]["n_pred"] for f in free)
         md = float(np.median([c["scores"][k]["dice"] for c in cases]))
-        sweep.append(dict(threshold=thr, **pl, median_dice=md, lesion_free_false_lesions=fl))
-        out(f"| {thr:g} | {pl['tp_ref']}/{pl['n_ref']} = {_fmt(pl['sensitivity'], '.3f')} | "
+        if thr != "mask":
+            sweep.append(dict(threshold=thr, **pl, median_dice=md, lesion_free_false_lesions=fl))
+        name = f"{default:g}, screened" if thr == "mask" else f"{thr:g}"
+        out(f"| {name} | {pl['tp_ref']}/{pl['n_ref']} = {_fmt(pl['sensitivity'], '.3f')} | "
             f"{pl['tp_pred']}/{pl['n_pred']} = {_fmt(pl['precision'], '.3f')} | {pl['f1']:.3f} | {md:.3f} | {fl} |")
     best = max(sweep, key=lambda r: (r["f1"], -abs(r["threshold"] - default)))
     own = [r for r in sweep if r["threshold"] == default][0]["f1"]
@@ -477,7 +485,7 @@ def run(data: Path, seed=0, n=12, thresholds=THRESHOLDS, out=print, models=None)
     ms_path, ms_contrast = MS_SCAN
     ms = dict(scan=ms_path)
     if (data / ms_path).exists():
-        prob, mask, thr0 = predict(str(data / ms_path), ms_contrast, models)
+        prob, mask, thr0 = predict(str(data / ms_path), ms_contrast, models, min_contrast)
         ref_img = nib.load(str(data / ms_path))
         ms_rows = []
         for thr in sorted(set(thresholds) | {thr0}):
@@ -509,10 +517,12 @@ def main(argv=None):
     p.add_argument("--model", action="append", default=[], metavar="[CONTRAST=]ONNX",
                    help="evaluate this lesion model instead of the shipped one (e.g. t2=published_t2.onnx "
                         "t2s=published_t2s.onnx, converted with cordseg import-keras); repeatable")
+    p.add_argument("--min-contrast", type=float, help="lesion screening of the scored masks (default: each "
+                   "model's own, 1.1 for the shipped one and none for imported ones; 0: unscreened)")
     a = p.parse_args(argv)
     models = dict(m.split("=", 1) if "=" in m else ("*", m) for m in a.model) or None
     warnings.simplefilter("ignore")
-    result = run(a.data, a.seed, a.n, models=models)
+    result = run(a.data, a.seed, a.n, models=models, min_contrast=a.min_contrast)
     if a.json:
         a.json.write_text(json.dumps(_strict(result), indent=1, allow_nan=False))
 

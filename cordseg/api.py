@@ -177,8 +177,17 @@ def _screen(mask, rpi, cl, contrast, cord_model, min_contrast, progress):
     except ModelError as err:
         warnings.warn(f"lesion screening skipped: {err}", CordsegWarning, stacklevel=3)
         return mask
-    cord_prob = _segmentation.soft_segmentation(cl, sc, progress, stage="cord")
-    cord = _segmentation.keep_largest_component((cord_prob >= sc.threshold).astype(np.uint8))
+    # the cord is segmented only along the stretches of centerline that hold lesions (a patch depth apart
+    # or more: separate runs), which keeps screening cheap next to the lesion network's own pass
+    depth = int(np.ceil(sc.patch_shape[2] * _centerline.model_grid(rpi, sc)[2] / rpi.zooms[2]))
+    cord = np.zeros(mask.shape, np.uint8)
+    for lo, hi in _segmentation.lesion_slabs(mask, merge_gap=depth):
+        on = (cl.z >= lo - 1) & (cl.z <= hi + 1)
+        if not on.any():
+            continue
+        stretch = _centerline.Centerline(cl.z[on], cl.x[on], cl.y[on], rpi)
+        prob = _segmentation.soft_segmentation(stretch, sc, progress, stage="cord")
+        cord |= _segmentation.keep_largest_component((prob >= sc.threshold).astype(np.uint8))
     return _segmentation.screen_lesions(mask, rpi.data, cord, min_contrast)[0]
 
 

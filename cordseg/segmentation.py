@@ -156,6 +156,19 @@ def keep_largest_component(mask: np.ndarray) -> np.ndarray:
     return (labels == 1 + int(np.argmax(sizes))).astype(mask.dtype)
 
 
+def lesion_slabs(mask: np.ndarray, merge_gap: int) -> list[tuple[int, int]]:
+    """Inclusive axial slice ranges (axis 2) holding the mask's voxels, ranges closer than `merge_gap`
+    slices joined: where a cord mask is needed to judge the lesions, and no more."""
+    zs = np.nonzero(mask.any(axis=(0, 1)))[0]
+    slabs = []
+    for z in zs:
+        if slabs and z - slabs[-1][1] <= merge_gap:
+            slabs[-1][1] = int(z)
+        else:
+            slabs.append([int(z), int(z)])
+    return [tuple(s) for s in slabs]
+
+
 def lesion_contrasts(mask: np.ndarray, image: np.ndarray, cord: np.ndarray) -> tuple[np.ndarray, list]:
     """(labels, [contrast of each 26-connected lesion]): its mean intensity over the median of the
     lesion-free cord on the axial slices it spans (RPI arrays; axis 2 is inferior-superior).

@@ -117,30 +117,42 @@ def test_scoring_perfect_and_empty_predictions():
     labels = np.zeros((20, 20, 10), np.int16)
     labels[2:5, 2:5, 2:4] = 1
     labels[10:14, 10:13, 5:8] = 2
-    perfect = bench.score((labels > 0).astype(np.float32), labels > 0, labels, (1, 1, 1), (0.1, 0.5), 0.5)["0.5"]
-    assert perfect["dice"] == 1.0 and perfect["lesion_sensitivity"] == 1.0 and perfect["lesion_precision"] == 1.0
+    perfect = bench.score((labels > 0).astype(np.float32), labels > 0, labels, (1, 1, 1), (0.1, 0.5), 0.5)
+    assert perfect["0.5"]["dice"] == 1.0 and perfect["0.1"]["tp_ref"] == 2
+    assert perfect["mask"]["lesion_sensitivity"] == 1.0 and perfect["mask"]["lesion_precision"] == 1.0
     empty = bench.score(np.zeros(labels.shape, np.float32), np.zeros(labels.shape, bool), labels, (1, 1, 1),
                         (0.1,), 0.5)
-    assert empty["0.5"]["dice"] == 0.0 and empty["0.5"]["fn"] == 2 and empty["0.5"]["n_pred"] == 0
-    assert math.isnan(empty["0.5"]["lesion_precision"])
-    assert set(empty) == {"0.1", "0.5"}
+    assert empty["mask"]["dice"] == 0.0 and empty["mask"]["fn"] == 2 and empty["mask"]["n_pred"] == 0
+    assert math.isnan(empty["mask"]["lesion_precision"])
+    assert set(empty) == {"0.1", "0.5", "mask"}
+
+
+def test_the_mask_is_scored_apart_from_the_soft_map():
+    """A screened-out lesion counts against the soft map's sweep, not against the mask."""
+    labels = np.zeros((20, 20, 10), np.int16)
+    labels[2:5, 2:5, 2:4] = 1
+    prob = np.zeros(labels.shape, np.float32)
+    prob[2:5, 2:5, 2:4] = 0.9
+    prob[12:15, 12:15, 5:7] = 0.8  # a false lesion the screening removed
+    scores = bench.score(prob, labels > 0, labels, (1, 1, 1), (0.5,), 0.5)
+    assert scores["0.5"]["fp"] == 1 and scores["mask"]["fp"] == 0 and scores["mask"]["dice"] == 1.0
 
 
 def test_evaluation_of_one_small_case_is_finite():
     """One mt0 case (thick-slice T2*-like, the smallest scan) through the shipped lesion model.
 
-    No quality bar: the shipped model (models/cordseg_lesion.onnx, commit d3925ea) outputs ~1e-7 everywhere
-    and detects none of the inserted lesions (python bench/lesions.py, seed 0: pooled sensitivity 0/32)."""
+    The figures themselves are bench/lesions.py's; here the bookkeeping must hold."""
     img, _, _, ins = _insert("mt/mt0", 0)
     scores, per, default = bench.evaluate_case(bench.float_image(ins.image, img), "t2s", ins.labels,
                                                thresholds=(0.1, 0.3))
-    assert set(scores) == {"0.1", "0.3", f"{default:g}"}
+    assert set(scores) == {"0.1", "0.3", f"{default:g}", "mask"}
     for row in scores.values():
         assert math.isfinite(row["dice"]) and 0.0 <= row["dice"] <= 1.0
         assert row["n_ref"] == len(ins.lesions)
         assert row["tp_ref"] + row["fn"] == row["n_ref"] and row["tp_pred"] + row["fp"] == row["n_pred"]
         assert math.isfinite(row["pred_mm3"])
-    d = scores[f"{default:g}"]
+    d = scores["mask"]
+    assert d["n_pred"] <= scores[f"{default:g}"]["n_pred"]  # screening only removes lesions
     assert math.isfinite(d["lesion_sensitivity"]) and 0.0 <= d["lesion_sensitivity"] <= 1.0
     assert math.isfinite(d["voxel_sensitivity"])
     assert len(per) == len(ins.lesions)
@@ -150,17 +162,17 @@ def test_evaluation_of_one_small_case_is_finite():
 def test_shipped_lesion_model_on_inserted_lesions():
     """The shipped lesion model on bench/lesions.py's 12 cases (seed 0), with the bars it meets today.
 
-    Measured: median Dice 0.598, pooled lesion-wise sensitivity 27/32, precision 27/32; one false lesion on the
-    three lesion-free scans (mt0). The issue's targets (Dice 0.6, sensitivity 0.83, precision 0.77, no false
-    lesion) are not all met yet (Dice by 0.002, the false lesion): see models/cordseg_lesion.md.
+    Measured (the screened mask the CLI writes): median Dice 0.598, pooled lesion-wise sensitivity 27/32,
+    precision 27/28; no false lesion on the three lesion-free scans (the network alone marks one on mt0).
+    The issue's Dice target 0.6 is missed by 0.002: see models/cordseg_lesion.md.
     """
     if not DATA.is_dir():
         pytest.skip(f"shared test data not found at {DATA} (it sits beside the repository)")
     res = bench.run(DATA, seed=0, n=12, out=lambda *_: None)
     s = res["summary"]
     assert s["median_dice"] >= 0.58
-    assert s["pooled"]["sensitivity"] >= 0.75 and s["pooled"]["precision"] >= 0.77
-    assert s["lesion_free_false_lesions"] <= 1
+    assert s["pooled"]["sensitivity"] >= 0.8 and s["pooled"]["precision"] >= 0.9
+    assert s["lesion_free_false_lesions"] == 0
 
 
 # ----------------------------------------------------------------------------------------------------

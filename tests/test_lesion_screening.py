@@ -83,3 +83,12 @@ def test_bad_min_contrast_is_refused(bad):
     ph = make_phantom((24, 24, 8), seed=0)
     with pytest.raises(InputError, match="min_contrast"):
         cordseg.segment_lesions(ph.image, "t2", min_contrast=bad)
+
+
+def test_lesion_slabs_join_nearby_lesions_only():
+    mask = np.zeros((8, 8, 100), np.uint8)
+    mask[2, 2, [3, 4, 10, 60, 61, 99]] = 1
+    assert segmentation.lesion_slabs(mask, merge_gap=10) == [(3, 10), (60, 61), (99, 99)]
+    assert segmentation.lesion_slabs(mask, merge_gap=40) == [(3, 10), (60, 99)]
+    assert segmentation.lesion_slabs(mask, merge_gap=50) == [(3, 99)]
+    assert segmentation.lesion_slabs(np.zeros((4, 4, 4), np.uint8), merge_gap=5) == []
