@@ -134,7 +134,9 @@ class Model:
     def describe(self) -> str:
         return (f"{self.path.name}: task {self.task}, contrasts {','.join(self.contrasts)}, "
                 f"patch {self.metadata['cordseg_patch_shape']}, voxel {self.metadata['cordseg_voxel_size']} mm, "
-                f"threshold {self.threshold:g}, {self.metadata.get('cordseg_training', '')}"
+                f"threshold {self.threshold:g}, "
+                + (f"lesion screening min contrast {self.min_lesion_contrast:g}, " if self.min_lesion_contrast else "")
+                + f"{self.metadata.get('cordseg_training', '')}"
                 + (f" WARNING: {self.warning}" if self.warning else ""))
 
     # --- running ---

@@ -71,6 +71,10 @@ def test_open_parses_3d_patch_shape_and_defaults(tmp_path, tiny_onnx):
     assert m.threshold == pytest.approx(0.1)
     assert m.size_multiple == 1  # absent -> any size
     assert m.normalisation_params is None
+    assert m.min_lesion_contrast == 0.0 and "screening" not in m.describe()  # absent -> no screening
+    meta["cordseg_min_lesion_contrast"] = "1.1"
+    m3 = Model.open(tiny_onnx(tmp_path / "les2.onnx", input_shape=("N", 1, 48, 48, 32), metadata=meta))
+    assert m3.min_lesion_contrast == pytest.approx(1.1) and "screening min contrast 1.1" in m3.describe()
     m2 = Model.open(tiny_onnx(tmp_path / "ctr80.onnx", task="centerline", extra={"cordseg_patch_shape": "80x80"}))
     assert m2.patch_shape == (80, 80)
 
@@ -116,6 +120,8 @@ def test_shipped_models_carry_the_whole_contract():
         else:
             assert m.patch_shape is not None and len(m.patch_shape) == 3
         assert m.metadata.get("cordseg_training"), "every model says how it was trained"
+        # the lesion model screens its lesions (t2/t2s lesions are brighter than the cord); the others don't
+        assert m.min_lesion_contrast == (1.1 if m.task == "lesion" else 0.0)
 
 
 # --------------------------------------------------------------------------- finding models
