@@ -92,3 +92,18 @@ def test_lesion_slabs_join_nearby_lesions_only():
     assert segmentation.lesion_slabs(mask, merge_gap=40) == [(3, 10), (60, 99)]
     assert segmentation.lesion_slabs(mask, merge_gap=50) == [(3, 99)]
     assert segmentation.lesion_slabs(np.zeros((4, 4, 4), np.uint8), merge_gap=5) == []
+
+
+def test_screening_without_a_cord_model_warns_and_keeps_the_mask(tmp_path, tiny_onnx):
+    """A lesion model for a contrast that no cord model serves (dwi here) cannot be screened: the command
+    says so and reports the thresholded map."""
+    from cordseg.errors import CordsegWarning
+
+    model = tiny_onnx(tmp_path / "bright.onnx", op="sigmoid", task="lesion", input_shape=("N", 48, 48, 48, 1),
+                      extra={"cordseg_threshold": "0.8", "cordseg_contrast": "dwi",
+                             "cordseg_min_lesion_contrast": "1.1"})
+    ph = make_phantom((40, 40, 16), seed=1)
+    soft = np.asarray(cordseg.segment_lesions(ph.image, "dwi", soft=True, model=model).dataobj)
+    with pytest.warns(CordsegWarning, match="lesion screening skipped"):
+        mask = np.asarray(cordseg.segment_lesions(ph.image, "dwi", model=model).dataobj)
+    assert mask.any() and np.array_equal(mask, (soft >= 0.8).astype(np.uint8))
