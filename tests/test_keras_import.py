@@ -121,6 +121,8 @@ def test_import_published_model(tmp_path, name, task, contrast, layout, patch, t
     assert res.reference_diff is not None and res.reference_diff <= 1e-5
     meta = export.read_metadata(out)
     assert meta == res.metadata
+    # a refused dynamic-size attempt says why (the known, rare fallback to the fixed size shows its cause)
+    assert meta["cordseg_patch_shape"] == patch, f"dynamic-size attempts refused: {res.refusals}"
     assert (meta["cordseg_task"], meta["cordseg_contrast"], meta["cordseg_layout"]) == (task, contrast, layout)
     assert (meta["cordseg_patch_shape"], meta["cordseg_threshold"], meta["cordseg_normalisation"]) == \
         (patch, threshold, norm)

@@ -452,6 +452,7 @@ class ImportResult:
     reference_note: str
     metadata: dict = field(default_factory=dict)
     parameters: int = 0
+    refusals: tuple = ()  # why earlier dynamic-size attempts were refused (empty when the first one passed)
 
 
 def import_keras(h5_path, out_path, *, task: str, contrast: str, atol: float = ATOL, dynamic_2d: bool = True,
@@ -472,7 +473,7 @@ def import_keras(h5_path, out_path, *, task: str, contrast: str, atol: float = A
         raise ModelError(f"unknown contrast '{contrast}' (choose from {', '.join(CONTRASTS)}, comma-separated)")
     h5_path, out_path = Path(h5_path), Path(out_path)
     kf = read_keras_file(h5_path)
-    first_error = None
+    first_error, refusals = None, []
     # only CNN1 runs on whole slices; 2D cord models ran on fixed crops around the centerline
     # The dynamic attempt is made twice, the second time in a cleared Keras session: in a process that has
     # built and converted other networks before, it was now and then refused although it passes on its own.
@@ -500,11 +501,13 @@ def import_keras(h5_path, out_path, *, task: str, contrast: str, atol: float = A
         except ModelError as exc:
             if rebuilt.dynamic:  # retry (then with the file's fixed input size)
                 first_error = first_error or exc
+                refusals.append(str(exc))
                 continue
             if first_error is not None:
                 raise ModelError(f"{exc} (dynamic-size attempt: {first_error})") from exc
             raise
-        return ImportResult(path, max([diff] + diffs), ref_diff, ref_note, meta, int(rebuilt.model.count_params()))
+        return ImportResult(path, max([diff] + diffs), ref_diff, ref_note, meta, int(rebuilt.model.count_params()),
+                            tuple(refusals))
     raise first_error  # pragma: no cover - the loop always returns or raises
 
 
@@ -545,6 +548,8 @@ def _build_click_command():
         click.echo(f"wrote {res.path}: {res.metadata['cordseg_task']} {res.metadata['cordseg_layout']} "
                    f"{res.metadata['cordseg_patch_shape']}, {res.parameters} parameters; max abs difference "
                    f"ONNX vs Keras {res.onnx_diff:.1e}, {ref}")
+        for why in res.refusals:
+            click.echo(f"note: a dynamic-size attempt was refused: {why}", err=True)
 
     return import_keras_cmd
 
