@@ -97,7 +97,7 @@ def main(argv=None):
         n = len(cordseg.lesion_table(les))
         rows.append(dict(image=img, lesions_on_lesion_free=n))
         print(f"  {img:42s} {n}")
-    print("\nunlabelled scans (cord slices found / slices; lesions):")
+    print("\nunlabelled scans (cord slices found / slices; lesions reported, no reference):")
     for img, contrast in UNLABELED:
         t0 = time.perf_counter()
         try:
@@ -112,7 +112,7 @@ def main(argv=None):
             lo, hi = LUMBAR_CONUS_TIP_BY_EYE
             found += (f"; lowest native slice: centerline {int(np.floor(cl.native_points()[:, 2].min()))}, "
                       f"cord mask {int(mask_z.min()) if len(mask_z) else '-'} (conus tip by eye: {lo}-{hi})")
-        if "ms" in img and cl is not None:
+        if cl is not None and contrast in ("t2", "t2s"):  # the lesion model's contrasts
             les = cordseg.segment_lesions(a.data / img, contrast, model=a.lesion, centerline=cl)
         secs = time.perf_counter() - t0
         extra = ""
