@@ -301,8 +301,11 @@ def predict(img, contrast, models=None, min_contrast=None):
     by default the shipped model (cordseg's model registry) answers. `min_contrast`: the mask's lesion
     screening (None: the model's own; 0: none)."""
     path = (models or {}).get(contrast, (models or {}).get("*"))
-    prob = np.asarray(cordseg.segment_lesions(img, contrast, soft=True, model=path).dataobj, np.float32)
-    mask = np.asarray(cordseg.segment_lesions(img, contrast, model=path, min_contrast=min_contrast).dataobj) > 0
+    _, cl = cordseg.detect_centerline(img, contrast)  # once for both maps
+    prob = np.asarray(cordseg.segment_lesions(img, contrast, soft=True, model=path, centerline=cl).dataobj,
+                      np.float32)
+    mask = np.asarray(cordseg.segment_lesions(img, contrast, model=path, min_contrast=min_contrast,
+                                              centerline=cl).dataobj) > 0
     return prob, mask, find_model("lesion", contrast, path).threshold
 
 

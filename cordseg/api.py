@@ -165,9 +165,9 @@ def segment_lesions(img, contrast=None, soft=False, *, threshold=None, min_contr
         return _mask_image(rpi.to_native(prob), image, np.float32)
     thr = lesion_model.threshold if threshold is None else float(threshold)
     mask = (prob >= thr).astype(np.uint8)
-    floor = lesion_model.min_lesion_contrast if min_contrast is None else float(min_contrast)
-    if floor > 0 and mask.any():
-        mask = _screen(mask, rpi, cl, contrast, cord_model, floor, progress)
+    least = lesion_model.min_lesion_contrast if min_contrast is None else float(min_contrast)
+    if least > 0 and mask.any():
+        mask = _screen(mask, rpi, cl, contrast, cord_model, least, progress)
     return _mask_image(rpi.to_native(mask), image)
 
 

@@ -13,6 +13,7 @@ from scipy import ndimage as ndi
 from .centerline import Centerline, model_grid
 from .errors import ModelError
 from .inference import Model
+from .metrics import label_lesions
 from .normalization import normalize_with
 from .resampling import resample, resample_to_shape, resampled_zooms
 
@@ -175,7 +176,7 @@ def lesion_contrasts(mask: np.ndarray, image: np.ndarray, cord: np.ndarray) -> t
 
     Intensities are taken above a floor (0, or the image's lowest values where it has negative ones) so
     that an offset image measures alike. None where the cord on those slices is too small to say."""
-    labels, _ = ndi.label(mask, structure=np.ones((3, 3, 3)))
+    labels, _ = label_lesions(mask)
     floor = min(0.0, float(np.percentile(image, 0.5)))
     healthy = cord.astype(bool) & ~mask.astype(bool)
     out = []
@@ -183,7 +184,8 @@ def lesion_contrasts(mask: np.ndarray, image: np.ndarray, cord: np.ndarray) -> t
         zs = slice(sl[2].start, sl[2].stop)
         ref = image[:, :, zs][healthy[:, :, zs]]
         base = float(np.median(ref)) - floor if ref.size >= MIN_REFERENCE_VOXELS else 0.0
-        out.append(float(image[labels == i].mean() - floor) / base if base > 0 else None)
+        lesion = image[sl][labels[sl] == i]  # within its bounding box, not the whole volume per lesion
+        out.append(float(lesion.mean() - floor) / base if base > 0 else None)
     return labels, out
 
 

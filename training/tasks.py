@@ -33,7 +33,7 @@ class TaskConfig:
 
 # Reported lesions must be this much brighter than the lesion-free cord on their slices (t2/t2s lesions
 # are hyper-intense). Below the faintest lesion the generator draws (1 + 0.3 * 0.4 = 1.12 times its
-# surroundings, the "faint" style) and above bright grey matter (1.01-1.05 of the cord's median on mt0).
+# surroundings, the "faint" style) and above bright grey matter (1.01-1.08 of the cord's median on mt0).
 MIN_LESION_CONTRAST = 1.1
 
 TASKS = {
