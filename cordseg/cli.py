@@ -244,6 +244,11 @@ from .cli_evaluate import evaluate  # noqa: E402
 main.add_command(evaluate)
 
 
+# what the training extra installs; the training modules import them only inside their functions, so a
+# missing one would otherwise surface as a traceback halfway through a command
+TRAIN_EXTRA = ("tensorflow", "keras", "tf2onnx", "onnx")
+
+
 def _extra_command(name, module, function, doc):
     """A command that hands its arguments to the training extra's own parser (TensorFlow loads only then)."""
 
@@ -252,8 +257,18 @@ def _extra_command(name, module, function, doc):
     @click.pass_context
     def command(ctx):
         import importlib
+        import importlib.util
 
+        def absent(package):
+            try:
+                return importlib.util.find_spec(package) is None
+            except ImportError:
+                return True
+
+        missing = [m for m in TRAIN_EXTRA if absent(m)]
         try:
+            if missing:
+                raise ImportError(f"missing: {', '.join(missing)}")
             entry = getattr(importlib.import_module(f"cordseg.training.{module}"), function)
         except ImportError as exc:
             _fail(f"{name} needs the training extra: pip install 'cordseg[train]' ({exc})")

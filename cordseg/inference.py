@@ -43,15 +43,66 @@ def model_dirs() -> list[Path]:
     return unique
 
 
-def read_metadata(path) -> dict:
-    """metadata_props of an ONNX file, without loading the weights into a session."""
-    import onnx
+# ONNX files are protobuf ModelProto messages (onnx/onnx.proto): field 1 ir_version, 7 graph, 14 metadata_props,
+# each entry a StringStringEntryProto (1 key, 2 value). Reading these few fields here keeps the `onnx` package out
+# of the runtime's dependencies (onnxruntime exposes metadata only through a full session).
+_IR_VERSION, _GRAPH, _METADATA_PROPS = 1, 7, 14
 
+
+def _varint(buf, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if pos >= len(buf) or shift > 63:
+            raise ValueError("bad varint")
+        byte = buf[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value, pos
+        shift += 7
+
+
+def _protobuf_fields(buf):
+    """(field number, value) for each field of one protobuf message; length-delimited values are
+    memoryview slices, fixed-width ones are skipped (None)."""
+    pos, end = 0, len(buf)
+    while pos < end:
+        key, pos = _varint(buf, pos)
+        number, wire = key >> 3, key & 7
+        if number == 0:
+            raise ValueError("field number 0")
+        if wire == 0:
+            value, pos = _varint(buf, pos)
+        elif wire == 2:
+            length, pos = _varint(buf, pos)
+            value, pos = buf[pos:pos + length], pos + length
+        elif wire in (1, 5):
+            value, pos = None, pos + (8 if wire == 1 else 4)
+        else:
+            raise ValueError(f"wire type {wire}")
+        if pos > end:
+            raise ValueError("truncated message")
+        yield number, value
+
+
+def read_metadata(path) -> dict:
+    """metadata_props of an ONNX file, read straight from its protobuf bytes (no weights loaded)."""
     try:
-        proto = onnx.load(str(path), load_external_data=False)
-    except Exception as exc:
-        raise ModelError(f"{path}: not a readable ONNX model ({type(exc).__name__})") from None
-    return {p.key: p.value for p in proto.metadata_props}
+        buf = memoryview(Path(path).read_bytes())
+    except OSError as exc:
+        raise ModelError(f"{path}: cannot read ({exc.strerror or type(exc).__name__})") from None
+    try:
+        meta, seen = {}, set()
+        for number, value in _protobuf_fields(buf):
+            seen.add(number)
+            if number == _METADATA_PROPS and value is not None and not isinstance(value, int):
+                entry = {n: bytes(v).decode("utf-8") for n, v in _protobuf_fields(value) if n in (1, 2)}
+                meta[entry.get(1, "")] = entry.get(2, "")
+        if not {_IR_VERSION, _GRAPH} <= seen:
+            raise ValueError("no graph")
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ModelError(f"{path}: not a readable ONNX model ({exc})") from None
+    return meta
 
 
 def _floats(text: str) -> tuple:

@@ -12,6 +12,7 @@ pytest.importorskip("tf2onnx")
 onnx = pytest.importorskip("onnx")
 
 from cordseg.errors import ModelError  # noqa: E402
+from cordseg.inference import read_metadata  # noqa: E402
 from training import export  # noqa: E402
 from training.loop import snapshot_step  # noqa: E402
 from training.networks import build_cnn1, build_cnn2  # noqa: E402
@@ -65,7 +66,7 @@ def _dims(path):
 def test_cnn1_parity_metadata_and_dynamic_sides(cnn1, cnn1_onnx):
     path, diff = cnn1_onnx
     assert path.is_file() and diff <= 1e-4
-    meta = export.read_metadata(path)
+    meta = read_metadata(path)
     assert meta == {k: str(v) for k, v in META.items()}  # all values written as strings
     assert _dims(path) == [None, None, None, 1]  # batch, H and W dynamic
     # a size the check never saw, and not square
@@ -85,7 +86,7 @@ def test_cnn2_parity_fixed_patch_dynamic_batch(tmp_path):
     path = export.export_onnx(model, tmp_path / "sub" / "cnn2.onnx", meta, check_inputs=x)
     assert path == tmp_path / "sub" / "cnn2.onnx" and path.is_file()
     assert _dims(path) == [None, 16, 16, 16, 1]
-    assert export.read_metadata(path) == meta
+    assert read_metadata(path) == meta
     x3 = np.random.default_rng(3).normal(size=(3, 16, 16, 16, 1)).astype(np.float32)
     assert np.max(np.abs(export.onnx_outputs(path.read_bytes(), x3) - export.keras_outputs(model, x3))) <= 1e-4
 
@@ -132,7 +133,7 @@ def test_export_from_weights_uses_task_metadata(tmp_path):
     x = np.random.default_rng(4).normal(size=(2, 32, 32, 1)).astype(np.float32)
     out = export.export_from_weights("centerline", weights, tmp_path / "ctr.onnx", contrast="t1,t2,t2s,dwi",
                                      summary="tiny test network", steps=120, check_inputs=x, network=net)
-    meta = export.read_metadata(out)
+    meta = read_metadata(out)
     expected = tasks.metadata(tasks.TASKS["centerline"], contrast="t1,t2,t2s,dwi", steps=120,
                               summary="tiny test network")
     assert {k: meta[k] for k in expected} == expected
@@ -163,7 +164,7 @@ def test_cli_averages_several_snapshots(tmp_path, capsys):
     out = tmp_path / "mean.onnx"
     rc = export.main(["centerline", *map(str, paths), str(out), "--contrast", "t2", "--summary", "x"])
     assert rc == 0 and "averaged 2 snapshots" in capsys.readouterr().out
-    assert export.read_metadata(out)["cordseg_steps"] == "2"  # the last snapshot's step
+    assert read_metadata(out)["cordseg_steps"] == "2"  # the last snapshot's step
     mean = build()
     mean.set_weights([(a + b) / 2 for a, b in zip(nets[0].get_weights(), nets[1].get_weights())])
     x = np.random.default_rng(5).normal(size=(2, 32, 32, 1)).astype(np.float32)

@@ -106,6 +106,30 @@ def test_missing_and_unreadable_model_files(tmp_path):
         Model.open(junk)
 
 
+def test_metadata_reader_agrees_with_onnx(tiny_onnx, tmp_path):
+    """The runtime's own protobuf reader returns what the onnx package reads, for every shipped file and for
+    a file with unusual values (empty, non-ASCII)."""
+    onnx = pytest.importorskip("onnx")
+    meta = {"cordseg_task": "sc", "cordseg_training": "Zürich, 2×GPU", "empty": ""}
+    files = sorted(SHIPPED.glob("*.onnx")) + [tiny_onnx(tmp_path / "odd.onnx", metadata=meta)]
+    for path in files:
+        expected = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+        assert read_metadata(path) == expected, path.name
+    assert read_metadata(files[-1])["cordseg_training"] == "Zürich, 2×GPU"
+
+
+def test_truncated_model_file_is_refused(tmp_path):
+    whole = sorted(SHIPPED.glob("*.onnx"))[0].read_bytes()
+    cut = tmp_path / "cut.onnx"
+    cut.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(ModelError, match="not a readable ONNX model"):
+        read_metadata(cut)
+    empty = tmp_path / "empty.onnx"
+    empty.write_bytes(b"")
+    with pytest.raises(ModelError, match="not a readable ONNX model"):
+        read_metadata(empty)
+
+
 def test_shipped_models_carry_the_whole_contract():
     found = {m.path.name: m for m in list_models() if m.path.parent.resolve() == SHIPPED.resolve()}
     assert {m.task for m in found.values()} == set(TASKS), f"shipped models: {sorted(found)}"

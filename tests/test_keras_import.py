@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from cordseg.errors import ModelError
+from cordseg.inference import read_metadata
 from cordseg.normalization import (HISTOGRAM_PERCENTILES, SCHEMES, histogram_standardise, normalize_with,
                                    published_ctr, published_lesion)
 
@@ -119,7 +120,7 @@ def test_import_published_model(tmp_path, name, task, contrast, layout, patch, t
     assert res.onnx_diff <= 1e-4
     # the rebuilt network equals Keras' own loader (for CNN1: with the identity Lambda replaced)
     assert res.reference_diff is not None and res.reference_diff <= 1e-5
-    meta = export.read_metadata(out)
+    meta = read_metadata(out)
     assert meta == res.metadata
     # a refused dynamic-size attempt says why (the known, rare fallback to the fixed size shows its cause)
     assert meta["cordseg_patch_shape"] == patch, f"dynamic-size attempts refused: {res.refusals}"

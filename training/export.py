@@ -65,13 +65,6 @@ def set_metadata(proto, metadata: dict) -> None:
         entry.key, entry.value = str(key), str(value)
 
 
-def read_metadata(path) -> dict:
-    import onnx
-
-    proto = onnx.load(str(path), load_external_data=False)
-    return {p.key: p.value for p in proto.metadata_props}
-
-
 def onnx_outputs(proto_or_bytes, inputs: np.ndarray) -> np.ndarray:
     """Run the graph in ONNX Runtime (CPU) on a float32 batch; returns the first output."""
     import onnxruntime as ort
