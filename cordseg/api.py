@@ -57,6 +57,12 @@ def check_threshold(threshold, name="threshold"):
         raise InputError(f"{name} must be between 0 and 1 (exclusive), not {threshold}")
 
 
+def check_threads(threads, name="threads"):
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, (int, np.integer))
+                                or threads < 1):
+        raise InputError(f"{name} must be a whole number >= 1, got {threads!r}")
+
+
 def check_smoothness(smoothness, name="smoothness"):
     """InputError unless `smoothness` is a finite number >= 0."""
     if not (np.isfinite(smoothness) and smoothness >= 0):
@@ -93,11 +99,14 @@ def _mask_image(data, ref, dtype=np.uint8):
 
 
 def detect_centerline(img, contrast=None, *, model=None, smoothness=_centerline.DEFAULT_SMOOTHNESS,
-                      volume=None, progress=None):
-    """Returns (centerline mask image on the input grid, Centerline)."""
+                      volume=None, progress=None, threads=None):
+    """Returns (centerline mask image on the input grid, Centerline).
+
+    threads: CPU threads for ONNX Runtime (None: its default, one per physical core)."""
     check_smoothness(smoothness)
+    check_threads(threads)
     image, contrast, rpi = _prepare(img, contrast, volume)
-    cl = _centerline.detect(rpi, find_model("centerline", contrast, model), smoothness=smoothness,
+    cl = _centerline.detect(rpi, find_model("centerline", contrast, model, threads), smoothness=smoothness,
                             progress=progress)
     return _mask_image(cl.native_mask(), image), cl
 
@@ -113,30 +122,33 @@ def _given_centerline(centerline, rpi):
     return _centerline.from_mask(rpi, np.asanyarray(mask.dataobj), mask.affine)
 
 
-def _soft_map(task, img, contrast, threshold, model, centerline_model, volume, progress, centerline=None):
+def _soft_map(task, img, contrast, threshold, model, centerline_model, volume, progress, centerline=None,
+              threads=None):
     """Shared by cord and lesion segmentation: (input image, RPI view, probability map, CNN2 model,
     centerline, contrast)."""
     check_threshold(threshold)
+    check_threads(threads)
     image, contrast, rpi = _prepare(img, contrast, volume)
-    cnn2 = find_model(task, contrast, model)  # before any work: a missing model fails fast
+    cnn2 = find_model(task, contrast, model, threads)  # before any work: a missing model fails fast
     _warn_if_flagged(cnn2)
     if centerline is not None:
         cl = _given_centerline(centerline, rpi)
     else:
-        cl = _centerline.detect(rpi, find_model("centerline", contrast, centerline_model), progress=progress)
+        cl = _centerline.detect(rpi, find_model("centerline", contrast, centerline_model, threads),
+                                progress=progress)
     prob = _segmentation.soft_segmentation(cl, cnn2, progress, stage={"sc": "cord", "lesion": "lesions"}[task])
     return image, rpi, prob, cnn2, cl, contrast
 
 
 def segment_cord(img, contrast=None, soft=False, *, threshold=None, model=None, centerline_model=None,
-                 centerline=None, volume=None, progress=None):
+                 centerline=None, volume=None, progress=None, threads=None):
     """Spinal cord mask (uint8) or, with soft=True, its probability map (float32), on the input grid.
 
     centerline: use this centerline instead of detecting one: a mask (path or image, on any grid of the same
     session; marked voxels on a few slices are interpolated between) or the Centerline that
-    detect_centerline returned for this image."""
+    detect_centerline returned for this image. threads: as for detect_centerline."""
     image, rpi, prob, sc_model, _, _ = _soft_map("sc", img, contrast, threshold, model, centerline_model, volume,
-                                                 progress, centerline)
+                                                 progress, centerline, threads)
     if soft:
         return _mask_image(rpi.to_native(prob), image, np.float32)
     thr = sc_model.threshold if threshold is None else float(threshold)
@@ -148,7 +160,8 @@ def segment_cord(img, contrast=None, soft=False, *, threshold=None, model=None, 
 
 
 def segment_lesions(img, contrast=None, soft=False, *, threshold=None, min_contrast=None, model=None,
-                    centerline_model=None, cord_model=None, centerline=None, volume=None, progress=None):
+                    centerline_model=None, cord_model=None, centerline=None, volume=None, progress=None,
+                    threads=None):
     """MS lesion mask (uint8) or probability map (float32) in the cord, on the input grid (centerline: as
     for segment_cord).
 
@@ -156,24 +169,25 @@ def segment_lesions(img, contrast=None, soft=False, *, threshold=None, min_contr
     times the median of the lesion-free cord on their slices (None: the lesion model's own value, 1.1 for
     the shipped one; 0: no screening, every voxel at the threshold). The cord is segmented with `cord_model`
     (default: the installed cord model for the contrast) along the same centerline. The soft map is the
-    network's output, unscreened."""
+    network's output, unscreened. threads: as for detect_centerline."""
     if min_contrast is not None and not (np.isfinite(min_contrast) and min_contrast >= 0):
         raise InputError(f"min_contrast must be a number >= 0, got {min_contrast!r}")
     image, rpi, prob, lesion_model, cl, contrast = _soft_map("lesion", img, contrast, threshold, model,
-                                                            centerline_model, volume, progress, centerline)
+                                                            centerline_model, volume, progress, centerline,
+                                                            threads)
     if soft:
         return _mask_image(rpi.to_native(prob), image, np.float32)
     thr = lesion_model.threshold if threshold is None else float(threshold)
     mask = (prob >= thr).astype(np.uint8)
     least = lesion_model.min_lesion_contrast if min_contrast is None else float(min_contrast)
     if least > 0 and mask.any():
-        mask = _screen(mask, rpi, cl, contrast, cord_model, least, progress)
+        mask = _screen(mask, rpi, cl, contrast, cord_model, least, progress, threads)
     return _mask_image(rpi.to_native(mask), image)
 
 
-def _screen(mask, rpi, cl, contrast, cord_model, min_contrast, progress):
+def _screen(mask, rpi, cl, contrast, cord_model, min_contrast, progress, threads=None):
     try:
-        sc = find_model("sc", contrast, cord_model)
+        sc = find_model("sc", contrast, cord_model, threads)
     except ModelError as err:
         warnings.warn(f"lesion screening skipped: {err}", CordsegWarning, stacklevel=3)
         return mask

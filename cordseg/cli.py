@@ -80,6 +80,9 @@ def _run(fn):
 
 def _common(f):
     f = click.option("-v", "--verbose", is_flag=True, help="print each stage's time")(f)
+    f = click.option("--threads", type=click.IntRange(min=1), default=None, envvar="CORDSEG_THREADS",
+                     show_envvar=True, help="CPU threads for the networks (default: one per physical core; "
+                     "set it to the cores a cluster job was given)")(f)
     f = click.option("-q", "--quiet", is_flag=True, help="no progress bar")(f)
     f = click.option("--volume", type=int, default=None, help="volume of a 4D image to use (0-based)")(f)
     f = click.option("-o", "--output", "out", type=click.Path(), default=None,
@@ -126,7 +129,7 @@ def main():
 @_common
 @click.option("--model", type=click.Path(dir_okay=False), help="a CNN1 ONNX model file to use")
 @click.option("--smoothness", type=float, default=None, help="OptiC's curvature penalty (default 1.0)")
-def centerline(image, contrast, out, volume, quiet, verbose, model, smoothness):
+def centerline(image, contrast, out, volume, quiet, verbose, threads, model, smoothness):
     """Cord centerline: a NIfTI mask (one voxel per slice) and a CSV beside it."""
     from . import api
     from .centerline import DEFAULT_SMOOTHNESS
@@ -136,6 +139,7 @@ def centerline(image, contrast, out, volume, quiet, verbose, model, smoothness):
     path = _output(image, out, "_centerline")
     rep = Reporter(quiet, verbose)
     mask, cl = _run(lambda: api.detect_centerline(image, contrast, model=model, volume=volume, progress=rep,
+                                                  threads=threads,
                                                   smoothness=DEFAULT_SMOOTHNESS if smoothness is None else smoothness))
     rep.done()
     _save(mask, path)
@@ -155,7 +159,7 @@ def centerline(image, contrast, out, volume, quiet, verbose, model, smoothness):
 @click.option("--threshold", type=float, default=None, help="probability threshold (default: the model's)")
 @click.option("--model", type=click.Path(dir_okay=False), help="a CNN2 cord ONNX model file to use")
 @_given_centerline_option
-def sc(image, contrast, out, volume, quiet, verbose, soft, threshold, model, centerline_file):
+def sc(image, contrast, out, volume, quiet, verbose, threads, soft, threshold, model, centerline_file):
     """Spinal cord segmentation -> <stem>_seg.nii.gz."""
     from . import api
 
@@ -163,7 +167,8 @@ def sc(image, contrast, out, volume, quiet, verbose, soft, threshold, model, cen
     _run(lambda: api.check_threshold(threshold, "--threshold"))
     rep = Reporter(quiet, verbose)
     seg = _run(lambda: api.segment_cord(image, contrast, soft=soft, threshold=threshold, model=model,
-                                        centerline=centerline_file, volume=volume, progress=rep))
+                                        centerline=centerline_file, volume=volume, progress=rep,
+                                        threads=threads))
     rep.done()
     _save(seg, path)
     if not quiet:
@@ -184,7 +189,7 @@ def sc(image, contrast, out, volume, quiet, verbose, soft, threshold, model, cen
               "cord's median on their slices (default: the model's, 1.1 for the shipped one; 0: no screening)")
 @click.option("--model", type=click.Path(dir_okay=False), help="a CNN2 lesion ONNX model file to use")
 @_given_centerline_option
-def lesion(image, contrast, out, volume, quiet, verbose, csv_file, soft, threshold, min_contrast, model,
+def lesion(image, contrast, out, volume, quiet, verbose, threads, csv_file, soft, threshold, min_contrast, model,
            centerline_file):
     """MS lesion segmentation -> <stem>_lesionseg.nii.gz; prints lesion count and volume."""
     from . import api
@@ -198,7 +203,7 @@ def lesion(image, contrast, out, volume, quiet, verbose, csv_file, soft, thresho
     rep = Reporter(quiet, verbose)
     seg = _run(lambda: api.segment_lesions(image, contrast, soft=soft, threshold=threshold,
                                            min_contrast=min_contrast, model=model, centerline=centerline_file,
-                                           volume=volume, progress=rep))
+                                           volume=volume, progress=rep, threads=threads))
     rep.done()
     _save(seg, path)
     if soft:

@@ -199,7 +199,7 @@ class Model:
                 raise ModelError("onnxruntime is not installed") from None
             opts = ort.SessionOptions()
             if self.threads:
-                opts.intra_op_num_threads = self.threads
+                opts.intra_op_num_threads = int(self.threads)
             opts.log_severity_level = 3
             try:
                 self._session = ort.InferenceSession(str(self.path), sess_options=opts,

@@ -217,6 +217,14 @@ def test_unnamed_image_needs_a_contrast():
     assert issubclass(InputError, CordsegError)
 
 
+@pytest.mark.parametrize("threads", [0, -2, 1.5, True, "4"])
+def test_threads_must_be_a_positive_whole_number(threads):
+    ph = make_phantom((32, 32, 8), seed=0)
+    for call in (cordseg.segment_cord, cordseg.segment_lesions, cordseg.detect_centerline):
+        with pytest.raises(InputError, match="threads"):
+            call(ph.image, "t2", threads=threads)
+
+
 # --------------------------------------------------------------------------- lesion table
 
 

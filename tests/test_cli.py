@@ -304,3 +304,17 @@ def test_entry_point_subprocess(tmp_path, t2w):
     assert proc.returncode != 0
     assert proc.stderr.startswith("cordseg: error:") and proc.stderr.count("\n") == 1
     assert "Traceback" not in proc.stderr and proc.stdout == ""
+
+
+def test_threads_option_and_environment_variable(tmp_path, t2w):
+    """--threads / CORDSEG_THREADS bound ONNX Runtime's threads (a cluster job's cores); the mask is the same."""
+    one, two = tmp_path / "one.nii.gz", tmp_path / "two.nii.gz"
+    result, _, stderr = invoke("sc", t2w, "-o", one, "-q", "--threads", 1)
+    assert result.exit_code == 0, stderr
+    result, _, stderr = invoke("sc", t2w, "-o", two, "-q", env={"CORDSEG_THREADS": "2"})
+    assert result.exit_code == 0, stderr
+    assert np.array_equal(np.asarray(nib.load(one).dataobj), np.asarray(nib.load(two).dataobj))
+    for args, env in ((("--threads", 0), None), ((), {"CORDSEG_THREADS": "many"})):
+        result, _, stderr = invoke("lesion", t2w, "-o", tmp_path / "bad.nii.gz", *args, env=env)
+        assert result.exit_code == 2 and "threads" in stderr.lower()
+        assert not (tmp_path / "bad.nii.gz").exists()
