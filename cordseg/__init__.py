@@ -4,6 +4,7 @@
     cord = cordseg.segment_cord("t2.nii.gz")                 # nibabel image on the input grid
     lesions = cordseg.segment_lesions(img, contrast="t2s")
     mask, centerline = cordseg.detect_centerline(img, contrast="t2")
+    cordseg.qc.write_qc(img, {"cord": cord}, "t2_seg_qc.png")  # axial views with the outline, PNG
 """
 from .errors import CordsegError, CordsegWarning, InputError, ModelError, NoCordError, OutputError
 
@@ -11,12 +12,17 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name):  # heavy modules load on first use, not at import
-    if name in ("detect_centerline", "segment_cord", "segment_lesions", "lesion_table", "guess_contrast"):
+    if name in ("detect_centerline", "centerline_from_mask", "segment_cord", "segment_lesions", "lesion_table",
+                "guess_contrast"):
         from . import api
 
         return getattr(api, name)
+    if name == "qc":  # (import_module: `from . import qc` would ask this hook for "qc" again)
+        import importlib
+
+        return importlib.import_module(".qc", __name__)
     raise AttributeError(f"module 'cordseg' has no attribute {name!r}")
 
 
-__all__ = ["detect_centerline", "segment_cord", "segment_lesions", "lesion_table", "guess_contrast",
-           "CordsegError", "CordsegWarning", "InputError", "ModelError", "NoCordError", "OutputError"]
+__all__ = ["detect_centerline", "centerline_from_mask", "segment_cord", "segment_lesions", "lesion_table",
+           "guess_contrast", "qc", "CordsegError", "CordsegWarning", "InputError", "ModelError", "NoCordError", "OutputError"]

@@ -111,6 +111,16 @@ def detect_centerline(img, contrast=None, *, model=None, smoothness=_centerline.
     return _mask_image(cl.native_mask(), image), cl
 
 
+def centerline_from_mask(img, centerline, *, volume=None):
+    """A centerline given as a mask (path or image; on any grid of the session; a few marked voxels are
+    enough, linear in between) on `img`'s slices: (mask image on the input grid, one voxel per slice,
+    Centerline), as detect_centerline returns them."""
+    image = load_image(img, volume=volume)
+    rpi = to_rpi(image)
+    cl = _given_centerline(centerline, rpi)
+    return _mask_image(cl.native_mask(), image), cl
+
+
 def _given_centerline(centerline, rpi):
     """A centerline the caller supplies: a Centerline from detect_centerline on the same image, or a mask
     (path or nibabel image; a few marked voxels are enough, see centerline.from_mask)."""

@@ -93,6 +93,11 @@ def _common(f):
     return f
 
 
+_qc_option = click.option(
+    "--qc", is_flag=True,
+    help="also write a quality-control picture beside the output, <output>_qc.png: axial views around the "
+         "cord with the result outlined")
+
 _given_centerline_option = click.option(
     "--centerline", "centerline_file", type=click.Path(dir_okay=False),
     help="use this centerline mask (e.g. `cordseg centerline`'s output, corrected, or a few marked voxels) "
@@ -129,7 +134,8 @@ def main():
 @_common
 @click.option("--model", type=click.Path(dir_okay=False), help="a CNN1 ONNX model file to use")
 @click.option("--smoothness", type=float, default=None, help="OptiC's curvature penalty (default 1.0)")
-def centerline(image, contrast, out, volume, quiet, verbose, threads, model, smoothness):
+@_qc_option
+def centerline(image, contrast, out, volume, quiet, verbose, threads, model, smoothness, qc):
     """Cord centerline: a NIfTI mask (one voxel per slice) and a CSV beside it."""
     from . import api
     from .centerline import DEFAULT_SMOOTHNESS
@@ -149,8 +155,9 @@ def centerline(image, contrast, out, volume, quiet, verbose, threads, model, smo
     _write_csv(csv_path, ["slice", "x", "y", "z", "i", "j", "k", "x_mm", "y_mm", "z_mm"],
                [[int(z), *(f"{v:.3f}" for v in r), *(f"{v:.3f}" for v in n), *(f"{v:.3f}" for v in m)]
                 for z, r, n, m in zip(cl.z, rpi_pts, native, mm)])
+    qc_file = _write_qc(image, {"centerline": mask}, path, volume) if qc else None
     if not quiet:
-        click.echo(f"centerline: {len(cl.z)} slices -> {path} and {csv_path}")
+        click.echo(f"centerline: {len(cl.z)} slices -> {path} and {csv_path}" + (f" (QC: {qc_file})" if qc else ""))
 
 
 @main.command()
@@ -159,7 +166,8 @@ def centerline(image, contrast, out, volume, quiet, verbose, threads, model, smo
 @click.option("--threshold", type=float, default=None, help="probability threshold (default: the model's)")
 @click.option("--model", type=click.Path(dir_okay=False), help="a CNN2 cord ONNX model file to use")
 @_given_centerline_option
-def sc(image, contrast, out, volume, quiet, verbose, threads, soft, threshold, model, centerline_file):
+@_qc_option
+def sc(image, contrast, out, volume, quiet, verbose, threads, soft, threshold, model, centerline_file, qc):
     """Spinal cord segmentation -> <stem>_seg.nii.gz."""
     from . import api
 
@@ -171,12 +179,13 @@ def sc(image, contrast, out, volume, quiet, verbose, threads, soft, threshold, m
                                         threads=threads))
     rep.done()
     _save(seg, path)
+    qc_file = _write_qc(image, {"cord": _binary(seg, threshold if soft else None)}, path, volume) if qc else None
     if not quiet:
         import numpy as np
 
         vox = float(np.prod(seg.header.get_zooms()[:3]))
         n = int((np.asarray(seg.dataobj) >= 0.5).sum())
-        click.echo(f"cord: {n * vox:.0f} mm3 -> {path}")
+        click.echo(f"cord: {n * vox:.0f} mm3 -> {path}" + (f" (QC: {qc_file})" if qc else ""))
 
 
 @main.command()
@@ -189,8 +198,9 @@ def sc(image, contrast, out, volume, quiet, verbose, threads, soft, threshold, m
               "cord's median on their slices (default: the model's, 1.1 for the shipped one; 0: no screening)")
 @click.option("--model", type=click.Path(dir_okay=False), help="a CNN2 lesion ONNX model file to use")
 @_given_centerline_option
+@_qc_option
 def lesion(image, contrast, out, volume, quiet, verbose, threads, csv_file, soft, threshold, min_contrast, model,
-           centerline_file):
+           centerline_file, qc):
     """MS lesion segmentation -> <stem>_lesionseg.nii.gz; prints lesion count and volume."""
     from . import api
 
@@ -201,18 +211,29 @@ def lesion(image, contrast, out, volume, quiet, verbose, threads, csv_file, soft
         if not folder.is_dir() or not os.access(folder, os.W_OK):
             _fail(f"cannot write {csv_file}: folder {folder} does not exist or is not writable")
     rep = Reporter(quiet, verbose)
+    given, track = centerline_file, None
+    if qc:  # the views follow the cord, so the centerline is needed on the image's grid (found once)
+        if centerline_file:
+            track, given = _run(lambda: api.centerline_from_mask(image, centerline_file, volume=volume))
+        else:
+            track, given = _run(lambda: api.detect_centerline(image, contrast, volume=volume, progress=rep,
+                                                              threads=threads))
     seg = _run(lambda: api.segment_lesions(image, contrast, soft=soft, threshold=threshold,
-                                           min_contrast=min_contrast, model=model, centerline=centerline_file,
+                                           min_contrast=min_contrast, model=model, centerline=given,
                                            volume=volume, progress=rep, threads=threads))
     rep.done()
     _save(seg, path)
+    qc_note = ""
+    if qc:
+        qc_file = _write_qc(image, {"lesion": _binary(seg, threshold if soft else None)}, path, volume, track)
+        qc_note = f" (QC: {qc_file})"
     if soft:
         if not quiet:
-            click.echo(f"lesion probability map -> {path}")
+            click.echo(f"lesion probability map -> {path}{qc_note}")
         return
     rows = api.lesion_table(seg)
     total = sum(r.volume_mm3 for r in rows)
-    click.echo(f"lesions: {len(rows)}, total volume {total:.1f} mm3 -> {path}")
+    click.echo(f"lesions: {len(rows)}, total volume {total:.1f} mm3 -> {path}{qc_note}")
     if csv_file:
         _write_csv(Path(csv_file), ["id", "volume_mm3", "x_mm", "y_mm", "z_mm", "first_slice", "last_slice"],
                    [[r.id, f"{r.volume_mm3:.2f}", *(f"{v:.2f}" for v in r.centroid_mm), r.first_slice, r.last_slice]
@@ -229,6 +250,25 @@ def models_cmd():
         _fail("no models found in " + ", ".join(str(d) for d in model_dirs()))
     for m in found:
         click.echo(m.describe())
+
+
+def _binary(seg, threshold=None):
+    """A mask image for the QC outline: the mask itself, or a soft map at `threshold` (default 0.5)."""
+    import numpy as np
+
+    from .io import image_like
+
+    data = np.asarray(seg.dataobj, np.float32)
+    return image_like((data >= (0.5 if threshold is None else threshold)).astype(np.uint8), seg)
+
+
+def _write_qc(image, overlays, output: Path, volume, track=None) -> Path:
+    """The QC picture beside `output` (after the output itself is written)."""
+    from .io import load_image
+    from .qc import qc_path, write_qc
+
+    path = qc_path(output)
+    return _run(lambda: write_qc(load_image(image, volume=volume), overlays, path, track=track))
 
 
 def _write_csv(path: Path, header, rows):

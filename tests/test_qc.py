@@ -1,0 +1,144 @@
+"""cordseg.qc: the PNG writer, the mosaic's layout and orientation, and the CLI's --qc pictures."""
+from __future__ import annotations
+
+import struct
+import zlib
+
+import nibabel as nib
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from cordseg import qc
+from cordseg.cli import main
+from cordseg.errors import InputError
+from cordseg.io import image_like
+from cordseg.phantom import make_phantom
+
+
+def read_png(data: bytes) -> np.ndarray:
+    """A minimal reader for what png_bytes writes (8-bit RGB, filter 0), checking every chunk's CRC."""
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    pos, chunks = 8, {}
+    while pos < len(data):
+        (length,) = struct.unpack(">I", data[pos:pos + 4])
+        kind, body = data[pos + 4:pos + 8], data[pos + 8:pos + 8 + length]
+        (crc,) = struct.unpack(">I", data[pos + 8 + length:pos + 12 + length])
+        assert crc == zlib.crc32(kind + body) & 0xFFFFFFFF, kind
+        chunks.setdefault(kind, b"")
+        chunks[kind] += body
+        pos += 12 + length
+    assert set(chunks) == {b"IHDR", b"IDAT", b"IEND"}
+    w, h, depth, colour, _, _, _ = struct.unpack(">IIBBBBB", chunks[b"IHDR"])
+    assert (depth, colour) == (8, 2)
+    raw = np.frombuffer(zlib.decompress(chunks[b"IDAT"]), np.uint8).reshape(h, 1 + 3 * w)
+    assert (raw[:, 0] == 0).all()
+    return raw[:, 1:].reshape(h, w, 3)
+
+
+def test_png_round_trip():
+    rgb = np.random.default_rng(0).integers(0, 256, (7, 11, 3), dtype=np.uint8)
+    assert np.array_equal(read_png(qc.png_bytes(rgb)), rgb)
+    with pytest.raises(ValueError):
+        qc.png_bytes(np.zeros((4, 4), np.uint8))
+
+
+@pytest.fixture(scope="module")
+def phantom():
+    return make_phantom((48, 48, 12), seed=1, curvature=0.0)
+
+
+def view(picture, k):
+    n = int(round(qc.VIEW_MM / qc.PIXEL_MM))
+    r, c = divmod(k, qc.COLUMNS)
+    return picture[r * (n + qc.GAP):r * (n + qc.GAP) + n, c * (n + qc.GAP):c * (n + qc.GAP) + n]
+
+
+def test_one_view_per_cord_slice_with_the_outline_at_the_centre(phantom):
+    picture = qc.mosaic(phantom.image, {"cord": phantom.cord})
+    n = int(round(qc.VIEW_MM / qc.PIXEL_MM))
+    assert picture.shape == (2 * n + qc.GAP, 10 * n + 9 * qc.GAP, 3)  # 12 slices: 10 + 2 views
+    for k in range(12):
+        v = view(picture, k)
+        red = np.argwhere((v == qc.COLOURS["cord"]).all(axis=2))
+        assert len(red) > 20
+        centre = red.mean(axis=0)
+        assert np.allclose(centre, (n - 1) / 2, atol=3)  # the cord's outline around the view's centre
+    assert (view(picture, 12) == 40).all()  # the unused cell stays background
+
+
+def test_views_are_radiological_and_most_superior_first(phantom):
+    """A bright marker on the patient's right appears on the left of the view, an anterior one at the top;
+    a marker on the top slice only appears in the first view."""
+    data = np.asarray(phantom.image.dataobj, np.float32).copy()  # axcodes L,A,S: the RPI grid itself
+    cx, cy = [int(round(v)) for v in phantom.centerline[0, :2]]
+    data[cx - 12, cy, :] = 50.0  # x grows to the patient's left: cx - 12 is on the right
+    data[cx, cy + 12, -1] = 50.0  # y grows anterior; only on the top slice
+    img = image_like(data, phantom.image)
+    picture = qc.mosaic(img, {"cord": phantom.cord})
+    n = int(round(qc.VIEW_MM / qc.PIXEL_MM))
+    first, last = view(picture, 0).mean(axis=2), view(picture, 11).mean(axis=2)
+    bright = np.argwhere(first >= 250)
+    assert (bright[:, 1] < n / 2 - 20).any()  # the right-side marker: left of the view
+    assert (bright[:, 0] < n / 2 - 20).any()  # the anterior marker: top of the first (superior) view
+    assert not (np.argwhere(last >= 250)[:, 0] < n / 2 - 20).any()
+    assert (np.argwhere(last >= 250)[:, 1] < n / 2 - 20).any()
+
+
+def test_long_scans_keep_lesion_slices_and_a_cap():
+    z_all = np.arange(200)
+    chosen = qc._pick_slices(z_all, [7, 150, 151], 60)
+    assert len(chosen) == 60 and {7, 150, 151} <= set(chosen)
+    assert chosen == sorted(chosen)
+    assert qc._pick_slices(np.arange(10), [], 60) == list(range(10))
+
+
+def test_masks_must_be_on_the_image_grid(phantom, tmp_path):
+    other = nib.Nifti1Image(np.ones((10, 10, 10), np.uint8), np.eye(4))
+    with pytest.raises(InputError, match="grid"):
+        qc.mosaic(phantom.image, {"cord": other})
+    empty = image_like(np.zeros(phantom.image.shape, np.uint8), phantom.image)
+    with pytest.raises(InputError, match="nothing to show"):
+        qc.mosaic(phantom.image, {"cord": empty})
+    with pytest.raises(InputError, match="unknown"):
+        qc.mosaic(phantom.image, {"grey matter": phantom.cord})
+
+
+def test_qc_path():
+    assert qc.qc_path("out/t2_seg.nii.gz").as_posix() == "out/t2_seg_qc.png"
+    assert qc.qc_path("t2_seg.nii").name == "t2_seg_qc.png"
+
+
+def test_cli_qc_pictures(tmp_path):
+    ph = make_phantom((48, 48, 24), axcodes=("P", "S", "R"), seed=5, n_lesions=2)  # the model finds both
+    src = tmp_path / "sub-01_T2w.nii.gz"
+    nib.save(ph.image, src)
+    runner = CliRunner()
+    for command, out in (("sc", "seg.nii.gz"), ("lesion", "les.nii.gz"), ("centerline", "cl.nii.gz")):
+        result = runner.invoke(main, [command, str(src), "-o", str(tmp_path / out), "--qc", "-q"],
+                               catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        picture = read_png((tmp_path / out.replace(".nii.gz", "_qc.png")).read_bytes())
+        assert picture.shape[0] > 0 and picture.shape[1] > 0
+        colour = {"sc": "cord", "lesion": "lesion", "centerline": "centerline"}[command]
+        assert (picture == qc.COLOURS[colour]).all(axis=2).sum() > 0, command
+    result = runner.invoke(main, ["sc", str(src), "-o", str(tmp_path / "plain.nii.gz"), "-q"])
+    assert result.exit_code == 0 and not (tmp_path / "plain_qc.png").exists()
+
+
+def test_cli_lesion_qc_along_a_given_centerline(tmp_path):
+    import cordseg
+
+    ph = make_phantom((48, 48, 24), seed=5, n_lesions=2)
+    src = tmp_path / "sub-01_T2w.nii.gz"
+    nib.save(ph.image, src)
+    mask, cl = cordseg.detect_centerline(ph.image, "t2")
+    nib.save(mask, tmp_path / "cl.nii.gz")
+    again, cl2 = cordseg.centerline_from_mask(src, tmp_path / "cl.nii.gz")
+    assert np.array_equal(cl2.z, cl.z) and np.abs(cl2.x - cl.x).max() <= 0.5 and np.abs(cl2.y - cl.y).max() <= 0.5
+    assert np.array_equal(np.asarray(again.dataobj), np.asarray(mask.dataobj))
+    result = CliRunner().invoke(main, ["lesion", str(src), "-o", str(tmp_path / "les.nii.gz"), "--qc", "-q",
+                                       "--centerline", str(tmp_path / "cl.nii.gz")], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    picture = read_png((tmp_path / "les_qc.png").read_bytes())
+    assert (picture == qc.COLOURS["lesion"]).all(axis=2).sum() > 0
