@@ -78,6 +78,15 @@ def main(argv=None):
         if a.sc_thresholds:
             soft = np.asarray(cordseg.segment_cord(a.data / img, contrast, soft=True, model=a.sc, centerline=cl).dataobj)
             rows[-1]["dice_by_threshold"] = {t: metrics.dice(soft >= float(t), truth) for t in a.sc_thresholds.split(",")}
+            # two thresholds no user could pick, as bounds on what calibration alone could give: each image's
+            # own best, and the one whose mask has the reference's volume
+            fine = np.round(np.arange(0.05, 0.96, 0.01), 2)
+            best = max((metrics.dice(soft >= t, truth), t) for t in fine)
+            n_ref = int(np.asarray(truth).astype(bool).sum())
+            matched = min(fine, key=lambda t: abs(int((soft >= t).sum()) - n_ref))
+            rows[-1]["dice_oracle"] = dict(best=best[0], best_threshold=float(best[1]),
+                                           volume_matched=metrics.dice(soft >= matched, truth),
+                                           volume_matched_threshold=float(matched))
     for img, contrast, ref in CENTERLINE_ONLY:
         t0 = time.perf_counter()
         _, cl = cordseg.detect_centerline(a.data / img, contrast, model=a.centerline)
@@ -91,6 +100,12 @@ def main(argv=None):
         for t in a.sc_thresholds.split(","):
             vals = [d[t] for d in sweep]
             print(f"  {t:>5s}  " + " ".join(f"{v:.3f}" for v in vals) + f"   median {np.median(vals):.3f}")
+        oracle = [r["dice_oracle"] for r in rows if "dice_oracle" in r]
+        for key, label in (("best", "each image's best"), ("volume_matched", "volume matched")):
+            vals = [o[key] for o in oracle]
+            thr = " ".join(f"{o[key + '_threshold']:.2f}" for o in oracle)
+            print(f"  {label:>17s}: " + " ".join(f"{v:.3f}" for v in vals) + f"   median {np.median(vals):.3f}"
+                  f"   (thresholds {thr})")
     print("\nlesion-free scans (lesions reported; 0 expected):")
     for img in LESION_FREE:
         les = cordseg.segment_lesions(a.data / img, "t2s" if "mt0" in img else "t2", model=a.lesion, **ctr)
