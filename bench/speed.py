@@ -95,7 +95,6 @@ def real_volume(data_dir: Path, seed: int = 0):
     from scipy.ndimage import gaussian_filter
 
     before_p = (SHAPE[0] - a.shape[0]) // 2
-    after_p = SHAPE[0] - a.shape[0] - before_p
     out = np.empty(SHAPE, np.float32)
     out[before_p:before_p + a.shape[0]] = a
     for sl, edge in ((slice(0, before_p), a[:5]), (slice(before_p + a.shape[0], None), a[-5:])):
@@ -146,7 +145,7 @@ class StageTimer:
 
 # (label, owner, attribute, indent): top-level stages have indent 0, their parts indent 1 (not summed)
 def stage_table():
-    C, S, A, I, IO = (cordseg.centerline, cordseg.segmentation, cordseg.api, cordseg.inference, cordseg.io)
+    C, S, A, IO = (cordseg.centerline, cordseg.segmentation, cordseg.api, cordseg.io)
     R = cordseg.orientation.Reoriented
     return [
         ("load (io.load_image)", A, "load_image", 0),
@@ -265,7 +264,7 @@ def report(command: str, runs, walls, rss, cpus, startup):
                    "CNN2 (segmentation.soft_segmentation)": PREDICT_LABELS["sc" if command == "sc" else "lesion"]}
     print(f"\n`cordseg {command}` stages (in-process, median of {len(runs)} runs; indented lines are parts "
           f"of the line above them):")
-    print(f"| stage | seconds (median) | CPU s (median) | runs (seconds) |\n|---|---:|---:|---|")
+    print("| stage | seconds (median) | CPU s (median) | runs (seconds) |\n|---|---:|---:|---|")
     top_sum = []
     for lab, indent in labels:
         vals = [r.get(lab) for r in runs]

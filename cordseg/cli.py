@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from .errors import CordsegError, CordsegWarning, OutputError
+from .errors import CordsegError, CordsegWarning
 
 EXIT_ERROR = 2
 

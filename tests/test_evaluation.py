@@ -1,6 +1,5 @@
 """cordseg.evaluation and `cordseg evaluate` on real shared data and on small synthetic images."""
 import json
-import math
 from pathlib import Path
 
 import nibabel as nib

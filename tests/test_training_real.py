@@ -1,5 +1,4 @@
 """Real-data training path: BIDS discovery and the paper's augmentation keep image and labels aligned."""
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
