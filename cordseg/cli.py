@@ -13,6 +13,8 @@ import click
 from .errors import CordsegError, CordsegWarning
 
 EXIT_ERROR = 2
+EXIT_INTERRUPTED = 130  # as a shell reports Ctrl-C: a batch stops there instead of moving to the next image
+_FILE_PREFIX = "cordseg_file_prefix"  # click context key: in a batch, messages name the image they concern
 
 
 class Reporter:
@@ -52,16 +54,23 @@ class Reporter:
             click.echo(f"total: {time.perf_counter() - self.started:.2f} s", err=True)
 
 
-def _fail(message: str):
-    click.echo(f"cordseg: error: {message}", err=True)
-    sys.exit(EXIT_ERROR)
+def _prefix(message: str) -> str:
+    """In a batch, the image a message concerns (unless the message names it already)."""
+    ctx = click.get_current_context(silent=True)
+    image = ctx.meta.get(_FILE_PREFIX) if ctx is not None else None
+    return "" if image is None or image in message else f"{image}: "
+
+
+def _fail(message: str, code: int = EXIT_ERROR):
+    click.echo(f"cordseg: error: {_prefix(message)}{message}", err=True)
+    sys.exit(code)
 
 
 def _run(fn):
     """Call fn() mapping our errors to one stderr line; warnings become one line each (before any error)."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", CordsegWarning)
-        error = None
+        error, code = None, EXIT_ERROR
         try:
             result = fn()
         except CordsegError as exc:
@@ -69,13 +78,60 @@ def _run(fn):
         except MemoryError:
             error = "out of memory"
         except KeyboardInterrupt:
-            error = "interrupted"
+            error, code = "interrupted", EXIT_INTERRUPTED
     for w in caught:
         if issubclass(w.category, CordsegWarning):
-            click.echo(f"cordseg: warning: {w.message}", err=True)
+            click.echo(f"cordseg: warning: {_prefix(str(w.message))}{w.message}", err=True)
     if error is not None:
-        _fail(error)
+        _fail(error, code)
     return result
+
+
+def _for_each(images, out, one):
+    """`one(image, out)` for every input image.
+
+    One image: as it always was (an error ends the command). Several (their outputs checked first by
+    _check_outputs): every failure prints one line naming its image and the others go on; the exit status is
+    2 when any failed. Ctrl-C stops the whole batch."""
+    if len(images) == 1:
+        one(images[0], out)
+        return
+    ctx = click.get_current_context()
+    failed = []
+    for image in images:
+        ctx.meta[_FILE_PREFIX] = str(image)
+        try:
+            one(image, out)
+        except SystemExit as exc:
+            if exc.code == EXIT_INTERRUPTED:
+                raise
+            if exc.code not in (0, None):
+                failed.append(image)
+        finally:
+            ctx.meta.pop(_FILE_PREFIX, None)
+    if failed:
+        _fail(f"{len(failed)} of {len(images)} images failed (see above)")
+
+
+def _check_outputs(images, out, suffix):
+    """Before any work, for several images: `-o` is a folder, and no two outputs land on one file (same name,
+    one output folder), which would let the last overwrite the others."""
+    if len(images) < 2:
+        return
+    from .io import default_output_path
+
+    if out is not None and not Path(out).is_dir():
+        _fail(f"with several images, -o must be an existing folder, not {out}")
+    seen = {}
+    for image in images:
+        try:
+            target = default_output_path(image, out, suffix).resolve()
+        except CordsegError:
+            continue  # reported with its image when its turn comes
+        if target in seen:
+            _fail(f"{seen[target]} and {image} would both write {target}; give them distinct names or run "
+                  "them separately")
+        seen[target] = image
 
 
 def _common(f):
@@ -89,7 +145,7 @@ def _common(f):
                      help="output file, or an existing folder (default: current folder)")(f)
     f = click.option("-c", "--contrast", type=click.Choice(["t1", "t2", "t2s", "dwi"], case_sensitive=False),
                      default=None, help="image contrast (default: read from the file name)")(f)
-    f = click.argument("image", type=click.Path(dir_okay=True))(f)
+    f = click.argument("images", metavar="IMAGE...", nargs=-1, required=True, type=click.Path(dir_okay=True))(f)
     return f
 
 
@@ -135,13 +191,21 @@ def main():
 @click.option("--model", type=click.Path(dir_okay=False), help="a CNN1 ONNX model file to use")
 @click.option("--smoothness", type=float, default=None, help="OptiC's curvature penalty (default 1.0)")
 @_qc_option
-def centerline(image, contrast, out, volume, quiet, verbose, threads, model, smoothness, qc):
+def centerline(images, contrast, out, volume, quiet, verbose, threads, model, smoothness, qc):
     """Cord centerline: a NIfTI mask (one voxel per slice) and a CSV beside it."""
     from . import api
-    from .centerline import DEFAULT_SMOOTHNESS
 
     if smoothness is not None:
         _run(lambda: api.check_smoothness(smoothness, "--smoothness"))
+    _check_outputs(images, out, "_centerline")
+    _for_each(images, out, lambda image, out: _centerline_one(image, contrast, out, volume, quiet, verbose, threads,
+                                                                model, smoothness, qc))
+
+
+def _centerline_one(image, contrast, out, volume, quiet, verbose, threads, model, smoothness, qc):
+    from . import api
+    from .centerline import DEFAULT_SMOOTHNESS
+
     path = _output(image, out, "_centerline")
     rep = Reporter(quiet, verbose)
     mask, cl = _run(lambda: api.detect_centerline(image, contrast, model=model, volume=volume, progress=rep,
@@ -167,12 +231,21 @@ def centerline(image, contrast, out, volume, quiet, verbose, threads, model, smo
 @click.option("--model", type=click.Path(dir_okay=False), help="a CNN2 cord ONNX model file to use")
 @_given_centerline_option
 @_qc_option
-def sc(image, contrast, out, volume, quiet, verbose, threads, soft, threshold, model, centerline_file, qc):
+def sc(images, contrast, out, volume, quiet, verbose, threads, soft, threshold, model, centerline_file, qc):
     """Spinal cord segmentation -> <stem>_seg.nii.gz."""
     from . import api
 
-    path = _output(image, out, "_seg")
     _run(lambda: api.check_threshold(threshold, "--threshold"))
+    _one_centerline_for_one_image(images, centerline_file)
+    _check_outputs(images, out, "_seg")
+    _for_each(images, out, lambda image, out: _sc_one(image, contrast, out, volume, quiet, verbose, threads, soft,
+                                                        threshold, model, centerline_file, qc))
+
+
+def _sc_one(image, contrast, out, volume, quiet, verbose, threads, soft, threshold, model, centerline_file, qc):
+    from . import api
+
+    path = _output(image, out, "_seg")
     rep = Reporter(quiet, verbose)
     seg = _run(lambda: api.segment_cord(image, contrast, soft=soft, threshold=threshold, model=model,
                                         centerline=centerline_file, volume=volume, progress=rep,
@@ -199,17 +272,49 @@ def sc(image, contrast, out, volume, quiet, verbose, threads, soft, threshold, m
 @click.option("--model", type=click.Path(dir_okay=False), help="a CNN2 lesion ONNX model file to use")
 @_given_centerline_option
 @_qc_option
-def lesion(image, contrast, out, volume, quiet, verbose, threads, csv_file, soft, threshold, min_contrast, model,
+def lesion(images, contrast, out, volume, quiet, verbose, threads, csv_file, soft, threshold, min_contrast, model,
            centerline_file, qc):
     """MS lesion segmentation -> <stem>_lesionseg.nii.gz; prints lesion count and volume."""
     from . import api
 
-    path = _output(image, out, "_lesionseg")
     _run(lambda: api.check_threshold(threshold, "--threshold"))
+    _one_centerline_for_one_image(images, centerline_file)
     if csv_file:  # fail before any work (and before the mask is written) when the table cannot be written
         folder = Path(csv_file).resolve().parent
         if not folder.is_dir() or not os.access(folder, os.W_OK):
             _fail(f"cannot write {csv_file}: folder {folder} does not exist or is not writable")
+    _check_outputs(images, out, "_lesionseg")
+    table = []  # (image, lesion rows) of every image done
+
+    def one(image, out):
+        rows = _lesion_one(image, contrast, out, volume, quiet, verbose, threads, soft, threshold, min_contrast,
+                           model, centerline_file, qc)
+        if rows is not None:
+            table.append((image, rows))
+
+    try:
+        _for_each(images, out, one)
+    finally:  # several images: one table for all that succeeded, with an image column, even if some failed
+        if csv_file and table and not soft:
+            several = len(images) > 1
+            header = (["image"] if several else []) + LESION_CSV_HEADER
+            _write_csv(Path(csv_file), header,
+                       [([str(image)] if several else []) + _lesion_csv_row(r) for image, rows in table for r in rows])
+
+
+LESION_CSV_HEADER = ["id", "volume_mm3", "x_mm", "y_mm", "z_mm", "first_slice", "last_slice"]
+
+
+def _lesion_csv_row(r):
+    return [r.id, f"{r.volume_mm3:.2f}", *(f"{v:.2f}" for v in r.centroid_mm), r.first_slice, r.last_slice]
+
+
+def _lesion_one(image, contrast, out, volume, quiet, verbose, threads, soft, threshold, min_contrast, model,
+                centerline_file, qc):
+    """One image; returns its lesion table (None with --soft)."""
+    from . import api
+
+    path = _output(image, out, "_lesionseg")
     rep = Reporter(quiet, verbose)
     given, track = centerline_file, None
     if qc:  # the views follow the cord, so the centerline is needed on the image's grid (found once)
@@ -230,14 +335,16 @@ def lesion(image, contrast, out, volume, quiet, verbose, threads, csv_file, soft
     if soft:
         if not quiet:
             click.echo(f"lesion probability map -> {path}{qc_note}")
-        return
+        return None
     rows = api.lesion_table(seg)
     total = sum(r.volume_mm3 for r in rows)
     click.echo(f"lesions: {len(rows)}, total volume {total:.1f} mm3 -> {path}{qc_note}")
-    if csv_file:
-        _write_csv(Path(csv_file), ["id", "volume_mm3", "x_mm", "y_mm", "z_mm", "first_slice", "last_slice"],
-                   [[r.id, f"{r.volume_mm3:.2f}", *(f"{v:.2f}" for v in r.centroid_mm), r.first_slice, r.last_slice]
-                    for r in rows])
+    return rows
+
+
+def _one_centerline_for_one_image(images, centerline_file):
+    if centerline_file and len(images) > 1:
+        _fail("--centerline belongs to one image: give one image with it")
 
 
 @main.command("models")

@@ -318,3 +318,48 @@ def test_threads_option_and_environment_variable(tmp_path, t2w):
         result, _, stderr = invoke("lesion", t2w, "-o", tmp_path / "bad.nii.gz", *args, env=env)
         assert result.exit_code == 2 and "threads" in stderr.lower()
         assert not (tmp_path / "bad.nii.gz").exists()
+
+
+def test_several_images_in_one_command(tmp_path, phantom):
+    """Several inputs: -o names a folder; each failure is one line naming its image, the others go on, the
+    exit status says something failed; lesion tables merge with an image column."""
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    a, b = inputs / "sub-01_T2w.nii.gz", inputs / "sub-02_T2w.nii.gz"
+    nib.save(phantom.image, a)
+    nib.save(phantom.image, b)
+    bad = inputs / "sub-03_T2w.nii.gz"
+    bad.write_bytes(b"not a nifti")
+    out = tmp_path / "out"
+    out.mkdir()
+    result, stdout, stderr = invoke("sc", a, bad, b, "-o", out, "-q")
+    assert result.exit_code == 2
+    errors = [line for line in stderr.splitlines() if line.startswith("cordseg: error:")]
+    assert len(errors) == 2 and str(bad) in errors[0] and "1 of 3 images failed" in errors[1], stderr
+    assert sorted(p.name for p in out.iterdir()) == ["sub-01_T2w_seg.nii.gz", "sub-02_T2w_seg.nii.gz"]
+    assert_on_grid(out / "sub-02_T2w_seg.nii.gz", b)
+
+    table = tmp_path / "lesions.csv"
+    result, stdout, stderr = invoke("lesion", a, b, "-o", out, "--csv", table)
+    assert result.exit_code == 0, stderr
+    assert stdout.count("lesions:") == 2
+    rows = list(csv.reader(table.open()))
+    assert rows[0] == ["image"] + LESION_HEADER
+    assert {r[0] for r in rows[1:]} <= {str(a), str(b)}
+
+
+def test_several_images_refusals(tmp_path, phantom):
+    a = tmp_path / "x" / "sub-01_T2w.nii.gz"
+    b = tmp_path / "y" / "sub-01_T2w.nii.gz"  # the same name in another folder
+    for p in (a, b):
+        p.parent.mkdir()
+        nib.save(phantom.image, p)
+    out = tmp_path / "out"
+    out.mkdir()
+    for args, words in (((a, b, "-o", out), "would both write"),
+                        ((a, b, "-o", out / "seg.nii.gz"), "must be an existing folder"),
+                        ((a, b, "-o", out, "--centerline", a), "one image")):
+        result, _, stderr = invoke("sc", *args)
+        assert result.exit_code == 2 and words in stderr, stderr
+        assert len(stderr.strip().splitlines()) == 1
+    assert list(out.iterdir()) == []
