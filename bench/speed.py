@@ -45,6 +45,7 @@ import cordseg.cli  # noqa: E402
 import cordseg.inference  # noqa: E402
 import cordseg.io  # noqa: E402
 import cordseg.orientation  # noqa: E402
+import cordseg.qc  # noqa: E402
 import cordseg.segmentation  # noqa: E402
 from cordseg.phantom import make_phantom  # noqa: E402
 
@@ -167,6 +168,7 @@ def stage_table():
         ("output image (api._mask_image)", A, "_mask_image", 0),
         ("lesion table (api.lesion_table)", A, "lesion_table", 0),
         ("save (io.save_like)", IO, "save_like", 0),
+        ("QC picture, with --qc (qc.write_qc)", cordseg.qc, "write_qc", 0),
     ]
 
 
@@ -193,7 +195,7 @@ def instrumented(timer: StageTimer):
             setattr(owner, attr, original)
 
 
-def in_process_runs(command: str, image: Path, out_dir: Path, repeats: int):
+def in_process_runs(command: str, image: Path, out_dir: Path, repeats: int, extra=()):
     """Per-stage seconds of `cordseg COMMAND` run in this process; list of per-run dicts (+ 'total')."""
     runs = []
     for _ in range(repeats):
@@ -202,7 +204,7 @@ def in_process_runs(command: str, image: Path, out_dir: Path, repeats: int):
             warnings.simplefilter("ignore")
             t0, c0 = time.perf_counter(), time.process_time()
             try:
-                cordseg.cli.main.main(args=[command, str(image), "-c", "t2", "-q", "-o", str(out_dir)],
+                cordseg.cli.main.main(args=[command, str(image), "-c", "t2", "-q", "-o", str(out_dir), *extra],
                                       prog_name="cordseg", standalone_mode=False)
             except SystemExit as exc:
                 if exc.code:
@@ -238,10 +240,11 @@ def child_run(args: list[str]) -> tuple[float, float, int, str, float]:
     return wall, usage.ru_maxrss / 1024.0 ** 2, proc.returncode, tail, cpu  # ru_maxrss: KiB on Linux
 
 
-def whole_command(command: str, image: Path, out_dir: Path, repeats: int):
+def whole_command(command: str, image: Path, out_dir: Path, repeats: int, extra=()):
     walls, rss, cpus = [], [], []
     for _ in range(repeats):
-        wall, peak, rc, tail, cpu = child_run(cordseg_command() + [command, str(image), "-c", "t2", "-q", "-o", str(out_dir)])
+        wall, peak, rc, tail, cpu = child_run(cordseg_command() + [command, str(image), "-c", "t2", "-q", "-o",
+                                                                   str(out_dir), *extra])
         if rc != 0:
             raise RuntimeError(f"cordseg {command} exited {rc}: {tail.strip()}")
         walls.append(wall)
@@ -306,6 +309,7 @@ def main(argv=None):
     p.add_argument("--data", type=Path, default=default_data())
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--no-lesion", action="store_true", help="time `cordseg sc` only")
+    p.add_argument("--qc", action="store_true", help="run the commands with --qc (the QC picture included)")
     a = p.parse_args(argv)
 
     with tempfile.TemporaryDirectory(prefix="cordseg_speed_") as tmp:
@@ -327,8 +331,9 @@ def main(argv=None):
         startup = startup_seconds(min(a.repeats, 3))
         summary = []
         for command in (["sc"] if a.no_lesion else ["sc", "lesion"]):
-            runs = in_process_runs(command, path, out_dir, a.repeats)
-            walls, rss, cpus = whole_command(command, path, out_dir, a.repeats)
+            extra = ["--qc"] if a.qc else []
+            runs = in_process_runs(command, path, out_dir, a.repeats, extra)
+            walls, rss, cpus = whole_command(command, path, out_dir, a.repeats, extra)
             wall, peak = report(command, runs, walls, rss, cpus, startup)
             summary.append((command, wall, peak))
         from cordseg.metrics import dice
