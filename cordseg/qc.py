@@ -1,8 +1,10 @@
-"""Quality-control pictures: the cord's neighbourhood on its axial slices, with an output outlined, in one PNG.
+"""Quality-control pictures: the cord straightened, and its neighbourhood on its axial slices, with an output
+outlined, in one PNG.
 
 Checking a segmentation means looking at it, slice by slice, and a study has hundreds of scans. A mosaic of
 small axial views centred on the cord (the same physical size and pixel size for every scan) lets a reader
-page through a folder of PNGs instead of opening each volume in a viewer. The views are in radiological
+page through a folder of PNGs instead of opening each volume in a viewer. On top, a straightened sagittal strip
+shows the whole cord (where it starts and ends); below it, the axial views are in radiological
 convention (the patient's right on the left of each view, anterior at the top); the most superior slice
 comes first, in reading order. PNG is written here with zlib alone (no imaging package at run time).
 """
@@ -81,41 +83,70 @@ def mosaic(image, overlays: dict, *, track=None) -> np.ndarray:
     slices = _pick_slices(z_all, [z for z in lesion_slices if z_all[0] <= z <= z_all[-1]], MAX_VIEWS)
     n = int(round(VIEW_MM / PIXEL_MM))
     offsets = (np.arange(n) - (n - 1) / 2) * PIXEL_MM
-    views, outlines = [], []
+    tiles = []
     for z in slices[::-1]:  # most superior first
         i = int(z - z_all[0])
         # rows: anterior (high y) at the top; columns: the patient's right (low x in RPI) on the left
-        gx = cx[i] + offsets[None, :] / rpi.zooms[0]
-        gy = cy[i] - offsets[:, None] / rpi.zooms[1]
-        gx, gy = np.broadcast_to(gx, (n, n)), np.broadcast_to(gy, (n, n))
+        gx = np.broadcast_to(cx[i] + offsets[None, :] / rpi.zooms[0], (n, n))
+        gy = np.broadcast_to(cy[i] - offsets[:, None] / rpi.zooms[1], (n, n))
         inside = (gx > -0.5) & (gx < rpi.shape[0] - 0.5) & (gy > -0.5) & (gy < rpi.shape[1] - 0.5)
         view = ndi.map_coordinates(rpi.data[:, :, z], [gx, gy], order=1, mode="nearest")
-        views.append(np.where(inside, view, np.nan))
-        drawn = {}
-        for name, m in masks.items():
-            near = ndi.map_coordinates(m[:, :, z].astype(np.uint8), [gx, gy], order=0, mode="constant") > 0
-            near &= inside
-            edge = near & ~ndi.binary_erosion(near)
-            if name == "centerline":  # a point: a small cross instead of an outline
-                edge = ndi.binary_dilation(near, structure=ndi.generate_binary_structure(2, 1), iterations=3)
-            drawn[name] = edge
-        outlines.append(drawn)
-    rows = int(np.ceil(len(views) / COLUMNS))
-    cols = min(len(views), COLUMNS)
-    canvas = np.full((rows * (n + GAP) - GAP, cols * (n + GAP) - GAP, 3), 40, np.uint8)
-    for k, (view, drawn) in enumerate(zip(views, outlines)):
-        # each view windowed on its own: slices at the coil's reach are several times darker than the middle
-        finite = view[np.isfinite(view)]
-        lo, hi = np.percentile(finite, [0.5, 99.5]) if finite.size else (0.0, 1.0)
-        grey = np.clip((np.nan_to_num(view, nan=lo) - lo) / max(hi - lo, 1e-6), 0, 1) * 255
-        tile = np.repeat(grey.astype(np.uint8)[:, :, None], 3, axis=2)
-        tile[~np.isfinite(view)] = 0
-        for name in ("cord", "lesion", "centerline"):  # lesions drawn over the cord's outline
-            if name in drawn:
-                tile[drawn[name]] = COLOURS[name]
+        drawn = {name: ndi.map_coordinates(m[:, :, z].astype(np.uint8), [gx, gy], order=0, mode="constant") > 0
+                 for name, m in masks.items()}
+        tiles.append(_render(np.where(inside, view, np.nan), drawn))
+    strip = _sagittal_strip(rpi, masks, z_all, cx, cy, offsets, max_width=min(len(tiles), COLUMNS) * (n + GAP) - GAP)
+    rows = int(np.ceil(len(tiles) / COLUMNS))
+    cols = min(len(tiles), COLUMNS)
+    top = strip.shape[0] + GAP
+    width = max(cols * (n + GAP) - GAP, strip.shape[1])
+    canvas = np.full((top + rows * (n + GAP) - GAP, width, 3), 40, np.uint8)
+    canvas[:strip.shape[0], :strip.shape[1]] = strip
+    for k, tile in enumerate(tiles):
         r, c = divmod(k, COLUMNS)
-        canvas[r * (n + GAP):r * (n + GAP) + n, c * (n + GAP):c * (n + GAP) + n] = tile
+        canvas[top + r * (n + GAP):top + r * (n + GAP) + n, c * (n + GAP):c * (n + GAP) + n] = tile
     return canvas
+
+
+def _render(view: np.ndarray, drawn: dict, crosses: bool = True) -> np.ndarray:
+    """Grey RGB tile of `view` (NaN: outside the field of view, black) with each mask's outline in its
+    colour (a centerline's points as small crosses, or as they are with crosses=False); windowed on its own
+    (slices at the coil's reach are several times darker than the middle)."""
+    finite = view[np.isfinite(view)]
+    lo, hi = np.percentile(finite, [0.5, 99.5]) if finite.size else (0.0, 1.0)
+    grey = np.clip((np.nan_to_num(view, nan=lo) - lo) / max(hi - lo, 1e-6), 0, 1) * 255
+    tile = np.repeat(grey.astype(np.uint8)[:, :, None], 3, axis=2)
+    tile[~np.isfinite(view)] = 0
+    for name in ("cord", "lesion", "centerline"):  # lesions drawn over the cord's outline
+        if name in drawn:
+            mask = drawn[name] & np.isfinite(view)
+            if name == "centerline":
+                edge = (ndi.binary_dilation(mask, structure=ndi.generate_binary_structure(2, 1), iterations=3)
+                        if crosses else mask)
+            else:
+                edge = mask & ~ndi.binary_erosion(mask)
+            tile[edge] = COLOURS[name]
+    return tile
+
+
+def _sagittal_strip(rpi, masks, z_all, cx, cy, offsets, max_width):
+    """The cord straightened: for every slice the anterior-posterior line through its centre, side by side,
+    the most superior on the left (anterior at the top), at PIXEL_MM per pixel along the cord unless that is
+    wider than `max_width` (then squeezed to it). Where the cord starts and ends shows here at a glance."""
+    n = len(offsets)
+    gx = np.repeat(cx[:, None], n, axis=1)
+    gy = cy[:, None] - offsets[None, :] / rpi.zooms[1]
+    gz = np.repeat(z_all[:, None].astype(float), n, axis=1)
+    inside = (gy > -0.5) & (gy < rpi.shape[1] - 0.5)
+    lines = np.where(inside, ndi.map_coordinates(rpi.data, [gx, gy, gz], order=1, mode="nearest"), np.nan)
+    mask_lines = {name: ndi.map_coordinates(m.astype(np.uint8), [gx, gy, gz], order=0, mode="constant") > 0
+                  for name, m in masks.items()}
+    length_mm = len(z_all) * rpi.zooms[2]
+    width = int(np.clip(round(length_mm / PIXEL_MM), 1, max(1, max_width)))
+    # display column j shows slice position (most superior first); nearest slice, so thick slices stay blocks
+    pick = np.clip(np.round((len(z_all) - 1) * (1 - (np.arange(width) + 0.5) / width)), 0, len(z_all) - 1).astype(int)
+    view = lines[pick].T  # (n, width): rows anterior -> posterior
+    drawn = {name: m[pick].T for name, m in mask_lines.items()}
+    return _render(view, drawn, crosses=False)
 
 
 def png_bytes(rgb: np.ndarray) -> bytes:

@@ -49,15 +49,17 @@ def phantom():
 
 
 def view(picture, k):
+    """Axial view k (below the straightened strip, which is one view high)."""
     n = int(round(qc.VIEW_MM / qc.PIXEL_MM))
     r, c = divmod(k, qc.COLUMNS)
-    return picture[r * (n + qc.GAP):r * (n + qc.GAP) + n, c * (n + qc.GAP):c * (n + qc.GAP) + n]
+    top = (r + 1) * (n + qc.GAP)
+    return picture[top:top + n, c * (n + qc.GAP):c * (n + qc.GAP) + n]
 
 
 def test_one_view_per_cord_slice_with_the_outline_at_the_centre(phantom):
     picture = qc.mosaic(phantom.image, {"cord": phantom.cord})
     n = int(round(qc.VIEW_MM / qc.PIXEL_MM))
-    assert picture.shape == (2 * n + qc.GAP, 10 * n + 9 * qc.GAP, 3)  # 12 slices: 10 + 2 views
+    assert picture.shape == (3 * n + 2 * qc.GAP, 10 * n + 9 * qc.GAP, 3)  # the strip, then 12 views: 10 + 2
     for k in range(12):
         v = view(picture, k)
         red = np.argwhere((v == qc.COLOURS["cord"]).all(axis=2))
@@ -83,6 +85,26 @@ def test_views_are_radiological_and_most_superior_first(phantom):
     assert (bright[:, 0] < n / 2 - 20).any()  # the anterior marker: top of the first (superior) view
     assert not (np.argwhere(last >= 250)[:, 0] < n / 2 - 20).any()
     assert (np.argwhere(last >= 250)[:, 1] < n / 2 - 20).any()
+
+
+def test_straightened_strip_runs_superior_to_inferior(phantom):
+    """The strip on top: one column per PIXEL_MM along the cord, the most superior slice on the left, anterior
+    at the top, the cord's outline along its length."""
+    data = np.asarray(phantom.image.dataobj, np.float32).copy()
+    cx, cy = [int(round(v)) for v in phantom.centerline[-1, :2]]
+    data[cx, cy + 12, -1] = 50.0  # anterior to the cord, top slice only
+    picture = qc.mosaic(image_like(data, phantom.image), {"cord": phantom.cord})
+    plain = qc.mosaic(phantom.image, {"cord": phantom.cord})
+    n = int(round(qc.VIEW_MM / qc.PIXEL_MM))
+    width = int(round(12 * 1.0 / qc.PIXEL_MM))  # 12 slices of 1 mm
+    strip = picture[:n, :width]
+    assert (picture[:n, width:] == 40).all()  # nothing beside it
+    marker = np.argwhere((strip.mean(axis=2) >= 250) & (plain[:n, :width].mean(axis=2) < 150))
+    assert len(marker) and marker[:, 1].max() < width / 12 + 1 and marker[:, 0].max() < n / 2 - 20
+    red = (strip == qc.COLOURS["cord"]).all(axis=2)
+    assert red.any(axis=0).sum() >= width - 2  # outlined along the whole length
+    rows = np.flatnonzero(red.any(axis=1))
+    assert abs(rows.mean() - (n - 1) / 2) < 4  # straightened: centred
 
 
 def test_long_scans_keep_lesion_slices_and_a_cap():
