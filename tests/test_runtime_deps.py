@@ -26,8 +26,8 @@ SCRIPT = textwrap.dedent(
 
     out = sys.argv[1]
     nib.save(make_phantom(seed=3).image, out + "/phantom.nii.gz")
-    for args in (["models"], ["sc", out + "/phantom.nii.gz", "-c", "t2", "-o", out + "/seg.nii.gz"],
-                 ["lesion", out + "/phantom.nii.gz", "-c", "t2", "-o", out + "/les.nii.gz"]):
+    for args in (["models"], ["sc", out + "/phantom.nii.gz", "-c", "t2", "-o", out + "/seg.nii.gz", "--qc"],
+                 ["lesion", out + "/phantom.nii.gz", "-c", "t2", "-o", out + "/les.nii.gz", "--qc"]):
         try:
             main(args, standalone_mode=False)
         except SystemExit as exc:
@@ -50,6 +50,7 @@ def test_cli_runs_without_training_or_test_packages(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.strip().splitlines()[-1] == "ok []"
     assert (tmp_path / "seg.nii.gz").is_file() and (tmp_path / "les.nii.gz").is_file()
+    assert (tmp_path / "seg_qc.png").is_file() and (tmp_path / "les_qc.png").is_file()
     # the training commands, without their extra: one line naming what to install, no traceback
     refusals = [line for line in run.stderr.splitlines() if "needs the training extra" in line]
     assert len(refusals) == 2 and "pip install 'cordseg[train]'" in refusals[0], run.stderr[-2000:]
