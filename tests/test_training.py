@@ -461,6 +461,28 @@ def test_cauda_equina_adds_a_sac_with_roots_below_the_conus_and_no_cord():
     assert np.array_equal(out[:, :, :pad] == synth.BONE, labels[:, :, pad - 1::-1] == synth.BONE)
 
 
+def test_cauda_equina_bundle_gathers_the_roots_into_one_clump():
+    """bundle=True: more roots, gathered tighter than the strands (their spread on the slices under the tip),
+    with the same guarantees: no cord below the tip, roots inside the sac."""
+    labels = _anatomy_with_conus()
+
+    def spread(out):
+        below = out[:, :, 5:20]  # well under the tip (pad 20 + tip 30)
+        pts = np.argwhere(below == synth.ROOTS)[:, :2]
+        return pts.std(axis=0).mean(), (below == synth.ROOTS).sum()
+
+    strands = synth.add_cauda_equina(labels, below_mm=10.0, seed=1)
+    bundle = synth.add_cauda_equina(labels, below_mm=10.0, seed=1, bundle=True)
+    (s_spread, s_voxels), (b_spread, b_voxels) = spread(strands), spread(bundle)
+    assert b_voxels > 1.5 * s_voxels  # 40 roots against 16
+    assert b_spread < s_spread
+    assert not np.isin(bundle[:, :, :50], (synth.WM, synth.GM)).any()
+    for z in range(0, 50, 5):
+        sl = bundle[:, :, z]
+        roots_in_sac = ndimage.binary_fill_holes(np.isin(sl, (synth.CSF, synth.ROOTS)))
+        assert np.all(roots_in_sac[sl == synth.ROOTS])
+
+
 def test_conus_slices_below_the_tip_have_no_cord_target():
     labels = synth.add_cauda_equina(_anatomy_with_conus(nz=120), below_mm=20.0, n_roots=8)
     anatomy = synth.Anatomy._with_centres(labels)

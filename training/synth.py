@@ -39,10 +39,10 @@ class Anatomy:
     extend_z: bool = False
 
     @classmethod
-    def from_pam50(cls, folder, *, cauda_equina: bool = False) -> "Anatomy":
+    def from_pam50(cls, folder, *, cauda_equina=False) -> "Anatomy":
         """The PAM50 template's labels. It stops at the conus: below it there is bone only, no dural sac.
-        `cauda_equina` adds one (see add_cauda_equina), so that a model learns where the cord ends on
-        lumbar scans instead of taking the nerve roots in the sac for cord."""
+        `cauda_equina` adds one (see add_cauda_equina; "bundle" for its clumped roots), so that a model
+        learns where the cord ends on lumbar scans instead of taking the nerve roots in the sac for cord."""
         folder = Path(folder)
 
         def load(name):
@@ -58,7 +58,7 @@ class Anatomy:
         labels[cord] = WM
         labels[cord & gm] = GM
         if cauda_equina:
-            labels = add_cauda_equina(labels)
+            labels = add_cauda_equina(labels, bundle=cauda_equina == "bundle")
         return cls._with_centres(labels)
 
     @classmethod
@@ -131,13 +131,20 @@ def _load_las(path):
 HELD_OUT_SUBJECTS = ("sub-unf01",)
 
 
-def add_cauda_equina(labels, *, below_mm=60.0, n_roots=16, seed=0):
+def add_cauda_equina(labels, *, below_mm=60.0, n_roots=16, seed=0, bundle=False):
     """PAM50 labels extended `below_mm` under the template, with a CSF-filled dural sac from the conus down
     and nerve roots (label ROOTS) leaving the conus and running down the sac, plus the filum terminale.
 
     The vertebrae below the template mirror its lowest ones. Roots look like cord tissue on most contrasts;
-    what tells them apart is shape: a few thin strands in CSF instead of one round cord."""
+    what tells them apart is shape: a few thin strands in CSF instead of one round cord.
+
+    bundle: the look of a real lumbar scan instead (t2_lumbar here: CNN1 took its roots for cord down to the
+    sac's floor): 40 roots, leaving the conus over the 60 mm above its tip, gathered into one clump about a
+    centimetre across in the back half of the sac, so that on an axial slice they make a cord-sized, mottled
+    blob of dark dots with CSF between them."""
     rng = np.random.default_rng(seed)
+    if bundle:
+        n_roots = 40
     pad = int(round(below_mm / ANATOMY_ZOOM))
     bone = np.where(labels[:, :, pad - 1::-1] == BONE, BONE, BG).astype(np.uint8)
     out = np.concatenate([bone, labels], axis=2)
@@ -156,19 +163,30 @@ def add_cauda_equina(labels, *, below_mm=60.0, n_roots=16, seed=0):
     # lying supine, the roots settle against the back of the sac (y points anterior): most go to its
     # dorsal third, where on axial slices they clump into a dark band or blob, the cord's look-alike
     dorsal = floor[floor[:, 1] <= np.percentile(floor[:, 1], 33)]
+    if bundle:  # one clump: the roots' ends scatter ~2.5 mm around a point in the back half of the sac
+        back = floor[floor[:, 1] <= np.percentile(floor[:, 1], 50)]
+        clump = back[rng.integers(len(back))].astype(float)
+        ends = clump + rng.normal(0.0, 2.5 / ANATOMY_ZOOM, (n_roots, 2))
+        ends = np.array([floor[np.argmin(((floor - e) ** 2).sum(1))] for e in ends], float)  # inside the sac
     tip = zc[0]
     xx, yy = np.meshgrid(np.arange(out.shape[0]), np.arange(out.shape[1]), indexing="ij")
     for k in range(n_roots + 1):
         filum = k == n_roots
-        z0 = tip if filum else min(int(tip + rng.uniform(0, 40.0 / ANATOMY_ZOOM)), out.shape[2] - 1)
+        z0 = tip if filum else min(int(tip + rng.uniform(0, (60.0 if bundle else 40.0) / ANATOMY_ZOOM)),
+                                   out.shape[2] - 1)
         pts = np.argwhere(cord[:, :, z0])
         if filum or len(pts) == 0:
             start = np.argwhere(cord[:, :, tip]).mean(0)
         else:
             start = pts[rng.integers(len(pts))].astype(float)
         pool = dorsal if rng.random() < 0.85 else floor
-        end = start if filum else pool[rng.integers(len(pool))].astype(float)
-        radius = (0.4 if filum else rng.uniform(0.4, 0.9)) / ANATOMY_ZOOM
+        if filum:
+            end = start
+        elif bundle:
+            end = ends[k]
+        else:
+            end = pool[rng.integers(len(pool))].astype(float)
+        radius = (0.4 if filum else rng.uniform(0.5, 1.0) if bundle else rng.uniform(0.4, 0.9)) / ANATOMY_ZOOM
         for z in range(z0, -1, -1):
             t = (z0 - z) / max(z0, 1)
             cx, cy = start + (end - start) * min(1.0, 3.0 * t)  # they fan out within ~20 mm, then run straight
@@ -178,7 +196,7 @@ def add_cauda_equina(labels, *, below_mm=60.0, n_roots=16, seed=0):
     return out
 
 
-def load_anatomies(source, *, cauda_equina: bool = False) -> list:
+def load_anatomies(source, *, cauda_equina=False) -> list:
     """Every training anatomy under `source`, PAM50 first.
 
     `source`: the PAM50 folder; a label-map folder holding `PAM50/` and optionally `spinegeneric/` (manual

@@ -41,7 +41,8 @@ def run(task, out, *, steps=None, batch_size=None, learning_rate=None, labelmaps
         cfg.patch_shape = tuple(patch_shape)
     if cauda_equina:  # the template's dural sac and nerve roots below the conus, and slices drawn around it
         cfg.p_conus = CONUS_SHARE
-    anatomy = synth.load_anatomies(labelmaps or default_labelmaps(), cauda_equina=cauda_equina)
+    anatomy = synth.load_anatomies(labelmaps or default_labelmaps(),
+                                   cauda_equina="bundle" if cauda_equina == "bundle" else bool(cauda_equina))
     real = tasks.load_real(cfg, data, contrasts) if data else []
     if data:
         log(f"{len(real)} labelled real volumes from {data}; real fraction {real_fraction if real else 0}")
@@ -94,9 +95,10 @@ def main(argv=None):
     p.add_argument("--lesion-style", choices=["shipped", "faint"], help="lesion task: how synthetic lesions are "
                    "drawn (training/synth.py LESION_STYLES; faint: smaller and fainter lesions, more lesion-free "
                    "patches, axial slices up to 17 mm)")
-    p.add_argument("--cauda-equina", action="store_true", help="add a dural sac with nerve roots below the "
-                   "template's conus (synth.add_cauda_equina) and draw a quarter of its slices around the conus, so "
-                   "that the model learns where the cord ends")
+    p.add_argument("--cauda-equina", nargs="?", const="strands", choices=["strands", "bundle"], default=None,
+                   help="add a dural sac with nerve roots below the template's conus (synth.add_cauda_equina) and "
+                   "draw a share of its slices around the conus, so that the model learns where the cord ends; "
+                   "'bundle': the roots gathered into one clump, as on real lumbar scans (default: strands)")
     a = p.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     log = lambda m: print(m, flush=True)  # noqa: E731
