@@ -192,7 +192,8 @@ def main():
 @click.option("--smoothness", type=float, default=None, help="OptiC's curvature penalty (default 1.0)")
 @_qc_option
 def centerline(images, contrast, out, volume, quiet, verbose, threads, model, smoothness, qc):
-    """Cord centerline: a NIfTI mask (one voxel per slice) and a CSV beside it."""
+    """Cord centerline: a NIfTI mask (one voxel per slice) and a CSV beside it. Several images: -o is a
+    folder."""
     from . import api
 
     if smoothness is not None:
@@ -232,7 +233,7 @@ def _centerline_one(image, contrast, out, volume, quiet, verbose, threads, model
 @_given_centerline_option
 @_qc_option
 def sc(images, contrast, out, volume, quiet, verbose, threads, soft, threshold, model, centerline_file, qc):
-    """Spinal cord segmentation -> <stem>_seg.nii.gz."""
+    """Spinal cord segmentation -> <stem>_seg.nii.gz. Several images: -o is a folder."""
     from . import api
 
     _run(lambda: api.check_threshold(threshold, "--threshold"))
@@ -274,7 +275,8 @@ def _sc_one(image, contrast, out, volume, quiet, verbose, threads, soft, thresho
 @_qc_option
 def lesion(images, contrast, out, volume, quiet, verbose, threads, csv_file, soft, threshold, min_contrast, model,
            centerline_file, qc):
-    """MS lesion segmentation -> <stem>_lesionseg.nii.gz; prints lesion count and volume."""
+    """MS lesion segmentation -> <stem>_lesionseg.nii.gz; prints lesion count and volume. Several images: -o
+    is a folder, and --csv one table with an image column."""
     from . import api
 
     _run(lambda: api.check_threshold(threshold, "--threshold"))
