@@ -122,6 +122,28 @@ def test_invalid_graph_is_refused(cnn1, cnn1_proto, tmp_path):
     assert not (tmp_path / "m.onnx").exists()
 
 
+def test_a_wrong_conversion_is_retried_and_never_written(cnn1, cnn1_proto, tmp_path, monkeypatch):
+    """tf2onnx's occasional wrong graph: the next conversion is tried; if every one is wrong, nothing is
+    written and the error says how many were tried."""
+    bad = _copy(cnn1_proto)
+    bad.graph.node[0].op_type = "StatefulPartitionedCall"
+    x = np.random.default_rng(0).normal(size=(1, 16, 16, 1)).astype(np.float32)
+    made = []
+
+    def flaky(model, opset=17):
+        made.append(1)
+        return _copy(bad) if len(made) == 1 else _copy(cnn1_proto)
+
+    monkeypatch.setattr(export, "convert", flaky)
+    out, diff = export.export_checked(cnn1, tmp_path / "m.onnx", META, check_inputs=x)
+    assert len(made) == 2 and diff <= 1e-4 and read_metadata(out)["cordseg_task"] == "centerline"
+    made.clear()
+    monkeypatch.setattr(export, "convert", lambda model, opset=17: made.append(1) or _copy(bad))
+    with pytest.raises(ModelError, match=f"after {export.CONVERSION_ATTEMPTS} conversions"):
+        export.export_checked(cnn1, tmp_path / "n.onnx", META, check_inputs=x)
+    assert len(made) == export.CONVERSION_ATTEMPTS and not (tmp_path / "n.onnx").exists()
+
+
 def test_export_from_weights_uses_task_metadata(tmp_path):
     from training import tasks
 
