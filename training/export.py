@@ -127,32 +127,42 @@ def export_onnx(model, path, metadata: dict, *, check_inputs: np.ndarray, opset:
     return export_checked(model, path, metadata, check_inputs=check_inputs, opset=opset, atol=atol)[0]
 
 
-def export_checked(model, path, metadata: dict, *, check_inputs: np.ndarray, opset: int = 17,
+def convert_checked(model, batches, *, opset: int = 17) -> tuple:
+    """convert(), then the parity check on every batch: (proto, [max abs difference per batch]).
+
+    A graph that fails the check is converted afresh, up to CONVERSION_ATTEMPTS times: tf2onnx now and then
+    writes a wrong graph for a model it converts correctly on the next try (seen in the full test suite only:
+    an output with an extra leading axis). Only graphs that pass the check ever leave this function."""
+    for attempt in range(CONVERSION_ATTEMPTS):
+        proto = convert(model, opset=opset)
+        try:
+            return proto, [parity(model, proto, b) for b in batches]
+        except ModelError as exc:
+            if attempt == CONVERSION_ATTEMPTS - 1:
+                raise ModelError(f"{exc} (after {CONVERSION_ATTEMPTS} conversions)") from exc
+
+
+def export_checked(model, path, metadata: dict, *, check_inputs, opset: int = 17,
                    atol: float = 1e-4, proto=None) -> tuple[Path, float]:
     """`export_onnx`, also returning the measured max abs difference (for reports and model cards).
 
-    `proto` lets a caller pass a graph it converted itself; it must take the same inputs as `model`.
+    `check_inputs`: one batch, or a list of batches (e.g. of different spatial sizes for a fully
+    convolutional network); the difference returned is the largest over all of them. `proto` lets a caller
+    pass a graph it converted itself; it must take the same inputs as `model`.
     """
-    check_inputs = np.asarray(check_inputs, np.float32)
-    if check_inputs.ndim < 2 or check_inputs.shape[0] == 0:
+    batches = [np.asarray(b, np.float32) for b in (check_inputs if isinstance(check_inputs, (list, tuple))
+                                                   else [check_inputs])]
+    if not batches or any(b.ndim < 2 or b.shape[0] == 0 for b in batches):
         raise ModelError("export needs a non-empty batch of check inputs")
-    given = proto is not None
-    for attempt in range(1 if given else CONVERSION_ATTEMPTS):
-        if not given:
-            proto = convert(model, opset=opset)
-        set_metadata(proto, metadata)
-        try:
-            diff = parity(model, proto, check_inputs)
-            break
-        except ModelError as exc:
-            # tf2onnx now and then writes a wrong graph for a model it converts correctly on the next try
-            # (seen in the full test suite only: an output with an extra leading axis); what is written has
-            # passed the parity check, so a fresh conversion is safe to try
-            if given or attempt == CONVERSION_ATTEMPTS - 1:
-                raise ModelError(f"{exc}" + ("" if given else f" (after {CONVERSION_ATTEMPTS} conversions)")) from exc
+    if proto is None:
+        proto, diffs = convert_checked(model, batches, opset=opset)
+    else:
+        diffs = [parity(model, proto, b) for b in batches]
+    diff = max(diffs)
     if not diff <= atol:
         raise ModelError(f"refusing to export {Path(path).name}: ONNX and Keras outputs differ by {diff:.3g} "
                          f"(allowed {atol:g})")
+    set_metadata(proto, metadata)
     return write_atomic(proto.SerializeToString(), path), diff
 
 
