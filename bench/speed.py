@@ -150,6 +150,7 @@ def stage_table():
     R = cordseg.orientation.Reoriented
     return [
         ("load (io.load_image)", A, "load_image", 0),
+        ("load once in the CLI, with --qc (cli._source, io.load_image)", IO, "load_image", 0),
         ("reorient to RPI (orientation.to_rpi)", A, "to_rpi", 0),
         ("find models (inference.find_model)", A, "find_model", 0),
         ("resample to CNN1 grid, once for both passes (centerline._model_volume)", C, "_model_volume", 0),

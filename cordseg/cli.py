@@ -209,7 +209,8 @@ def _centerline_one(image, contrast, out, volume, quiet, verbose, threads, model
 
     path = _output(image, out, "_centerline")
     rep = Reporter(quiet, verbose)
-    mask, cl = _run(lambda: api.detect_centerline(image, contrast, model=model, volume=volume, progress=rep,
+    src, contrast, volume = _source(image, contrast, volume, qc)
+    mask, cl = _run(lambda: api.detect_centerline(src, contrast, model=model, volume=volume, progress=rep,
                                                   threads=threads,
                                                   smoothness=DEFAULT_SMOOTHNESS if smoothness is None else smoothness))
     rep.done()
@@ -220,7 +221,7 @@ def _centerline_one(image, contrast, out, volume, quiet, verbose, threads, model
     _write_csv(csv_path, ["slice", "x", "y", "z", "i", "j", "k", "x_mm", "y_mm", "z_mm"],
                [[int(z), *(f"{v:.3f}" for v in r), *(f"{v:.3f}" for v in n), *(f"{v:.3f}" for v in m)]
                 for z, r, n, m in zip(cl.z, rpi_pts, native, mm)])
-    qc_file = _write_qc(image, {"centerline": mask}, path, volume) if qc else None
+    qc_file = _write_qc(src, {"centerline": mask}, path) if qc else None
     if not quiet:
         click.echo(f"centerline: {len(cl.z)} slices -> {path} and {csv_path}" + (f" (QC: {qc_file})" if qc else ""))
 
@@ -248,12 +249,13 @@ def _sc_one(image, contrast, out, volume, quiet, verbose, threads, soft, thresho
 
     path = _output(image, out, "_seg")
     rep = Reporter(quiet, verbose)
-    seg = _run(lambda: api.segment_cord(image, contrast, soft=soft, threshold=threshold, model=model,
+    src, contrast, volume = _source(image, contrast, volume, qc)
+    seg = _run(lambda: api.segment_cord(src, contrast, soft=soft, threshold=threshold, model=model,
                                         centerline=centerline_file, volume=volume, progress=rep,
                                         threads=threads))
     rep.done()
     _save(seg, path)
-    qc_file = _write_qc(image, {"cord": _binary(seg, threshold if soft else None)}, path, volume) if qc else None
+    qc_file = _write_qc(src, {"cord": _binary(seg, threshold if soft else None)}, path) if qc else None
     if not quiet:
         import numpy as np
 
@@ -318,21 +320,22 @@ def _lesion_one(image, contrast, out, volume, quiet, verbose, threads, soft, thr
 
     path = _output(image, out, "_lesionseg")
     rep = Reporter(quiet, verbose)
+    src, contrast, volume = _source(image, contrast, volume, qc)
     given, track = centerline_file, None
     if qc:  # the views follow the cord, so the centerline is needed on the image's grid (found once)
         if centerline_file:
-            track, given = _run(lambda: api.centerline_from_mask(image, centerline_file, volume=volume))
+            track, given = _run(lambda: api.centerline_from_mask(src, centerline_file, volume=volume))
         else:
-            track, given = _run(lambda: api.detect_centerline(image, contrast, volume=volume, progress=rep,
+            track, given = _run(lambda: api.detect_centerline(src, contrast, volume=volume, progress=rep,
                                                               threads=threads))
-    seg = _run(lambda: api.segment_lesions(image, contrast, soft=soft, threshold=threshold,
+    seg = _run(lambda: api.segment_lesions(src, contrast, soft=soft, threshold=threshold,
                                            min_contrast=min_contrast, model=model, centerline=given,
                                            volume=volume, progress=rep, threads=threads))
     rep.done()
     _save(seg, path)
     qc_note = ""
     if qc:
-        qc_file = _write_qc(image, {"lesion": _binary(seg, threshold if soft else None)}, path, volume, track)
+        qc_file = _write_qc(src, {"lesion": _binary(seg, threshold if soft else None)}, path, track)
         qc_note = f" (QC: {qc_file})"
     if soft:
         if not quiet:
@@ -371,13 +374,24 @@ def _binary(seg, threshold=None):
     return image_like((data >= (0.5 if threshold is None else threshold)).astype(np.uint8), seg)
 
 
-def _write_qc(image, overlays, output: Path, volume, track=None) -> Path:
-    """The QC picture beside `output` (after the output itself is written)."""
+def _source(image, contrast, volume, qc):
+    """What the API is given for `image`: its path, or with --qc the image read once here (its contrast read
+    from its name, its volume picked), since the picture and, for lesions, the centerline need it too."""
+    if not qc:
+        return image, contrast, volume
+    from . import api
     from .io import load_image
+
+    src = _run(lambda: load_image(image, volume=volume))
+    return src, _run(lambda: api.resolve_contrast(image, contrast)), None
+
+
+def _write_qc(src, overlays, output: Path, track=None) -> Path:
+    """The QC picture of `src` (a path or the image read by _source) beside `output`, once that is written."""
     from .qc import qc_path, write_qc
 
     path = qc_path(output)
-    return _run(lambda: write_qc(load_image(image, volume=volume), overlays, path, track=track))
+    return _run(lambda: write_qc(src, overlays, path, track=track))
 
 
 def _write_csv(path: Path, header, rows):
