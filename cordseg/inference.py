@@ -95,7 +95,7 @@ def read_metadata(path) -> dict:
         meta, seen = {}, set()
         for number, value in _protobuf_fields(buf):
             seen.add(number)
-            if number == _METADATA_PROPS and value is not None and not isinstance(value, int):
+            if number == _METADATA_PROPS and isinstance(value, memoryview):  # a length-delimited entry
                 entry = {n: bytes(v).decode("utf-8") for n, v in _protobuf_fields(value) if n in (1, 2)}
                 meta[entry.get(1, "")] = entry.get(2, "")
         if not {_IR_VERSION, _GRAPH} <= seen:
