@@ -42,8 +42,7 @@ def _centres(mask: np.ndarray):
     zs = np.flatnonzero(mask.any(axis=(0, 1)))
     if len(zs) == 0:
         return None
-    cx = np.array([np.argwhere(mask[:, :, z])[:, 0].mean() for z in zs])
-    cy = np.array([np.argwhere(mask[:, :, z])[:, 1].mean() for z in zs])
+    cx, cy = np.array([np.argwhere(mask[:, :, z]).mean(axis=0) for z in zs]).T
     z_all = np.arange(zs[0], zs[-1] + 1)
     return z_all, np.interp(z_all, zs, cx), np.interp(z_all, zs, cy)
 
