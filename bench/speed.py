@@ -44,6 +44,7 @@ import cordseg.centerline  # noqa: E402
 import cordseg.cli  # noqa: E402
 import cordseg.inference  # noqa: E402
 import cordseg.io  # noqa: E402
+import cordseg.lesions  # noqa: E402
 import cordseg.orientation  # noqa: E402
 import cordseg.qc  # noqa: E402
 import cordseg.segmentation  # noqa: E402
@@ -167,7 +168,7 @@ def stage_table():
         ("largest component (segmentation.keep_largest_component)", S, "keep_largest_component", 0),
         ("back to native (Reoriented.to_native)", R, "to_native", 0),
         ("output image (api._mask_image)", A, "_mask_image", 0),
-        ("lesion table (api.lesion_table)", A, "lesion_table", 0),
+        ("lesion table (lesions.lesion_table)", cordseg.lesions, "lesion_table", 0),
         ("save (io.save_like)", IO, "save_like", 0),
         ("QC picture, with --qc (qc.write_qc)", cordseg.qc, "write_qc", 0),
     ]

@@ -11,18 +11,17 @@ from __future__ import annotations
 
 import re
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from scipy import ndimage as ndi
 
 from . import centerline as _centerline
+from . import lesions as _lesions
 from . import segmentation as _segmentation
 from .errors import CordsegError, CordsegWarning, InputError, ModelError, NoCordError
 from .inference import CONTRASTS, find_model
-from .metrics import axial_axis, label_lesions
 from .io import image_like, load_image, same_grid
+from .lesions import Lesion, lesion_table  # noqa: F401 (public here too)
 from .orientation import to_rpi
 
 # BIDS suffixes first, then the names people give files.
@@ -191,57 +190,13 @@ def segment_lesions(img, contrast=None, soft=False, *, threshold=None, min_contr
     mask = (prob >= thr).astype(np.uint8)
     least = lesion_model.min_lesion_contrast if min_contrast is None else float(min_contrast)
     if least > 0 and mask.any():
-        mask = _screen(mask, rpi, cl, contrast, cord_model, least, progress, threads)
+        try:
+            sc = find_model("sc", contrast, cord_model, threads)
+        except ModelError as err:
+            warnings.warn(f"lesion screening skipped: {err}", CordsegWarning, stacklevel=2)
+        else:
+            mask = _lesions.screen(mask, cl, sc, least, progress)
     return _mask_image(rpi.to_native(mask), image)
-
-
-def _screen(mask, rpi, cl, contrast, cord_model, min_contrast, progress, threads=None):
-    try:
-        sc = find_model("sc", contrast, cord_model, threads)
-    except ModelError as err:
-        warnings.warn(f"lesion screening skipped: {err}", CordsegWarning, stacklevel=3)
-        return mask
-    # the cord is segmented only along the stretches of centerline that hold lesions (a patch depth apart
-    # or more: separate runs), which keeps screening cheap next to the lesion network's own pass
-    depth = int(np.ceil(sc.patch_shape[2] * _centerline.model_grid(rpi, sc)[2] / rpi.zooms[2]))
-    cord = np.zeros(mask.shape, np.uint8)
-    for lo, hi in _segmentation.lesion_slabs(mask, merge_gap=depth):
-        on = (cl.z >= lo - 1) & (cl.z <= hi + 1)
-        if not on.any():
-            continue
-        stretch = _centerline.Centerline(cl.z[on], cl.x[on], cl.y[on], rpi)
-        prob = _segmentation.soft_segmentation(stretch, sc, progress, stage="cord")
-        cord |= _segmentation.keep_largest_component((prob >= sc.threshold).astype(np.uint8))
-    return _segmentation.screen_lesions(mask, rpi.data, cord, min_contrast)[0]
-
-
-@dataclass
-class Lesion:
-    id: int
-    volume_mm3: float
-    centroid_mm: tuple
-    first_slice: int
-    last_slice: int
-
-
-def lesion_table(mask_img) -> list[Lesion]:
-    """One row per 3D connected lesion (26-connectivity), slices along the axial axis of the image."""
-    data = np.asarray(mask_img.dataobj) > 0
-    if not data.any():
-        return []
-    labels, _ = label_lesions(data)
-    zooms = mask_img.header.get_zooms()[:3]
-    voxel = float(np.prod(zooms))
-    axial = axial_axis(mask_img.affine)
-    rows = []
-    for i, sl in enumerate(ndi.find_objects(labels), start=1):
-        comp = labels[sl] == i
-        idx = np.argwhere(comp) + [s.start for s in sl]
-        centroid = idx.mean(axis=0)
-        mm = mask_img.affine[:3, :3] @ centroid + mask_img.affine[:3, 3]
-        rows.append(Lesion(i, float(comp.sum() * voxel), tuple(float(v) for v in mm),
-                           int(idx[:, axial].min()), int(idx[:, axial].max())))
-    return rows
 
 
 __all__ = ["detect_centerline", "segment_cord", "segment_lesions", "lesion_table", "guess_contrast",

@@ -301,16 +301,11 @@ def lesion(images, contrast, out, volume, quiet, verbose, threads, csv_file, sof
     finally:  # several images: one table for all that succeeded, with an image column, even if some failed
         if csv_file and table and not soft:
             several = len(images) > 1
+            from .lesions import LESION_CSV_HEADER
+
             header = (["image"] if several else []) + LESION_CSV_HEADER
             _write_csv(Path(csv_file), header,
-                       [([str(image)] if several else []) + _lesion_csv_row(r) for image, rows in table for r in rows])
-
-
-LESION_CSV_HEADER = ["id", "volume_mm3", "x_mm", "y_mm", "z_mm", "first_slice", "last_slice"]
-
-
-def _lesion_csv_row(r):
-    return [r.id, f"{r.volume_mm3:.2f}", *(f"{v:.2f}" for v in r.centroid_mm), r.first_slice, r.last_slice]
+                       [([str(image)] if several else []) + r.csv_row() for image, rows in table for r in rows])
 
 
 def _lesion_one(image, contrast, out, volume, quiet, verbose, threads, soft, threshold, min_contrast, model,
@@ -341,7 +336,9 @@ def _lesion_one(image, contrast, out, volume, quiet, verbose, threads, soft, thr
         if not quiet:
             click.echo(f"lesion probability map -> {path}{qc_note}")
         return None
-    rows = api.lesion_table(seg)
+    from .lesions import lesion_table
+
+    rows = lesion_table(seg)
     total = sum(r.volume_mm3 for r in rows)
     click.echo(f"lesions: {len(rows)}, total volume {total:.1f} mm3 -> {path}{qc_note}")
     return rows

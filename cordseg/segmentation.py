@@ -13,14 +13,12 @@ from scipy import ndimage as ndi
 from .centerline import Centerline, model_grid
 from .errors import ModelError
 from .inference import Model
-from .metrics import label_lesions
 from .normalization import normalize_with
 from .resampling import resample, resample_to_shape, resampled_zooms
 
 PATCH_BATCH = 4
 SLICE_LEVEL_TOLERANCE = 1.25  # level_slices leaves slices within this factor of the box's median alone
 SLICE_LEVEL_MAX_GAIN = 10.0  # and scales none by more than this
-MIN_REFERENCE_VOXELS = 20  # lesion-free cord voxels needed to judge a lesion's contrast
 
 
 @dataclass
@@ -155,49 +153,3 @@ def keep_largest_component(mask: np.ndarray) -> np.ndarray:
         return mask
     sizes = ndi.sum(mask, labels, index=np.arange(1, n + 1))
     return (labels == 1 + int(np.argmax(sizes))).astype(mask.dtype)
-
-
-def lesion_slabs(mask: np.ndarray, merge_gap: int) -> list[tuple[int, int]]:
-    """Inclusive axial slice ranges (axis 2) holding the mask's voxels, ranges closer than `merge_gap`
-    slices joined: where a cord mask is needed to judge the lesions, and no more."""
-    zs = np.nonzero(mask.any(axis=(0, 1)))[0]
-    slabs = []
-    for z in zs:
-        if slabs and z - slabs[-1][1] <= merge_gap:
-            slabs[-1][1] = int(z)
-        else:
-            slabs.append([int(z), int(z)])
-    return [tuple(s) for s in slabs]
-
-
-def lesion_contrasts(mask: np.ndarray, image: np.ndarray, cord: np.ndarray) -> tuple[np.ndarray, list]:
-    """(labels, [contrast of each 26-connected lesion]): its mean intensity over the median of the
-    lesion-free cord on the axial slices it spans (RPI arrays; axis 2 is inferior-superior).
-
-    Intensities are taken above a floor (0, or the image's lowest values where it has negative ones) so
-    that an offset image measures alike. None where the cord on those slices is too small to say."""
-    labels, _ = label_lesions(mask)
-    floor = min(0.0, float(np.percentile(image, 0.5)))
-    healthy = cord.astype(bool) & ~mask.astype(bool)
-    out = []
-    for i, sl in enumerate(ndi.find_objects(labels), start=1):
-        zs = slice(sl[2].start, sl[2].stop)
-        ref = image[:, :, zs][healthy[:, :, zs]]
-        base = float(np.median(ref)) - floor if ref.size >= MIN_REFERENCE_VOXELS else 0.0
-        lesion = image[sl][labels[sl] == i]  # within its bounding box, not the whole volume per lesion
-        out.append(float(lesion.mean() - floor) / base if base > 0 else None)
-    return labels, out
-
-
-def screen_lesions(mask: np.ndarray, image: np.ndarray, cord: np.ndarray, min_contrast: float):
-    """`mask` without the lesions that lie wholly outside `cord` or are not brighter than the cord around
-    them by `min_contrast` (t2 and t2s lesions are hyper-intense by definition; the lesion network's false
-    lesions are bright grey matter, no brighter than the cord's median, and specks in thin bright CSF).
-    Returns (mask, number dropped)."""
-    labels, contrasts = lesion_contrasts(mask, image, cord)
-    inside = ndi.maximum(cord.astype(bool), labels, index=np.arange(1, len(contrasts) + 1))
-    drop = [i for i, (c, touches) in enumerate(zip(contrasts, np.atleast_1d(inside)), start=1)
-            if not touches or (c is not None and c < min_contrast)]
-    if not drop:
-        return mask, 0
-    return np.where(np.isin(labels, drop), 0, mask).astype(mask.dtype), len(drop)

@@ -148,7 +148,7 @@ def test_lesions_on_a_lesion_free_phantom():
     assert_on_grid(les, ph.image)
     assert les.get_data_dtype() == np.uint8
     # the network alone marks a 4 mm3 speck in the phantom's one-voxel-thin bright CSF ring (peak p 0.54),
-    # outside the cord: screening drops it (segmentation.screen_lesions)
+    # outside the cord: screening drops it (lesions.screen_lesions)
     assert lesion_table(les) == []
     raw = cordseg.segment_lesions(ph.image, "t2", min_contrast=0)
     assert 0 < sum(row.volume_mm3 for row in lesion_table(raw)) <= 8

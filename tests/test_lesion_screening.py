@@ -1,10 +1,10 @@
-"""Lesion screening (segmentation.screen_lesions, segment_lesions(min_contrast=)): reported lesions touch the
+"""Lesion screening (lesions.screen_lesions, segment_lesions(min_contrast=)): reported lesions touch the
 cord and are brighter than the lesion-free cord on their slices."""
 import numpy as np
 import pytest
 
 import cordseg
-from cordseg import segmentation
+from cordseg import lesions
 from cordseg.errors import InputError
 from cordseg.phantom import make_phantom
 
@@ -27,7 +27,7 @@ def _scene():
 
 def test_contrast_of_each_lesion_against_the_cord_on_its_slices():
     image, cord, mask = _scene()
-    labels, contrasts = segmentation.lesion_contrasts(mask, image, cord)
+    labels, contrasts = lesions.lesion_contrasts(mask, image, cord)
     by_label = {int(labels[17, 17, 2]): 1.5, int(labels[23, 23, 6]): 1.03}
     for label, expected in by_label.items():
         assert contrasts[label - 1] == pytest.approx(expected)
@@ -35,11 +35,11 @@ def test_contrast_of_each_lesion_against_the_cord_on_its_slices():
 
 def test_screening_keeps_the_bright_lesion_in_the_cord_only():
     image, cord, mask = _scene()
-    kept, dropped = segmentation.screen_lesions(mask, image, cord, 1.1)
+    kept, dropped = lesions.screen_lesions(mask, image, cord, 1.1)
     assert dropped == 2
     assert kept.dtype == mask.dtype and kept.sum() == 18 and kept[16:19, 16:19, 2:4].all()
     # a lower bar keeps the faint one too, never the one outside the cord
-    kept, dropped = segmentation.screen_lesions(mask, image, cord, 1.0)
+    kept, dropped = lesions.screen_lesions(mask, image, cord, 1.0)
     assert dropped == 1 and kept[22:25, 22:25, 6:8].all() and not kept[2:5, 2:5, 4:6].any()
 
 
@@ -48,7 +48,7 @@ def test_screening_is_the_same_on_an_offset_image():
     image, cord, mask = _scene()
     shifted = image - 60.0  # cord 40, bright lesion 90, background -40
     # measured from the floor (-40): bright 130/80, faint 83/80; the same two are dropped
-    kept, dropped = segmentation.screen_lesions(mask, shifted, cord, 1.1)
+    kept, dropped = lesions.screen_lesions(mask, shifted, cord, 1.1)
     assert kept[16:19, 16:19, 2:4].all() and not kept[22:25, 22:25, 6:8].any() and dropped == 2
 
 
@@ -58,14 +58,14 @@ def test_no_judgement_without_enough_cord():
     cord = np.zeros(image.shape, np.uint8)
     cord[8:12, 8:12, 1:3] = 1
     mask = cord.copy()
-    kept, dropped = segmentation.screen_lesions(mask, image, cord, 1.1)
+    kept, dropped = lesions.screen_lesions(mask, image, cord, 1.1)
     assert dropped == 0 and np.array_equal(kept, mask)
 
 
 def test_empty_mask_is_returned_unchanged():
     image, cord, _ = _scene()
     empty = np.zeros(image.shape, np.uint8)
-    kept, dropped = segmentation.screen_lesions(empty, image, cord, 1.1)
+    kept, dropped = lesions.screen_lesions(empty, image, cord, 1.1)
     assert dropped == 0 and not kept.any()
 
 
@@ -88,10 +88,10 @@ def test_bad_min_contrast_is_refused(bad):
 def test_lesion_slabs_join_nearby_lesions_only():
     mask = np.zeros((8, 8, 100), np.uint8)
     mask[2, 2, [3, 4, 10, 60, 61, 99]] = 1
-    assert segmentation.lesion_slabs(mask, merge_gap=10) == [(3, 10), (60, 61), (99, 99)]
-    assert segmentation.lesion_slabs(mask, merge_gap=40) == [(3, 10), (60, 99)]
-    assert segmentation.lesion_slabs(mask, merge_gap=50) == [(3, 99)]
-    assert segmentation.lesion_slabs(np.zeros((4, 4, 4), np.uint8), merge_gap=5) == []
+    assert lesions.lesion_slabs(mask, merge_gap=10) == [(3, 10), (60, 61), (99, 99)]
+    assert lesions.lesion_slabs(mask, merge_gap=40) == [(3, 10), (60, 99)]
+    assert lesions.lesion_slabs(mask, merge_gap=50) == [(3, 99)]
+    assert lesions.lesion_slabs(np.zeros((4, 4, 4), np.uint8), merge_gap=5) == []
 
 
 def test_screening_without_a_cord_model_warns_and_keeps_the_mask(tmp_path, tiny_onnx):

@@ -1,0 +1,116 @@
+"""MS lesions after the lesion network: screening against the cord, the slabs that need a cord mask, the
+per-lesion contrast, and the lesion table.
+
+The lesion network's false lesions are bright grey matter and specks in thin bright CSF; t2 and t2s lesions
+are hyper-intense by definition. A reported lesion therefore touches the cord and is brighter than the
+lesion-free cord on its slices by the lesion model's `min_lesion_contrast`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from .metrics import axial_axis, label_lesions
+
+MIN_REFERENCE_VOXELS = 20  # lesion-free cord voxels needed to judge a lesion's contrast
+LESION_CSV_HEADER = ["id", "volume_mm3", "x_mm", "y_mm", "z_mm", "first_slice", "last_slice"]
+
+
+def lesion_slabs(mask: np.ndarray, merge_gap: int) -> list[tuple[int, int]]:
+    """Inclusive axial slice ranges (axis 2) holding the mask's voxels, ranges closer than `merge_gap`
+    slices joined: where a cord mask is needed to judge the lesions, and no more."""
+    zs = np.nonzero(mask.any(axis=(0, 1)))[0]
+    slabs = []
+    for z in zs:
+        if slabs and z - slabs[-1][1] <= merge_gap:
+            slabs[-1][1] = int(z)
+        else:
+            slabs.append([int(z), int(z)])
+    return [tuple(s) for s in slabs]
+
+
+def lesion_contrasts(mask: np.ndarray, image: np.ndarray, cord: np.ndarray) -> tuple[np.ndarray, list]:
+    """(labels, [contrast of each 26-connected lesion]): its mean intensity over the median of the
+    lesion-free cord on the axial slices it spans (RPI arrays; axis 2 is inferior-superior).
+
+    Intensities are taken above a floor (0, or the image's lowest values where it has negative ones) so
+    that an offset image measures alike. None where the cord on those slices is too small to say."""
+    labels, _ = label_lesions(mask)
+    floor = min(0.0, float(np.percentile(image, 0.5)))
+    healthy = cord.astype(bool) & ~mask.astype(bool)
+    out = []
+    for i, sl in enumerate(ndi.find_objects(labels), start=1):
+        zs = slice(sl[2].start, sl[2].stop)
+        ref = image[:, :, zs][healthy[:, :, zs]]
+        base = float(np.median(ref)) - floor if ref.size >= MIN_REFERENCE_VOXELS else 0.0
+        lesion = image[sl][labels[sl] == i]  # within its bounding box, not the whole volume per lesion
+        out.append(float(lesion.mean() - floor) / base if base > 0 else None)
+    return labels, out
+
+
+def screen_lesions(mask: np.ndarray, image: np.ndarray, cord: np.ndarray, min_contrast: float):
+    """`mask` without the lesions that lie wholly outside `cord` or are not brighter than the cord around
+    them by `min_contrast`. Returns (mask, number dropped)."""
+    labels, contrasts = lesion_contrasts(mask, image, cord)
+    inside = ndi.maximum(cord.astype(bool), labels, index=np.arange(1, len(contrasts) + 1))
+    drop = [i for i, (c, touches) in enumerate(zip(contrasts, np.atleast_1d(inside)), start=1)
+            if not touches or (c is not None and c < min_contrast)]
+    if not drop:
+        return mask, 0
+    return np.where(np.isin(labels, drop), 0, mask).astype(mask.dtype), len(drop)
+
+
+def screen(mask: np.ndarray, cl, sc_model, min_contrast: float, progress=None) -> np.ndarray:
+    """Screen a thresholded lesion mask on `cl`'s RPI grid: the cord is segmented with `sc_model` only along
+    the stretches of centerline that hold lesions (a patch depth apart or more: separate runs), which keeps
+    screening cheap next to the lesion network's own pass."""
+    from . import centerline as _centerline
+    from . import segmentation as _segmentation
+
+    rpi = cl.rpi
+    depth = int(np.ceil(sc_model.patch_shape[2] * _centerline.model_grid(rpi, sc_model)[2] / rpi.zooms[2]))
+    cord = np.zeros(mask.shape, np.uint8)
+    for lo, hi in lesion_slabs(mask, merge_gap=depth):
+        on = (cl.z >= lo - 1) & (cl.z <= hi + 1)
+        if not on.any():
+            continue
+        stretch = _centerline.Centerline(cl.z[on], cl.x[on], cl.y[on], rpi)
+        prob = _segmentation.soft_segmentation(stretch, sc_model, progress, stage="cord")
+        cord |= _segmentation.keep_largest_component((prob >= sc_model.threshold).astype(np.uint8))
+    return screen_lesions(mask, rpi.data, cord, min_contrast)[0]
+
+
+@dataclass
+class Lesion:
+    id: int
+    volume_mm3: float
+    centroid_mm: tuple
+    first_slice: int
+    last_slice: int
+
+    def csv_row(self) -> list:
+        """The row under LESION_CSV_HEADER."""
+        return [self.id, f"{self.volume_mm3:.2f}", *(f"{v:.2f}" for v in self.centroid_mm), self.first_slice,
+                self.last_slice]
+
+
+def lesion_table(mask_img) -> list[Lesion]:
+    """One row per 3D connected lesion (26-connectivity), slices along the axial axis of the image."""
+    data = np.asarray(mask_img.dataobj) > 0
+    if not data.any():
+        return []
+    labels, _ = label_lesions(data)
+    zooms = mask_img.header.get_zooms()[:3]
+    voxel = float(np.prod(zooms))
+    axial = axial_axis(mask_img.affine)
+    rows = []
+    for i, sl in enumerate(ndi.find_objects(labels), start=1):
+        comp = labels[sl] == i
+        idx = np.argwhere(comp) + [s.start for s in sl]
+        centroid = idx.mean(axis=0)
+        mm = mask_img.affine[:3, :3] @ centroid + mask_img.affine[:3, 3]
+        rows.append(Lesion(i, float(comp.sum() * voxel), tuple(float(v) for v in mm),
+                           int(idx[:, axial].min()), int(idx[:, axial].max())))
+    return rows
