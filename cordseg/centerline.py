@@ -18,6 +18,7 @@ import numpy as np
 from nibabel.affines import apply_affine
 from scipy import ndimage as ndi
 
+from .contract import CENTERLINE_SLICE_MM, SECOND_LOOK_MM  # noqa: F401 (defaults, kept importable here)
 from .errors import InputError, ModelError, NoCordError
 from .inference import Model
 from .normalization import normalize_with
@@ -27,15 +28,15 @@ from .resampling import resample, resampled_zooms
 
 DEFAULT_SMOOTHNESS = 1.0  # OptiC's lambda, per mm^2 of displacement over mm of slice thickness
 SLICE_BATCH = 8
-# CNN1 need not see every thin slice: the centerline is smooth along z, so slices thinner than this are
-# resampled to it for the heatmap (a 1 mm sagittal volume: half the CNN1 work), and the centerline is
-# interpolated back onto every input slice.
-CENTERLINE_SLICE_MM = 2.0
-# CNN1 normalises each slice by its own intensity percentiles, and learnt on 96 mm crops of synthetic anatomy.
-# On a full-field slice (a whole neck, 23 cm) those percentiles are set by fat and air far from the cord, and
-# real anatomy offers look-alikes the crops never had: the cord drops out of some slices. A second look
-# through a window this wide around the first pass's curve finds it again (measurements: CNN1 card).
-SECOND_LOOK_MM = 56.0
+# Two per-model settings live in the model contract (cordseg.contract), with these defaults:
+# CENTERLINE_SLICE_MM: CNN1 need not see every thin slice: the centerline is smooth along z, so slices thinner
+# than this are resampled to it for the heatmap (a 1 mm sagittal volume: half the CNN1 work), and the
+# centerline is interpolated back onto every input slice.
+# SECOND_LOOK_MM: CNN1 normalises each slice by its own intensity percentiles, and learnt on 96 mm crops of
+# synthetic anatomy. On a full-field slice (a whole neck, 23 cm) those percentiles are set by fat and air far
+# from the cord, and real anatomy offers look-alikes the crops never had: the cord drops out of some slices.
+# A second look through a window this wide around the first pass's curve finds it again (measurements: CNN1
+# card).
 
 
 @dataclass
@@ -85,7 +86,7 @@ def _model_volume(rpi: Reoriented, model: Model) -> tuple[np.ndarray, tuple]:
     """The image on CNN1's grid (not normalised) and that grid's exact zooms."""
     if model.patch_shape is not None:
         raise ModelError(f"{model.path.name}: centerline models must be fully convolutional (patch 'slice')")
-    target = model_grid(rpi, model, CENTERLINE_SLICE_MM)
+    target = model_grid(rpi, model, model.contract.centerline_slice_mm)
     return resample(rpi.data, rpi.zooms, target, order=1), resampled_zooms(rpi.shape, rpi.zooms, target)
 
 
@@ -199,12 +200,18 @@ def _trace(heat: np.ndarray, zooms, rpi: Reoriented, model: Model, smoothness: f
     return Centerline(z_int, np.interp(z_int, z_r, x_r), np.interp(z_int, z_r, y_r), rpi)
 
 
+_MODEL = object()  # detect's window_mm default: the model's own (contract's second_look_mm)
+
+
 def detect(rpi: Reoriented, model: Model, *, smoothness: float = DEFAULT_SMOOTHNESS, progress=None,
-           window_mm: float | None = SECOND_LOOK_MM) -> Centerline:
+           window_mm=_MODEL) -> Centerline:
     """The cord's centerline in `rpi`, or NoCordError.
 
-    Two passes: whole slices, then (unless `window_mm` is None) a window of `window_mm` around the first
-    curve on every slice, whose answer is kept."""
+    Two passes: whole slices, then (unless `window_mm` is None or 0) a window of `window_mm` around the first
+    curve on every slice, whose answer is kept (default: the model's second_look_mm, 56 mm unless its file
+    says otherwise)."""
+    if window_mm is _MODEL:
+        window_mm = model.contract.second_look_mm
     vol, zooms = _model_volume(rpi, model)  # resampled once, for both passes
     first = _trace(_whole_slices(vol, model, progress, (0.0, 0.5 if window_mm else 1.0)), zooms, rpi, model,
                    smoothness)

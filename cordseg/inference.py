@@ -13,10 +13,7 @@ import numpy as np
 
 from .errors import ModelError
 
-TASKS = ("centerline", "sc", "lesion")
-CONTRASTS = ("t1", "t2", "t2s", "dwi")
-REQUIRED_KEYS = ("cordseg_task", "cordseg_contrast", "cordseg_layout", "cordseg_patch_shape",
-                 "cordseg_voxel_size", "cordseg_normalisation", "cordseg_threshold")
+from .contract import CONTRASTS, REQUIRED_KEYS, TASKS, ModelContract  # noqa: F401 (re-exported)
 
 
 def model_dirs() -> list[Path]:
@@ -105,18 +102,20 @@ def read_metadata(path) -> dict:
     return meta
 
 
-def _floats(text: str) -> tuple:
-    return tuple(None if t.strip() == "native" else float(t) for t in text.split(","))
-
-
 @dataclass
 class Model:
-    """An ONNX model and its contract. The session is created on first use and reused."""
+    """An ONNX model and its contract (parsed and checked when the model is made: a bad value is a
+    ModelError naming its key). The session is created on first use and reused."""
 
     path: Path
     metadata: dict
     threads: int | None = None
     _session: object = field(default=None, repr=False)
+    contract: ModelContract = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self):
+        if self.contract is None:
+            self.contract = ModelContract.from_metadata(self.metadata, Path(self.path).name)
 
     @classmethod
     def open(cls, path, threads: int | None = None) -> "Model":
@@ -127,60 +126,55 @@ class Model:
 
     @classmethod
     def from_metadata(cls, path: Path, meta: dict, threads: int | None = None) -> "Model":
-        """A model whose metadata was already read; refuses files that lack the runtime's contract."""
-        missing = [k for k in REQUIRED_KEYS if k not in meta]
-        if missing:
-            raise ModelError(f"{path.name}: not a cordseg model (metadata lacks {', '.join(missing)}); "
-                             "export it with cordseg's training tools or `cordseg import-keras`")
+        """A model whose metadata was already read; refuses files that lack or break the runtime's contract."""
         return cls(path, meta, threads)
 
     # --- the contract, parsed ---
     @property
     def task(self) -> str:
-        return self.metadata["cordseg_task"]
+        return self.contract.task
 
     @property
     def contrasts(self) -> tuple:
-        return tuple(c.strip() for c in self.metadata["cordseg_contrast"].split(",") if c.strip())
+        return self.contract.contrasts
 
     @property
     def layout(self) -> str:
-        return self.metadata["cordseg_layout"]
+        return self.contract.layout
 
     @property
     def patch_shape(self) -> tuple | None:
-        text = self.metadata["cordseg_patch_shape"]
-        return None if text == "slice" else tuple(int(v) for v in text.split("x"))
+        return self.contract.patch_shape
 
     @property
     def voxel_size(self) -> tuple:
-        return _floats(self.metadata["cordseg_voxel_size"])
+        return self.contract.voxel_size
 
     @property
     def normalisation(self) -> str:
-        return self.metadata["cordseg_normalisation"]
+        return self.contract.normalisation
 
     @property
     def normalisation_params(self) -> str | None:
-        return self.metadata.get("cordseg_normalisation_params") or None
+        return self.contract.normalisation_params
 
     @property
     def threshold(self) -> float:
-        return float(self.metadata["cordseg_threshold"])
+        return self.contract.threshold
 
     @property
     def min_lesion_contrast(self) -> float:
         """Lesion models: the least lesion/cord intensity ratio a reported lesion has (0: no check)."""
-        return float(self.metadata.get("cordseg_min_lesion_contrast", "0"))
+        return self.contract.min_lesion_contrast
 
     @property
     def size_multiple(self) -> int:
-        return int(self.metadata.get("cordseg_size_multiple", "1"))
+        return self.contract.size_multiple
 
     @property
     def warning(self) -> str | None:
         """A caveat the model's authors wrote into the file (e.g. not validated), shown to users."""
-        return self.metadata.get("cordseg_warning") or None
+        return self.contract.warning
 
     def describe(self) -> str:
         return (f"{self.path.name}: task {self.task}, contrasts {','.join(self.contrasts)}, "

@@ -9,25 +9,20 @@ from pathlib import Path
 
 import pytest
 
+from cordseg.contract import ModelContract
+
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
-# Metadata a runtime-usable model must carry, per task (values are strings, as in the ONNX file).
+# Metadata a runtime-usable model must carry, per task (values are strings, as in the ONNX file), written by
+# the runtime's own contract class.
 BASE_METADATA = {
-    "centerline": {
-        "cordseg_task": "centerline", "cordseg_contrast": "t1,t2,t2s,dwi", "cordseg_layout": "NHWC",
-        "cordseg_patch_shape": "slice", "cordseg_size_multiple": "4", "cordseg_voxel_size": "1,1,native",
-        "cordseg_normalisation": "percentile_slices", "cordseg_threshold": "0.5",
-    },
-    "sc": {
-        "cordseg_task": "sc", "cordseg_contrast": "t1,t2,t2s", "cordseg_layout": "NXYZC",
-        "cordseg_patch_shape": "64x64x48", "cordseg_size_multiple": "4", "cordseg_voxel_size": "0.5,0.5,1",
-        "cordseg_normalisation": "zscore_stack", "cordseg_threshold": "0.5",
-    },
-    "lesion": {
-        "cordseg_task": "lesion", "cordseg_contrast": "t2,t2s", "cordseg_layout": "NXYZC",
-        "cordseg_patch_shape": "48x48x48", "cordseg_size_multiple": "4", "cordseg_voxel_size": "0.5,0.5,1",
-        "cordseg_normalisation": "zscore_stack", "cordseg_threshold": "0.5",
-    },
+    task: ModelContract(task=task, contrasts=contrasts, layout=layout, patch_shape=patch, voxel_size=voxel,
+                        normalisation=norm, threshold=0.5, size_multiple=4).to_metadata()
+    for task, contrasts, layout, patch, voxel, norm in [
+        ("centerline", ("t1", "t2", "t2s", "dwi"), "NHWC", None, (1.0, 1.0, None), "percentile_slices"),
+        ("sc", ("t1", "t2", "t2s"), "NXYZC", (64, 64, 48), (0.5, 0.5, 1.0), "zscore_stack"),
+        ("lesion", ("t2", "t2s"), "NXYZC", (48, 48, 48), (0.5, 0.5, 1.0), "zscore_stack"),
+    ]
 }
 
 

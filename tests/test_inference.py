@@ -223,11 +223,11 @@ def test_predict_3d_layouts(tmp_path, tiny_onnx, layout, input_shape):
     np.testing.assert_array_equal(y, x)  # voxel order survives the channel axis round trip
 
 
-def test_predict_unknown_layout_is_a_model_error(tmp_path, tiny_onnx):
-    m = Model.open(tiny_onnx(tmp_path / "odd.onnx", task="sc", input_shape=("N", 4, 5, 6, 1),
-                             extra={"cordseg_layout": "NZYXC"}))
-    with pytest.raises(ModelError, match="layout"):
-        m.predict(np.zeros((1, 4, 5, 6), np.float32))
+def test_unknown_layout_is_refused_when_the_model_is_opened(tmp_path, tiny_onnx):
+    path = tiny_onnx(tmp_path / "odd.onnx", task="sc", input_shape=("N", 4, 5, 6, 1),
+                     extra={"cordseg_layout": "NZYXC"})
+    with pytest.raises(ModelError, match="odd.onnx: metadata cordseg_layout = 'NZYXC'"):
+        Model.open(path)
 
 
 def test_predict_refuses_input_the_model_rejects(tmp_path, tiny_onnx):

@@ -347,42 +347,43 @@ def published_key(h5_name: str, contrast: str, task: str) -> str:
 
 
 def runtime_metadata(task: str, contrast: str, rebuilt: Rebuilt, source_name: str, keras_version: str,
-                     version: str = "0.1.0") -> dict:
+                     version: str | None = None) -> dict:
+    from cordseg import __version__
+    from cordseg.contract import ModelContract
+
     key = published_key(source_name, contrast, task)
     spatial = (rebuilt.file_input_shape[1:] if rebuilt.channels_first_file else rebuilt.file_input_shape[:-1])
-    meta = {"cordseg_task": task, "cordseg_contrast": contrast, "cordseg_size_multiple": "4",
-            "cordseg_version": version, "cordseg_steps": "unknown", "cordseg_source": f"imported from {source_name}"}
     if rebuilt.ndim == 4:
-        meta["cordseg_layout"] = "NHWC"
-        meta["cordseg_patch_shape"] = "slice" if rebuilt.dynamic else "x".join(str(s) for s in spatial)
-        meta["cordseg_voxel_size"] = "0.5,0.5,native"
+        layout, voxel = "NHWC", (0.5, 0.5, None)
+        patch = None if rebuilt.dynamic else tuple(int(s) for s in spatial)
     else:
-        meta["cordseg_layout"] = "NXYZC"
-        meta["cordseg_patch_shape"] = "x".join(str(s) for s in spatial)
-        meta["cordseg_voxel_size"] = "0.5,0.5,0.5"
+        layout, voxel, patch = "NXYZC", (0.5, 0.5, 0.5), tuple(int(s) for s in spatial)
     if task == "centerline":
         if key not in CTR_MEAN_STD:
             raise ModelError(f"no published CNN1 preprocessing for contrast '{key}' (known: {', '.join(CTR_MEAN_STD)})")
         mean, std = CTR_MEAN_STD[key]
-        meta.update(cordseg_normalisation="published_ctr", cordseg_normalisation_params=f"{mean:g},{std:g}",
-                    cordseg_threshold="0.5")
+        norm, params, threshold = "published_ctr", f"{mean:g},{std:g}", 0.5
     elif task == "lesion":
         if key not in LESION_LANDMARKS:
             raise ModelError(f"no published lesion preprocessing for '{key}' (known: {', '.join(LESION_LANDMARKS)})")
         mean, std = LESION_MEAN_STD[key]
-        params = list(LESION_LANDMARKS[key]) + [mean, std]
-        meta.update(cordseg_normalisation="published_lesion",
-                    cordseg_normalisation_params=",".join(f"{p:.6f}".rstrip("0").rstrip(".") for p in params),
-                    cordseg_threshold="0.1")
+        values = list(LESION_LANDMARKS[key]) + [mean, std]
+        norm, threshold = "published_lesion", 0.1
+        params = ",".join(f"{p:.6f}".rstrip("0").rstrip(".") for p in values)
     else:  # sc: the 2D tool scaled to 0..255 only; the 3D one also z-scored
         if rebuilt.ndim == 5 and key not in SC3D_MEAN_STD:
             raise ModelError(f"no published 3D cord preprocessing for '{key}' (known: {', '.join(SC3D_MEAN_STD)})")
         mean, std = SC3D_MEAN_STD[key] if rebuilt.ndim == 5 else (0.0, 1.0)
-        meta.update(cordseg_normalisation="published_ctr", cordseg_normalisation_params=f"{mean:g},{std:g}",
-                    cordseg_threshold=f"{SC_THRESHOLD.get(key, 0.5):g}")
-    meta["cordseg_training"] = (f"published model (Gros et al. 2019, Spinal Cord Toolbox), Keras {keras_version} "
-                                f"file {source_name}, rebuilt channels-last and converted with tf2onnx")
-    return meta
+        norm, params, threshold = "published_ctr", f"{mean:g},{std:g}", SC_THRESHOLD.get(key, 0.5)
+    training = (f"published model (Gros et al. 2019, Spinal Cord Toolbox), Keras {keras_version} "
+                f"file {source_name}, rebuilt channels-last and converted with tf2onnx")
+    return ModelContract(
+        task=task, contrasts=tuple(c.strip() for c in contrast.split(",") if c.strip()), layout=layout,
+        patch_shape=patch, voxel_size=voxel, normalisation=norm, threshold=float(threshold),
+        normalisation_params=params, size_multiple=4,
+        info={"version": version or __version__, "steps": "unknown", "source": f"imported from {source_name}",
+              "training": training},
+    ).to_metadata()
 
 
 def _real_t2(voxel):
@@ -487,7 +488,6 @@ def import_keras(h5_path, out_path, *, task: str, contrast: str, atol: float = A
         if rebuilt.ndim == 4 and task in ("lesion",) or rebuilt.ndim == 5 and task == "centerline":
             raise ModelError(f"{h5_path.name} is a {rebuilt.ndim - 2}D network; task '{task}' needs the other kind")
         meta = runtime_metadata(task, ",".join(contrasts), rebuilt, h5_path.name, kf.keras_version)
-        meta["cordseg_contrast"] = ",".join(contrasts)
         batches = check_batches(rebuilt, meta)
         ref_diff, ref_note = reference_parity(h5_path, rebuilt, batches[0], kf.config)
         if ref_diff is not None and not ref_diff <= atol:

@@ -132,19 +132,21 @@ def load_real(cfg: TaskConfig, data_dir, contrasts=None):
     return [RealVolume(it, cfg.voxel_size) for it in items]
 
 
-def metadata(cfg: TaskConfig, *, contrast: str, steps: int, summary: str, version: str = "0.1.0") -> dict:
+def metadata(cfg: TaskConfig, *, contrast: str, steps: int, summary: str, version: str | None = None) -> dict:
     """The runtime's model contract, written as ONNX metadata_props (all values are strings)."""
-    vz = cfg.voxel_size
-    return {
-        "cordseg_task": cfg.task,
-        "cordseg_contrast": contrast,
-        "cordseg_layout": "NHWC" if cfg.task == "centerline" else "NXYZC",
-        "cordseg_patch_shape": "x".join(str(s) for s in cfg.patch_shape) if cfg.task != "centerline" else "slice",
-        "cordseg_voxel_size": ",".join("native" if v is None else f"{v:g}" for v in vz),
-        "cordseg_normalisation": cfg.normalisation,
-        "cordseg_threshold": f"{cfg.threshold:g}",
-        "cordseg_size_multiple": "4",
-        "cordseg_version": version,
-        "cordseg_training": summary,
-        "cordseg_steps": str(steps),
-    } | ({"cordseg_min_lesion_contrast": f"{MIN_LESION_CONTRAST:g}"} if cfg.task == "lesion" else {})
+    from cordseg import __version__
+    from cordseg.contract import ModelContract
+
+    centerline = cfg.task == "centerline"
+    return ModelContract(
+        task=cfg.task,
+        contrasts=tuple(c.strip() for c in contrast.split(",") if c.strip()),
+        layout="NHWC" if centerline else "NXYZC",
+        patch_shape=None if centerline else tuple(int(s) for s in cfg.patch_shape),
+        voxel_size=tuple(cfg.voxel_size),
+        normalisation=cfg.normalisation,
+        threshold=float(cfg.threshold),
+        size_multiple=4,
+        min_lesion_contrast=MIN_LESION_CONTRAST if cfg.task == "lesion" else 0.0,
+        info={"version": version or __version__, "training": summary, "steps": str(steps)},
+    ).to_metadata()
