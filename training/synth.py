@@ -390,11 +390,14 @@ CONTRAST_PRIORS = {
 }
 
 
-def synth_intensity(labels, rng, spacing, *, lesion=None, contrast=None, air=None, lesion_contrast=1.0):
+def synth_intensity(labels, rng, spacing, *, lesion=None, contrast=None, air=None, lesion_contrast=1.0,
+                    gm_bright=0.0):
     """Random-contrast image of a label volume. `contrast` picks a prior family or None for any.
 
     `lesion_contrast` below 1 makes some lesions fainter: their difference from the cord is scaled by a
-    factor drawn from [lesion_contrast, 1]."""
+    factor drawn from [lesion_contrast, 1]. `gm_bright`: on T2*-like and gradient-echo contrasts, the share
+    of images whose grey matter is made 1.05-1.35 times brighter than the white matter (as on real T2* and
+    MT scans, where it is what a lesion model mistakes for lesions)."""
     means = rng.uniform(0.0, 1.0, MAX_LABEL + 1).astype(np.float32)
     family = contrast if contrast is not None else (rng.choice(list(CONTRAST_PRIORS)) if rng.random() < 0.5 else None)
     lesion_gain = rng.uniform(1.3, 2.2) if rng.random() < 0.5 else rng.uniform(0.4, 0.75)
@@ -407,6 +410,8 @@ def synth_intensity(labels, rng, spacing, *, lesion=None, contrast=None, air=Non
         lesion_gain = 1.0 + (lesion_gain - 1.0) * rng.uniform(lesion_contrast, 1.0)
     if rng.random() < 0.5:  # often grey and white matter are not distinguishable
         means[GM] = means[WM]
+    if gm_bright and family in ("t2s", "gre") and rng.random() < gm_bright:  # drawn only then (stream kept)
+        means[GM] = means[WM] * rng.uniform(1.05, 1.35)
     means[ROOTS] = 0.5 * (means[WM] + means[ROOTS])  # nerve roots: near the cord's brightness (no new draw)
     # The cord must differ from the CSF around it, or there is nothing to see; but only a little on some
     # scans (full-field gradient echo), so the smallest gap allowed varies.
@@ -554,6 +559,8 @@ class LesionStyle:
     contrast: float = 1.0  # below 1: fainter lesions too (synth_intensity's lesion_contrast)
     p_free: float = 0.15  # share of lesion-free patches
     max_axial_thickness_mm: float = 6.0  # above 6: 30% of axial patches get slices of 6 mm to this
+    gm_bright: float = 0.0  # share of T2*/gradient-echo patches with grey matter brighter than white
+    shading: float = 0.0  # share of patches with strong smooth shading along the cord (ends 2-3x off)
 
 
 LESION_STYLES = {
@@ -561,7 +568,25 @@ LESION_STYLES = {
     # The misses of the shipped model are small (< 20 mm3) and faint (lesion/cord < 1.5) lesions, and its
     # false lesion sits in the bright grey matter of a scan with 17 mm slices: more of all three.
     "faint": LesionStyle(volume_mm3=(3.0, 800.0), contrast=0.4, p_free=0.25, max_axial_thickness_mm=17.0),
+    # What produced false lesions and misses on unseen scans: bright grey matter (T2*, MT), coil shading that
+    # brightens or darkens the end slices 2-3x, 5-17 mm slices, lesions down to 1.1x the cord; lesion-free
+    # patches carry all of it too.
+    "hard": LesionStyle(volume_mm3=(2.0, 600.0), contrast=0.25, p_free=0.3, max_axial_thickness_mm=17.0,
+                        gm_bright=0.6, shading=0.35),
 }
+
+
+def shade_along(image, rng, axis=2):
+    """Multiply by a smooth profile along `axis` whose ends differ 2-3x (brighter or darker) from its middle."""
+    n = image.shape[axis]
+    t = np.linspace(-1.0, 1.0, n)
+    ends = np.log(rng.uniform(2.0, 3.0)) * rng.choice([-1.0, 1.0], 2)
+    centre = rng.uniform(-0.3, 0.3)
+    prof = np.where(t < centre, ends[0] * ((centre - t) / (1 + centre)) ** 2,
+                    ends[1] * ((t - centre) / (1 - centre)) ** 2)
+    shape = [1, 1, 1]
+    shape[axis] = n
+    return (image * np.exp(prof).reshape(shape)).astype(np.float32)
 
 
 def patch_sample(anatomy, rng, *, shape=(64, 64, 48), spacing=(0.5, 0.5, 1.0), lesions=False,
@@ -585,7 +610,12 @@ def patch_sample(anatomy, rng, *, shape=(64, 64, 48), spacing=(0.5, 0.5, 1.0), l
     contrast = None
     if lesions:  # lesion contrast follows a plausible T1/T2/T2* family
         contrast = str(rng.choice(list(CONTRAST_PRIORS)))
-    image = synth_intensity(labels, rng, fine, lesion=lesion, contrast=contrast, lesion_contrast=style.contrast)
+    image = synth_intensity(labels, rng, fine, lesion=lesion, contrast=contrast, lesion_contrast=style.contrast,
+                            gm_bright=style.gm_bright)
+    if style.shading and rng.random() < style.shading:
+        from cordseg.segmentation import level_slices  # what the runtime leaves of the shading
+
+        image = level_slices(shade_along(image, rng))
     thickness = float(np.exp(rng.uniform(np.log(0.5), np.log(6.0))))
     slice_axis = 0 if rng.random() < p_sagittal else 2
     if style.max_axial_thickness_mm > 6.0 and slice_axis == 2 and rng.random() < 0.3:

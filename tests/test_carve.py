@@ -1,0 +1,72 @@
+"""Carved real-background lesion patches (training.carve) and the weights recovered from an ONNX CNN2."""
+import numpy as np
+import pytest
+
+pytest.importorskip("keras")
+
+from cordseg.training import carve  # noqa: E402
+
+
+def _background(zooms=(0.9, 0.9, 5.0), shape=(60, 60, 14)):
+    """A cylinder 'cord' of intensity 100 in a 40 background, running along z."""
+    x, y = np.meshgrid(*[(np.arange(n) - (n - 1) / 2) * z for n, z in zip(shape[:2], zooms[:2])], indexing="ij")
+    disc = x ** 2 + y ** 2 <= 4.0 ** 2
+    cord = np.repeat(disc[:, :, None], shape[2], axis=2)
+    image = np.where(cord, 100.0, 40.0).astype(np.float32)
+    return carve.Background(image, cord, zooms, "cylinder")
+
+
+@pytest.mark.parametrize("zooms", [(0.9, 0.9, 5.0), (0.5, 0.5, 1.0), (0.84, 0.84, 17.0)])
+def test_lesion_is_inside_the_cord_and_brighter(zooms):
+    bg = _background(zooms, (60, 60, max(3, int(70 / zooms[2]))))
+    rng = np.random.default_rng(3)
+    found = 0
+    for _ in range(12):
+        x, y = carve.carve_patch(bg, rng, (48, 48, 48), (0.5, 0.5, 1.0), p_free=0.0, shift_mm=0.0)
+        assert x.shape == y.shape == (48, 48, 48)
+        if not y.any():
+            continue
+        found += 1
+        # the cylinder on the model grid: radius 4 mm around the patch's in-plane centre
+        g = (np.arange(48) - 23.5) * 0.5
+        disc = g[:, None] ** 2 + g[None, :] ** 2 <= (4.0 + zooms[0] + 0.5) ** 2  # the native mask's voxels
+        assert (y.astype(bool) & ~disc[:, :, None]).sum() == 0
+        inside = x[y > 0].mean()
+        cord_only = x[disc[:, :, None] & (y == 0)[...]].mean() if (disc[:, :, None] & (y == 0)).any() else None
+        assert cord_only is not None and inside > cord_only
+    assert found >= 6
+
+
+def test_lesion_free_share():
+    bg = _background()
+    rng = np.random.default_rng(0)
+    empty = sum(not carve.carve_patch(bg, rng, (32, 32, 32), (0.5, 0.5, 1.0), p_free=1.0)[1].any() for _ in range(5))
+    assert empty == 5
+
+
+def test_gain_bands():
+    rng = np.random.default_rng(0)
+    g = np.array([carve.lesion_gain(rng) for _ in range(2000)])
+    assert g.min() >= 1.1 and g.max() <= 2.0
+    assert 0.4 < (g < 1.4).mean() < 0.6
+
+
+@pytest.mark.slow
+def test_onnx_weights_roundtrip(tmp_path):
+    from pathlib import Path
+
+    from cordseg.training import onnx_weights
+
+    path = Path(carve.__file__).resolve().parents[1] / "models" / "cordseg_lesion.onnx"
+    if not path.exists():
+        import cordseg.inference as inf
+
+        path = inf.find_model("lesion", "t2", None, None).path
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2, 48, 48, 48, 1)).astype(np.float32)
+    model = onnx_weights.keras_from_onnx(path, x)
+    assert onnx_weights.parity(model, path, x) < 1e-4
+    # batch norms rebuilt from the calibration data: training-mode statistics start near the moving ones
+    train_out = np.asarray(model(x, training=True))
+    infer_out = np.asarray(model(x, training=False))
+    assert np.abs(train_out - infer_out).max() < 0.05

@@ -1,0 +1,225 @@
+"""Lesion training patches carved from real lesion-free scans (CarveMix / LesionMix-style).
+
+Fully synthetic patches teach what a lesion looks like; real backgrounds teach what it is not: grey matter
+brighter than white matter, coil shading, thick-slice partial volume, the texture of real tissue. Here a
+lesion is drawn inside a real scan's cord on a fine grid that subdivides the scan's own voxels, its
+intensity added there and averaged into the native voxels (so a 17 mm slice gets the partial-volume lesion a
+scanner would record), and the patch is then cut the way the runtime cuts it: slices levelled, resampled to
+the model's grid. The label is the lesion on the model's grid. A share of patches stays lesion-free.
+
+Backgrounds are (image, cord mask) pairs: the reference mask where a scan has one, else cordseg's own cord
+mask. Keep the subjects of any evaluation set out of them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from cordseg.io import load_image
+from cordseg.normalization import zscore_stack
+from cordseg.orientation import to_rpi
+from cordseg.resampling import resample, resample_to_shape
+from cordseg.segmentation import level_slices
+
+from . import synth
+
+FINE_MM = 0.5  # lesions are drawn on the native voxels subdivided to about this size
+
+
+@dataclass
+class Background:
+    image: np.ndarray  # RPI, native grid, float32
+    cord: np.ndarray  # RPI, native grid, bool (where lesions may go)
+    zooms: tuple
+    name: str = ""
+
+    @property
+    def cord_slices(self):
+        return np.nonzero(self.cord.any(axis=(0, 1)))[0]
+
+
+def load_background(image_path, cord_path=None, *, cord=None, erode=1, name=None):
+    """A lesion-free scan and its cord mask (a path, or an RPI array `cord` already on the scan's grid)."""
+    rpi = to_rpi(load_image(image_path))
+    if cord is None:
+        cord = to_rpi(load_image(cord_path)).data > 0.5
+    cord = np.asarray(cord, bool)
+    if erode:  # keep inserted lesions intramedullary when the mask is a model's and may reach the CSF
+        st = np.zeros((3, 3, 1), bool)
+        st[1, :, 0] = st[:, 1, 0] = True
+        eroded = ndi.binary_erosion(cord, st, iterations=erode)
+        cord = np.where(eroded.any(axis=(0, 1), keepdims=True), eroded, cord)
+    return Background(rpi.data.astype(np.float32), cord, tuple(float(z) for z in rpi.zooms),
+                      name or str(image_path))
+
+
+def _subdivision(zooms):
+    return tuple(max(1, int(round(z / FINE_MM))) for z in zooms)
+
+
+def _crop(bg: Background, centre, half_mm):
+    """Native voxel slices around `centre` covering +-half_mm (clipped to the volume)."""
+    out = []
+    for c, h, z, n in zip(centre, half_mm, bg.zooms, bg.image.shape):
+        r = int(np.ceil(h / z)) + 1
+        out.append(slice(max(0, int(c) - r), min(n, int(c) + r + 1)))
+    return tuple(out)
+
+
+def draw_lesions(cord_fine, rng, fine_zooms, *, count=(1, 3), volume_mm3=(2.0, 600.0)):
+    """Soft lesion map (0..1) inside the fine cord mask, drawn by the training generator's lesion shapes."""
+    labels = np.where(cord_fine, synth.WM, synth.CSF).astype(np.uint8)
+    return synth.insert_lesions(labels, rng, fine_zooms, count=count, volume_mm3=volume_mm3)
+
+
+def lesion_gain(rng):
+    """Lesion/cord brightness: half of the lesions faint (1.1-1.4), half 1.4-2.0."""
+    return float(rng.uniform(1.1, 1.4) if rng.random() < 0.5 else rng.uniform(1.4, 2.0))
+
+
+def carve_patch(bg: Background, rng, shape, model_zooms, *, p_free=0.3, count=(1, 3), volume_mm3=(2.0, 600.0),
+                shift_mm=3.0):
+    """(image patch on the model's grid, lesion target) around a random cord point of `bg`."""
+    zs = bg.cord_slices
+    z = int(rng.choice(zs))
+    xs, ys = np.nonzero(bg.cord[:, :, z])
+    centre = [xs.mean() + rng.normal(0, shift_mm / bg.zooms[0]), ys.mean() + rng.normal(0, shift_mm / bg.zooms[1]),
+              z + rng.uniform(-0.5, 0.5) * shape[2] * model_zooms[2] / bg.zooms[2] * 0.5]
+    half = [0.5 * s * m + 2.0 for s, m in zip(shape, model_zooms)]
+    box = _crop(bg, centre, half)
+    img = bg.image[box].astype(np.float32)
+    cord = bg.cord[box]
+    sub = _subdivision(bg.zooms)
+    fine_zooms = tuple(z / s for z, s in zip(bg.zooms, sub))
+    fine_shape = tuple(n * s for n, s in zip(img.shape, sub))
+    lesion_fine = np.zeros(fine_shape, np.float32)
+    if cord.any() and rng.random() >= p_free:
+        cord_fine = resample_to_shape(cord.astype(np.float32), bg.zooms, fine_shape, order=1) >= 0.5
+        lesion_fine = draw_lesions(cord_fine, rng, fine_zooms, count=count, volume_mm3=volume_mm3)
+    if lesion_fine.any():
+        level = float(np.median(img[cord]))
+        gain = lesion_gain(rng)
+        texture = 1.0 + synth._smooth_field(rng, fine_shape, [max(2, n // 8) for n in fine_shape], 0.15)
+        delta = lesion_fine * (gain - 1.0) * level * texture
+        # a scanner averages what lies inside each voxel
+        delta = delta.reshape(img.shape[0], sub[0], img.shape[1], sub[1], img.shape[2], sub[2]).mean(axis=(1, 3, 5))
+        img = img + delta.astype(np.float32)
+    img = level_slices(img)
+    vol = resample(img, bg.zooms, model_zooms, order=1)
+    lesion = resample_to_shape(lesion_fine, fine_zooms, vol.shape, order=1)
+    # the patch, centred where the chosen point falls on the model grid (edges repeat, as at run time)
+    c = [(v - b.start + 0.5) * z / m - 0.5 for v, b, z, m in zip(centre, box, bg.zooms, model_zooms)]
+    idx = [np.clip(np.arange(int(round(ci - s / 2)), int(round(ci - s / 2)) + s), 0, n - 1)
+           for ci, s, n in zip(c, shape, vol.shape)]
+    x = vol[np.ix_(*idx)]
+    y = (lesion[np.ix_(*idx)] >= 0.5).astype(np.float32)
+    if rng.random() < 0.5:
+        x, y = x[::-1], y[::-1]
+    x = x * float(np.exp(rng.normal(0, 0.1)))
+    return np.ascontiguousarray(x, np.float32), np.ascontiguousarray(y, np.float32)
+
+
+class CarveSampler:
+    """Batches mixing carved real-background patches (share `real_share`) with a synthetic sampler's."""
+
+    def __init__(self, synthetic, backgrounds, *, real_share=0.5, p_free=0.3):
+        self.synthetic = synthetic
+        self.backgrounds = list(backgrounds)
+        self.real_share = float(real_share)
+        self.p_free = p_free
+        cfg = synthetic.cfg
+        self.shape, self.zooms, self.batch_size = tuple(cfg.patch_shape), tuple(cfg.voxel_size), cfg.batch_size
+
+    def __call__(self, rng):
+        xs, ys = [], []
+        for _ in range(self.batch_size):
+            if self.backgrounds and rng.random() < self.real_share:
+                bg = self.backgrounds[int(rng.integers(len(self.backgrounds)))]
+                x, y = carve_patch(bg, rng, self.shape, self.zooms, p_free=self.p_free)
+            else:
+                x, y = self.synthetic._sample(rng)
+            xs.append(zscore_stack(x))
+            ys.append(y)
+        return np.stack(xs)[..., None].astype(np.float32), np.stack(ys)[..., None].astype(np.float32)
+
+
+def cord_mask_for(image_path, contrast, cache_dir):
+    """cordseg's own cord mask of a scan (cached), RPI array, for backgrounds without a reference."""
+    from pathlib import Path
+
+    import nibabel as nib
+
+    import cordseg
+
+    cache = Path(cache_dir) / (Path(image_path).name.replace(".nii.gz", "") + "_cordseg-sc.nii.gz")
+    if not cache.exists():
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        nib.save(cordseg.segment_cord(str(image_path), contrast=contrast), str(cache))
+    return to_rpi(load_image(cache)).data > 0.5
+
+
+TRAINING_BACKGROUNDS = (  # (path under the shared data folder, reference mask or None, contrast)
+    ("unf01/sub-unf01_T2w.nii.gz", "unf01/sub-unf01_T2w_seg-manual.nii.gz", "t2"),
+    ("unlabeled/sub-01_acq-MTon_MTS.nii.gz", None, "t2s"),
+    ("extra/sub-01_acq-MToff_MTS.nii.gz", None, "t2s"),
+)
+
+
+def training_backgrounds(data_dir, cache_dir):
+    from pathlib import Path
+
+    out = []
+    for image, ref, contrast in TRAINING_BACKGROUNDS:
+        path = Path(data_dir) / image
+        if ref is not None:
+            out.append(load_background(path, Path(data_dir) / ref, erode=0, name=image))
+        else:
+            out.append(load_background(path, cord=cord_mask_for(path, contrast, cache_dir), erode=1, name=image))
+    return out
+
+
+def main(argv=None):
+    """Fine-tune a lesion model on carved real-background patches mixed with the "hard" synthetic style."""
+    import argparse
+    import os
+    from pathlib import Path
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from . import losses, tasks
+    from .export import shared_data_dir
+    from .loop import train
+    from .train import default_labelmaps
+
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("--out", required=True)
+    p.add_argument("--init-weights", required=True)
+    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--learning-rate", type=float, default=2e-4)
+    p.add_argument("--real-share", type=float, default=0.5)
+    p.add_argument("--style", default="hard")
+    p.add_argument("--snapshot-every", type=int, default=100)
+    p.add_argument("--seed", type=int, default=71)
+    p.add_argument("--max-minutes", type=float)
+    a = p.parse_args(argv)
+    cfg = tasks.with_network(tasks.TASKS["lesion"], None)
+    cfg.batch_size, cfg.lesion_style = a.batch_size, a.style
+    data = shared_data_dir()
+    synthetic = tasks.Sampler(cfg, synth.load_anatomies(default_labelmaps()))
+    backgrounds = training_backgrounds(data, Path(a.out) / "masks")
+    sampler = CarveSampler(synthetic, backgrounds, real_share=a.real_share)
+
+    def build():
+        model = tasks.build_model(cfg)
+        model.load_weights(a.init_weights)
+        return model
+
+    train(build, losses.lesion_loss, sampler, out_dir=a.out, steps=a.steps, learning_rate=a.learning_rate,
+          seed=a.seed, log=lambda m: print(m, flush=True), snapshot_every=a.snapshot_every,
+          max_seconds=None if a.max_minutes is None else 60 * a.max_minutes)
+
+
+if __name__ == "__main__":
+    main()
