@@ -15,6 +15,7 @@ from scipy import ndimage as ndi
 from .metrics import axial_axis, label_lesions
 
 MIN_REFERENCE_VOXELS = 20  # lesion-free cord voxels needed to judge a lesion's contrast
+_CUBE = np.ones((3, 3, 3), bool)
 LESION_CSV_HEADER = ["id", "volume_mm3", "x_mm", "y_mm", "z_mm", "first_slice", "last_slice"]
 
 
@@ -50,6 +51,49 @@ def lesion_contrasts(mask: np.ndarray, image: np.ndarray, cord: np.ndarray) -> t
     return labels, out
 
 
+def grow_lesions(mask: np.ndarray, prob: np.ndarray, low: float) -> np.ndarray:
+    """Hysteresis: every region of `prob` >= `low` that holds a voxel of `mask` joins the mask whole.
+
+    The network's map often rises above the threshold only in a lesion's brightest core while the rest of
+    the lesion sits at 0.2-0.5; a lesion is found by how much of it is covered, so the core is grown to
+    the map's lower contour, never starting a lesion there."""
+    seeds = mask.astype(bool)
+    if low <= 0 or not seeds.any():
+        return mask
+    region, _ = label_lesions(prob >= low)
+    keep = np.unique(region[seeds & (region > 0)])
+    return (seeds | np.isin(region, keep[keep > 0])).astype(mask.dtype)
+
+
+def fill_to_edge(mask: np.ndarray, image: np.ndarray, cord: np.ndarray, fraction: float = 0.5,
+                 reach: int = 2) -> np.ndarray:
+    """Each lesion grown, within `reach` voxels and inside `cord`, over the voxels brighter than
+    `fraction` of the way from the lesion-free cord's median to the lesion's own median: its outline at
+    that share of its contrast (0.5: the half-maximum edge), whatever the network's map says there."""
+    labels, _ = label_lesions(mask)
+    if labels.max() == 0:
+        return mask
+    cord = cord.astype(bool)
+    healthy = cord & ~mask.astype(bool)
+    out = mask.astype(bool).copy()
+    for i, sl in enumerate(ndi.find_objects(labels), start=1):
+        box = tuple(slice(max(0, s.start - reach), s.stop + reach) for s in sl)
+        own = labels[box] == i
+        zs = slice(box[2].start, box[2].stop)
+        ref = image[:, :, zs][healthy[:, :, zs]]
+        if ref.size < MIN_REFERENCE_VOXELS:
+            continue
+        base = float(np.median(ref))
+        level = base + fraction * (float(np.median(image[box][own])) - base)
+        if level <= base:
+            continue
+        near = ndi.binary_dilation(own, _CUBE, iterations=reach) & cord[box] & (image[box] >= level)
+        grown, _ = ndi.label(near | own, _CUBE)
+        keep = np.unique(grown[own])
+        out[box] |= np.isin(grown, keep[keep > 0])
+    return out.astype(mask.dtype)
+
+
 def screen_lesions(mask: np.ndarray, image: np.ndarray, cord: np.ndarray, min_contrast: float):
     """`mask` without the lesions that lie wholly outside `cord` or are not brighter than the cord around
     them by `min_contrast`. Returns (mask, number dropped)."""
@@ -62,13 +106,14 @@ def screen_lesions(mask: np.ndarray, image: np.ndarray, cord: np.ndarray, min_co
     return np.where(np.isin(labels, drop), 0, mask).astype(mask.dtype), len(drop)
 
 
-def screen(mask: np.ndarray, cl, sc_model, min_contrast: float, progress=None) -> np.ndarray:
+def screen(mask: np.ndarray, cl, sc_model, min_contrast: float, progress=None, on_stage=None) -> np.ndarray:
     """Screen a thresholded lesion mask on `cl`'s RPI grid: the cord is segmented with `sc_model` only along
     the stretches of centerline that hold lesions (a patch depth apart or more: separate runs), which keeps
-    screening cheap next to the lesion network's own pass."""
+    screening cheap next to the lesion network's own pass. Stage events of the cord runs: screening.cord.*"""
     from . import centerline as _centerline
     from . import segmentation as _segmentation
 
+    parts = None if on_stage is None else (lambda e: on_stage(e._replace(stage="screening." + e.stage)))
     rpi = cl.rpi
     depth = int(np.ceil(sc_model.patch_shape[2] * _centerline.model_grid(rpi, sc_model)[2] / rpi.zooms[2]))
     cord = np.zeros(mask.shape, np.uint8)
@@ -77,7 +122,7 @@ def screen(mask: np.ndarray, cl, sc_model, min_contrast: float, progress=None) -
         if not on.any():
             continue
         stretch = _centerline.Centerline(cl.z[on], cl.x[on], cl.y[on], rpi)
-        prob = _segmentation.soft_segmentation(stretch, sc_model, progress, stage="cord")
+        prob = _segmentation.soft_segmentation(stretch, sc_model, progress, stage="cord", on_stage=parts)
         cord |= _segmentation.keep_largest_component((prob >= sc_model.threshold).astype(np.uint8))
     return screen_lesions(mask, rpi.data, cord, min_contrast)[0]
 
