@@ -562,16 +562,18 @@ def _version() -> str:
 
 
 def tube_phantom(shape, affine, *, semi_axes=(4.0, 3.0), centre=(0.0, 0.0, 0.0), tilt_deg=0.0, azimuth_deg=0.0,
-                 curvature_radius=None, twist_deg=0.0, soft=False, supersample=(4, 4, 4)):
+                 curvature_radius=None, twist_deg=0.0, soft=False, supersample=None):
     """A cord of known cross-section on any grid: (mask image, true perpendicular area in mm2).
 
-    The cord is an elliptical tube (semi-axes in mm, the first along the tube's left-right) in scanner
-    coordinates (RAS, mm). Straight (curvature_radius None): its axis passes through `centre` and leans by
+    The cord is an elliptical tube in scanner coordinates (RAS, mm) with semi-axes (a, b) in mm: a in the
+    vertical plane of the lean (along `azimuth_deg` when upright), b horizontal and perpendicular to it;
+    twist_deg turns the ellipse in its plane. Straight (curvature_radius None): its axis passes through `centre` and leans by
     `tilt_deg` from the superior direction towards the horizontal direction `azimuth_deg` (0 = towards x,
     90 = towards y). Curved: a circular arc of that radius in the same vertical plane, vertical at `centre`
     and leaning more the higher it goes (tilt_deg is then where it starts: the lean at `centre`). Its
-    perpendicular section is always the same ellipse, area pi*a*b. twist_deg turns the ellipse in its plane.
-    Each voxel's value is its inside fraction from supersample points per axis; soft=False keeps >= 0.5.
+    perpendicular section is always the same ellipse, area pi*a*b. Each voxel's value is its inside
+    fraction from `supersample` points per axis (default: one every 0.15 mm, 5 to 9, odd); soft=False
+    keeps the voxels at least half inside.
     """
     shape = tuple(int(n) for n in shape)
     affine = np.asarray(affine, float)
@@ -610,11 +612,16 @@ def tube_phantom(shape, affine, *, semi_axes=(4.0, 3.0), centre=(0.0, 0.0, 0.0),
     margin = half_diag / min(a, b)
     frac = (g <= 1.0).astype(np.float64)
     near = np.flatnonzero(np.abs(g - 1.0) <= margin)
+    if supersample is None:
+        vox = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+        # odd counts: a fraction is never exactly one half, so ">= 0.5" has no ties to favour
+        supersample = tuple(min(9, max(5, int(math.ceil(v / 0.15)))) | 1 for v in vox)
     if near.size:
         offs = [(np.arange(k) + 0.5) / k - 0.5 for k in supersample]
         grid = np.stack(np.meshgrid(*offs, indexing="ij"), -1).reshape(-1, 3)
-        for start in range(0, near.size, 4096):
-            chunk = near[start:start + 4096]
+        step = max(1, 2 ** 18 // len(grid))
+        for start in range(0, near.size, step):
+            chunk = near[start:start + step]
             sub = (idx[chunk][:, None, :] + grid[None, :, :]).reshape(-1, 3)
             su_, sv_ = local(nib.affines.apply_affine(affine, sub))
             inside = ((su_ / a) ** 2 + (sv_ / b) ** 2 <= 1.0).reshape(len(chunk), -1)
