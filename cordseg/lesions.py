@@ -16,7 +16,8 @@ from .metrics import axial_axis, label_lesions
 
 MIN_REFERENCE_VOXELS = 20  # lesion-free cord voxels needed to judge a lesion's contrast
 _CUBE = np.ones((3, 3, 3), bool)
-LESION_CSV_HEADER = ["id", "volume_mm3", "x_mm", "y_mm", "z_mm", "first_slice", "last_slice"]
+LESION_CSV_HEADER = ["id", "volume_mm3", "x_mm", "y_mm", "z_mm", "first_slice", "last_slice", "mean_probability",
+                     "max_probability", "contrast"]
 
 
 def lesion_slabs(mask: np.ndarray, merge_gap: int) -> list[tuple[int, int]]:
@@ -39,8 +40,12 @@ def lesion_contrasts(mask: np.ndarray, image: np.ndarray, cord: np.ndarray) -> t
     Intensities are taken above a floor (0, or the image's lowest values where it has negative ones) so
     that an offset image measures alike. None where the cord on those slices is too small to say."""
     labels, _ = label_lesions(mask)
+    return labels, _ratios(labels, image, cord)
+
+
+def _ratios(labels, image, cord) -> list:
     floor = min(0.0, float(np.percentile(image, 0.5)))
-    healthy = cord.astype(bool) & ~mask.astype(bool)
+    healthy = cord.astype(bool) & (labels == 0)
     out = []
     for i, sl in enumerate(ndi.find_objects(labels), start=1):
         zs = slice(sl[2].start, sl[2].stop)
@@ -48,7 +53,7 @@ def lesion_contrasts(mask: np.ndarray, image: np.ndarray, cord: np.ndarray) -> t
         base = float(np.median(ref)) - floor if ref.size >= MIN_REFERENCE_VOXELS else 0.0
         lesion = image[sl][labels[sl] == i]  # within its bounding box, not the whole volume per lesion
         out.append(float(lesion.mean() - floor) / base if base > 0 else None)
-    return labels, out
+    return out
 
 
 def grow_lesions(mask: np.ndarray, prob: np.ndarray, low: float) -> np.ndarray:
@@ -134,15 +139,26 @@ class Lesion:
     centroid_mm: tuple
     first_slice: int
     last_slice: int
+    mean_probability: float | None = None  # the network's map over the lesion (from `prob`)
+    max_probability: float | None = None
+    contrast: float | None = None  # mean intensity over the lesion-free cord's median on its slices
 
     def csv_row(self) -> list:
-        """The row under LESION_CSV_HEADER."""
+        """The row under LESION_CSV_HEADER (empty cells where a value is unknown)."""
+        def opt(v, fmt):
+            return "" if v is None else format(v, fmt)
+
         return [self.id, f"{self.volume_mm3:.2f}", *(f"{v:.2f}" for v in self.centroid_mm), self.first_slice,
-                self.last_slice]
+                self.last_slice, opt(self.mean_probability, ".3f"), opt(self.max_probability, ".3f"),
+                opt(self.contrast, ".3f")]
 
 
-def lesion_table(mask_img) -> list[Lesion]:
-    """One row per 3D connected lesion (26-connectivity), slices along the axial axis of the image."""
+def lesion_table(mask_img, prob=None, image=None, cord=None) -> list[Lesion]:
+    """One row per 3D connected lesion (26-connectivity), slices along the axial axis of the image.
+
+    With `prob` (the soft map on the mask's grid) each row gets the mean and maximum probability; with
+    `image` and `cord` (arrays on the mask's grid) its brightness over the lesion-free cord on its slices,
+    so that users can rank lesions and review the doubtful ones first."""
     data = np.asarray(mask_img.dataobj) > 0
     if not data.any():
         return []
@@ -150,12 +166,26 @@ def lesion_table(mask_img) -> list[Lesion]:
     zooms = mask_img.header.get_zooms()[:3]
     voxel = float(np.prod(zooms))
     axial = axial_axis(mask_img.affine)
+    ratios = None
+    if image is not None and cord is not None:
+        image = np.asarray(image, np.float32)
+        ratios = _contrasts_along(labels, image, np.asarray(cord) > 0, axial)
     rows = []
     for i, sl in enumerate(ndi.find_objects(labels), start=1):
         comp = labels[sl] == i
         idx = np.argwhere(comp) + [s.start for s in sl]
         centroid = idx.mean(axis=0)
         mm = mask_img.affine[:3, :3] @ centroid + mask_img.affine[:3, 3]
+        p = None if prob is None else np.asarray(prob, np.float32)[sl][comp]
         rows.append(Lesion(i, float(comp.sum() * voxel), tuple(float(v) for v in mm),
-                           int(idx[:, axial].min()), int(idx[:, axial].max())))
+                           int(idx[:, axial].min()), int(idx[:, axial].max()),
+                           None if p is None else float(p.mean()), None if p is None else float(p.max()),
+                           None if ratios is None else ratios[i - 1]))
     return rows
+
+
+def _contrasts_along(labels, image, cord, axial):
+    """lesion_contrasts' ratios for labelled lesions on an image whose axial axis is `axial`."""
+    if axial != 2:
+        labels, image, cord = (np.moveaxis(a, axial, 2) for a in (labels, image, cord))
+    return _ratios(labels, image, cord)
