@@ -5,6 +5,9 @@
     lesions = cordseg.segment_lesions(img, contrast="t2s")
     mask, centerline = cordseg.detect_centerline(img, contrast="t2")
     cordseg.qc.write_qc(img, {"cord": cord}, "t2_seg_qc.png")  # axial views with the outline, PNG
+
+    seg = cordseg.Segmenter("t2")                            # models opened once, for many images
+    cords = [seg.cord(path) for path in paths]
 """
 from .errors import CordsegError, CordsegWarning, InputError, ModelError, NoCordError, OutputError
 
@@ -13,7 +16,7 @@ __version__ = "0.1.0"
 
 def __getattr__(name):  # heavy modules load on first use, not at import
     if name in ("detect_centerline", "centerline_from_mask", "segment_cord", "segment_lesions", "lesion_table",
-                "guess_contrast"):
+                "guess_contrast", "Segmenter"):
         from . import api
 
         return getattr(api, name)
@@ -24,5 +27,5 @@ def __getattr__(name):  # heavy modules load on first use, not at import
     raise AttributeError(f"module 'cordseg' has no attribute {name!r}")
 
 
-__all__ = ["detect_centerline", "centerline_from_mask", "segment_cord", "segment_lesions", "lesion_table",
-           "guess_contrast", "qc", "CordsegError", "CordsegWarning", "InputError", "ModelError", "NoCordError", "OutputError"]
+__all__ = ["Segmenter", "detect_centerline", "centerline_from_mask", "segment_cord", "segment_lesions",
+           "lesion_table", "guess_contrast", "qc", "CordsegError", "CordsegWarning", "InputError", "ModelError", "NoCordError", "OutputError"]

@@ -25,6 +25,7 @@ from .normalization import normalize_with
 from .optic import optimal_path
 from .orientation import Reoriented
 from .resampling import resample, resampled_zooms
+from .stages import timed
 
 DEFAULT_SMOOTHNESS = 1.0  # OptiC's lambda, per mm^2 of displacement over mm of slice thickness
 SLICE_BATCH = 8
@@ -204,23 +205,28 @@ _MODEL = object()  # detect's window_mm default: the model's own (contract's sec
 
 
 def detect(rpi: Reoriented, model: Model, *, smoothness: float = DEFAULT_SMOOTHNESS, progress=None,
-           window_mm=_MODEL) -> Centerline:
+           window_mm=_MODEL, on_stage=None) -> Centerline:
     """The cord's centerline in `rpi`, or NoCordError.
 
     Two passes: whole slices, then (unless `window_mm` is None or 0) a window of `window_mm` around the first
     curve on every slice, whose answer is kept (default: the model's second_look_mm, 56 mm unless its file
-    says otherwise)."""
+    says otherwise). on_stage: stage events (cordseg.stages) for the parts, centerline.*"""
     if window_mm is _MODEL:
         window_mm = model.contract.second_look_mm
-    vol, zooms = _model_volume(rpi, model)  # resampled once, for both passes
-    first = _trace(_whole_slices(vol, model, progress, (0.0, 0.5 if window_mm else 1.0)), zooms, rpi, model,
-                   smoothness)
+    with timed(on_stage, "centerline.resample"):
+        vol, zooms = _model_volume(rpi, model)  # resampled once, for both passes
+    with timed(on_stage, "centerline.cnn1"):
+        heat = _whole_slices(vol, model, progress, (0.0, 0.5 if window_mm else 1.0))
+    with timed(on_stage, "centerline.optic"):
+        first = _trace(heat, zooms, rpi, model, smoothness)
     if first is None:
         raise NoCordError("no spinal cord found")
     if not window_mm:
         return first
-    heat = _windows(vol, zooms, rpi, model, first, window_mm, progress, (0.5, 1.0))
-    second = _trace(heat, zooms, rpi, model, smoothness)
+    with timed(on_stage, "centerline.second_look"):
+        heat = _windows(vol, zooms, rpi, model, first, window_mm, progress, (0.5, 1.0))
+    with timed(on_stage, "centerline.optic"):
+        second = _trace(heat, zooms, rpi, model, smoothness)
     return first if second is None else second
 
 

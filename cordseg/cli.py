@@ -1,20 +1,32 @@
-"""Command line: parses, calls the API, prints, and turns CordsegError into one line on stderr."""
+"""Command line: parses, calls the API, prints, and turns CordsegError into one line on stderr.
+
+Errors become that line in one place (_reported), for the whole command or, in a batch, for each image.
+Stage events: cordseg.cli.main.main(args=[...], obj={"on_stage": fn}) sends the run's stage events
+(cordseg.stages.StageEvent) to fn, as benchmarks use it. evaluate, train, import-keras and morphometry are
+imported only when run.
+"""
 from __future__ import annotations
 
 import csv
+import importlib
+import importlib.util
 import os
 import sys
 import time
 import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import click
 
-from .errors import CordsegError, CordsegWarning
+from . import __version__
+from .contract import CONTRASTS
+from .errors import CordsegError, CordsegWarning, InputError, ModelError, OutputError
+from .stages import timed
 
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130  # as a shell reports Ctrl-C: a batch stops there instead of moving to the next image
-_FILE_PREFIX = "cordseg_file_prefix"  # click context key: in a batch, messages name the image they concern
 
 
 class Reporter:
@@ -54,25 +66,28 @@ class Reporter:
             click.echo(f"total: {time.perf_counter() - self.started:.2f} s", err=True)
 
 
-def _prefix(message: str) -> str:
-    """In a batch, the image a message concerns (unless the message names it already)."""
-    ctx = click.get_current_context(silent=True)
-    image = ctx.meta.get(_FILE_PREFIX) if ctx is not None else None
-    return "" if image is None or image in message else f"{image}: "
+class _Reported(Exception):
+    """An error already printed as its line; the command (or, in a batch, the image) ends with `code`."""
+
+    def __init__(self, code: int):
+        super().__init__(code)
+        self.code = code
 
 
-def _fail(message: str, code: int = EXIT_ERROR):
-    click.echo(f"cordseg: error: {_prefix(message)}{message}", err=True)
-    sys.exit(code)
+@contextmanager
+def _reported(image=None):
+    """The one place where errors become a line on stderr: CordsegError, out of memory and Ctrl-C end the
+    block with _Reported; cordseg warnings become one line each, before any error. In a batch, `image`
+    names the input the lines concern (unless they name it already)."""
 
+    def prefix(message):
+        return "" if image is None or str(image) in message else f"{image}: "
 
-def _run(fn):
-    """Call fn() mapping our errors to one stderr line; warnings become one line each (before any error)."""
+    error, code = None, EXIT_ERROR
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", CordsegWarning)
-        error, code = None, EXIT_ERROR
         try:
-            result = fn()
+            yield
         except CordsegError as exc:
             error = str(exc)
         except MemoryError:
@@ -81,47 +96,125 @@ def _run(fn):
             error, code = "interrupted", EXIT_INTERRUPTED
     for w in caught:
         if issubclass(w.category, CordsegWarning):
-            click.echo(f"cordseg: warning: {_prefix(str(w.message))}{w.message}", err=True)
+            click.echo(f"cordseg: warning: {prefix(str(w.message))}{w.message}", err=True)
     if error is not None:
-        _fail(error, code)
-    return result
+        click.echo(f"cordseg: error: {prefix(error)}{error}", err=True)
+        raise _Reported(code)
 
 
-def _for_each(images, out, one):
-    """`one(image, out)` for every input image.
+class _LazyCommand(click.Command):
+    """A command whose module is imported only when it runs (or its own help is asked for)."""
 
-    One image: as it always was (an error ends the command). Several (their outputs checked first by
-    _check_outputs): every failure prints one line naming its image and the others go on; the exit status is
-    2 when any failed. Ctrl-C stops the whole batch."""
+    def __init__(self, name, module, attr, short_help):
+        super().__init__(name, short_help=short_help, help=short_help, add_help_option=False,
+                         context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+        self.target = (module, attr)
+
+    def available(self) -> bool:
+        try:
+            return importlib.util.find_spec(self.target[0]) is not None
+        except ImportError:
+            return False
+
+    def load(self) -> click.Command:
+        try:
+            return getattr(importlib.import_module(self.target[0]), self.target[1])
+        except (ImportError, AttributeError) as exc:
+            raise CordsegError(f"{self.name} is not available in this installation ({exc})") from None
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        return self.load().make_context(info_name, args, parent=parent, **extra)
+
+
+class _Main(click.Group):
+    """The `cordseg` group: lazy commands, and every error of every command reported by _reported."""
+
+    lazy: dict = {}
+
+    def list_commands(self, ctx):
+        return sorted(set(super().list_commands(ctx)) | {n for n, c in self.lazy.items() if c.available()})
+
+    def get_command(self, ctx, name):
+        command = super().get_command(ctx, name)
+        if command is None and name in self.lazy and self.lazy[name].available():
+            command = self.lazy[name]
+        return command
+
+    def invoke(self, ctx):
+        try:
+            with _reported():
+                return super().invoke(ctx)
+        except _Reported as done:
+            sys.exit(done.code)
+
+
+@dataclass(frozen=True)
+class Options:
+    """A segmentation command's options, as click parsed them."""
+
+    images: tuple
+    contrast: str | None = None
+    out: str | None = None
+    volume: int | None = None
+    quiet: bool = False
+    verbose: bool = False
+    threads: int | None = None
+    model: str | None = None
+    smoothness: float | None = None
+    soft: bool = False
+    threshold: float | None = None
+    min_contrast: float | None = None
+    centerline_file: str | None = None
+    csv_file: str | None = None
+    qc: bool = False
+
+    def on_stage(self):
+        """The stage-event hook the caller passed to main() as obj={"on_stage": fn}, or None."""
+        ctx = click.get_current_context(silent=True)
+        obj = ctx.find_root().obj if ctx is not None else None
+        return obj.get("on_stage") if isinstance(obj, dict) else None
+
+    def segmenter(self, **models):
+        from .segmenter import Segmenter
+
+        kwargs = {} if self.smoothness is None else {"smoothness": self.smoothness}
+        return Segmenter(self.contrast, threads=self.threads, on_stage=self.on_stage(), **models, **kwargs)
+
+
+def _for_each(opts: Options, one):
+    """`one(image)` for every input image.
+
+    One image: an error ends the command. Several (their outputs checked first): every failure is one line
+    naming its image and the others go on; the exit status is 2 when any failed. Ctrl-C stops the batch."""
+    images = opts.images
     if len(images) == 1:
-        one(images[0], out)
+        one(images[0])
         return
-    ctx = click.get_current_context()
     failed = []
     for image in images:
-        ctx.meta[_FILE_PREFIX] = str(image)
         try:
-            one(image, out)
-        except SystemExit as exc:
-            if exc.code == EXIT_INTERRUPTED:
+            with _reported(image):
+                one(image)
+        except _Reported as done:
+            if done.code == EXIT_INTERRUPTED:
                 raise
-            if exc.code not in (0, None):
-                failed.append(image)
-        finally:
-            ctx.meta.pop(_FILE_PREFIX, None)
+            failed.append(image)
     if failed:
-        _fail(f"{len(failed)} of {len(images)} images failed (see above)")
+        raise CordsegError(f"{len(failed)} of {len(images)} images failed (see above)")
 
 
-def _check_outputs(images, out, suffix):
+def _check_outputs(opts: Options, suffix):
     """Before any work, for several images: `-o` is a folder, and no two outputs land on one file (same name,
-    one output folder), which would let the last overwrite the others."""
+    one output folder), which would let the last overwrite the others; --centerline belongs to one image."""
+    images, out = opts.images, opts.out
     if len(images) < 2:
         return
+    if opts.centerline_file:
+        raise InputError("--centerline belongs to one image: give one image with it")
     from .io import default_output_path
 
     if out is not None and not Path(out).is_dir():
-        _fail(f"with several images, -o must be an existing folder, not {out}")
+        raise InputError(f"with several images, -o must be an existing folder, not {out}")
     seen = {}
     for image in images:
         try:
@@ -129,9 +222,15 @@ def _check_outputs(images, out, suffix):
         except CordsegError:
             continue  # reported with its image when its turn comes
         if target in seen:
-            _fail(f"{seen[target]} and {image} would both write {target}; give them distinct names or run "
-                  "them separately")
+            raise InputError(f"{seen[target]} and {image} would both write {target}; give them distinct names "
+                             "or run them separately")
         seen[target] = image
+
+
+def _writable_folder(path):
+    folder = Path(path).resolve().parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK):
+        raise OutputError(f"cannot write {path}: folder {folder} does not exist or is not writable")
 
 
 def _common(f):
@@ -143,7 +242,7 @@ def _common(f):
     f = click.option("--volume", type=int, default=None, help="volume of a 4D image to use (0-based)")(f)
     f = click.option("-o", "--output", "out", type=click.Path(), default=None,
                      help="output file, or an existing folder (default: current folder)")(f)
-    f = click.option("-c", "--contrast", type=click.Choice(["t1", "t2", "t2s", "dwi"], case_sensitive=False),
+    f = click.option("-c", "--contrast", type=click.Choice(CONTRASTS, case_sensitive=False),
                      default=None, help="image contrast (default: read from the file name)")(f)
     f = click.argument("images", metavar="IMAGE...", nargs=-1, required=True, type=click.Path(dir_okay=True))(f)
     return f
@@ -164,24 +263,23 @@ def _output(image, out, suffix):
     """The output path, checked before any work: a folder that exists and can be written, a NIfTI name."""
     from .io import default_output_path
 
-    path = _run(lambda: default_output_path(image, out, suffix))
-    folder = path.resolve().parent
-    if not folder.is_dir() or not os.access(folder, os.W_OK):
-        _fail(f"cannot write {path}: folder {folder} does not exist or is not writable")
+    path = default_output_path(image, out, suffix)
+    _writable_folder(path)
     if not (path.name.endswith(".nii.gz") or path.name.endswith(".nii")):
-        _fail(f"cannot write {path}: the output name must end in .nii.gz or .nii")
+        raise OutputError(f"cannot write {path}: the output name must end in .nii.gz or .nii")
     return path
 
 
-def _save(img, path: Path):
+def _save(img, path: Path, opts: Options):
     from .io import save_like
 
-    _run(lambda: save_like(img.get_fdata(dtype="float32") if img.get_data_dtype().kind == "f" else
-                           img.dataobj, img, path, dtype=img.get_data_dtype()))
+    with timed(opts.on_stage(), "save"):
+        save_like(img.get_fdata(dtype="float32") if img.get_data_dtype().kind == "f" else img.dataobj, img, path,
+                  dtype=img.get_data_dtype())
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="cordseg", message="cordseg %(version)s")
+@click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, message="cordseg %(version)s")
 def main():
     """Find the spinal cord in MRI and segment the cord and MS lesions, on a CPU."""
 
@@ -191,39 +289,38 @@ def main():
 @click.option("--model", type=click.Path(dir_okay=False), help="a CNN1 ONNX model file to use")
 @click.option("--smoothness", type=float, default=None, help="OptiC's curvature penalty (default 1.0)")
 @_qc_option
-def centerline(images, contrast, out, volume, quiet, verbose, threads, model, smoothness, qc):
+def centerline(**params):
     """Cord centerline: a NIfTI mask (one voxel per slice) and a CSV beside it. Several images: -o is a
     folder."""
-    from . import api
+    from .inputs import check_smoothness
 
-    if smoothness is not None:
-        _run(lambda: api.check_smoothness(smoothness, "--smoothness"))
-    _check_outputs(images, out, "_centerline")
-    _for_each(images, out, lambda image, out: _centerline_one(image, contrast, out, volume, quiet, verbose, threads,
-                                                                model, smoothness, qc))
+    opts = Options(**params)
+    if opts.smoothness is not None:
+        check_smoothness(opts.smoothness, "--smoothness")
+    _check_outputs(opts, "_centerline")
+    seg = opts.segmenter(centerline_model=opts.model)
+    _for_each(opts, lambda image: _centerline_one(image, opts, seg))
 
 
-def _centerline_one(image, contrast, out, volume, quiet, verbose, threads, model, smoothness, qc):
-    from . import api
-    from .centerline import DEFAULT_SMOOTHNESS
+def _centerline_one(image, opts: Options, seg):
+    from .io import nifti_stem
 
-    path = _output(image, out, "_centerline")
-    rep = Reporter(quiet, verbose)
-    src, contrast, volume = _source(image, contrast, volume, qc)
-    mask, cl = _run(lambda: api.detect_centerline(src, contrast, model=model, volume=volume, progress=rep,
-                                                  threads=threads,
-                                                  smoothness=DEFAULT_SMOOTHNESS if smoothness is None else smoothness))
+    path = _output(image, opts.out, "_centerline")
+    rep = Reporter(opts.quiet, opts.verbose)
+    src, contrast, volume = _source(image, opts)
+    mask, cl = seg.centerline(src, contrast=contrast, volume=volume, progress=rep)
     rep.done()
-    _save(mask, path)
-    csv_path = path.with_name(path.name.replace(".nii.gz", "").replace(".nii", "") + ".csv")
+    _save(mask, path, opts)
+    csv_path = path.with_name(nifti_stem(path) + ".csv")
     # x, y, z: RPI working-space voxels (as the published tool writes them); i, j, k: the input's own voxels
     rpi_pts, native, mm = cl.rpi_points, cl.native_points(), cl.scanner_mm()
     _write_csv(csv_path, ["slice", "x", "y", "z", "i", "j", "k", "x_mm", "y_mm", "z_mm"],
                [[int(z), *(f"{v:.3f}" for v in r), *(f"{v:.3f}" for v in n), *(f"{v:.3f}" for v in m)]
                 for z, r, n, m in zip(cl.z, rpi_pts, native, mm)])
-    qc_file = _write_qc(src, {"centerline": mask}, path) if qc else None
-    if not quiet:
-        click.echo(f"centerline: {len(cl.z)} slices -> {path} and {csv_path}" + (f" (QC: {qc_file})" if qc else ""))
+    qc_file = _write_qc(src, {"centerline": mask}, path, opts) if opts.qc else None
+    if not opts.quiet:
+        click.echo(f"centerline: {len(cl.z)} slices -> {path} and {csv_path}"
+                   + (f" (QC: {qc_file})" if opts.qc else ""))
 
 
 @main.command()
@@ -233,35 +330,32 @@ def _centerline_one(image, contrast, out, volume, quiet, verbose, threads, model
 @click.option("--model", type=click.Path(dir_okay=False), help="a CNN2 cord ONNX model file to use")
 @_given_centerline_option
 @_qc_option
-def sc(images, contrast, out, volume, quiet, verbose, threads, soft, threshold, model, centerline_file, qc):
+def sc(**params):
     """Spinal cord segmentation -> <stem>_seg.nii.gz. Several images: -o is a folder."""
-    from . import api
+    from .inputs import check_threshold
 
-    _run(lambda: api.check_threshold(threshold, "--threshold"))
-    _one_centerline_for_one_image(images, centerline_file)
-    _check_outputs(images, out, "_seg")
-    _for_each(images, out, lambda image, out: _sc_one(image, contrast, out, volume, quiet, verbose, threads, soft,
-                                                        threshold, model, centerline_file, qc))
+    opts = Options(**params)
+    check_threshold(opts.threshold, "--threshold")
+    _check_outputs(opts, "_seg")
+    seg = opts.segmenter(cord_model=opts.model)
+    _for_each(opts, lambda image: _sc_one(image, opts, seg))
 
 
-def _sc_one(image, contrast, out, volume, quiet, verbose, threads, soft, threshold, model, centerline_file, qc):
-    from . import api
-
-    path = _output(image, out, "_seg")
-    rep = Reporter(quiet, verbose)
-    src, contrast, volume = _source(image, contrast, volume, qc)
-    seg = _run(lambda: api.segment_cord(src, contrast, soft=soft, threshold=threshold, model=model,
-                                        centerline=centerline_file, volume=volume, progress=rep,
-                                        threads=threads))
+def _sc_one(image, opts: Options, seg):
+    path = _output(image, opts.out, "_seg")
+    rep = Reporter(opts.quiet, opts.verbose)
+    src, contrast, volume = _source(image, opts)
+    mask = seg.cord(src, contrast=contrast, soft=opts.soft, threshold=opts.threshold,
+                    centerline=opts.centerline_file, volume=volume, progress=rep)
     rep.done()
-    _save(seg, path)
-    qc_file = _write_qc(src, {"cord": _binary(seg, threshold if soft else None)}, path) if qc else None
-    if not quiet:
+    _save(mask, path, opts)
+    qc_file = _write_qc(src, {"cord": _binary(mask, opts)}, path, opts) if opts.qc else None
+    if not opts.quiet:
         import numpy as np
 
-        vox = float(np.prod(seg.header.get_zooms()[:3]))
-        n = int((np.asarray(seg.dataobj) >= 0.5).sum())
-        click.echo(f"cord: {n * vox:.0f} mm3 -> {path}" + (f" (QC: {qc_file})" if qc else ""))
+        vox = float(np.prod(mask.header.get_zooms()[:3]))
+        n = int((np.asarray(mask.dataobj) >= 0.5).sum())
+        click.echo(f"cord: {n * vox:.0f} mm3 -> {path}" + (f" (QC: {qc_file})" if opts.qc else ""))
 
 
 @main.command()
@@ -275,78 +369,66 @@ def _sc_one(image, contrast, out, volume, quiet, verbose, threads, soft, thresho
 @click.option("--model", type=click.Path(dir_okay=False), help="a CNN2 lesion ONNX model file to use")
 @_given_centerline_option
 @_qc_option
-def lesion(images, contrast, out, volume, quiet, verbose, threads, csv_file, soft, threshold, min_contrast, model,
-           centerline_file, qc):
+def lesion(**params):
     """MS lesion segmentation -> <stem>_lesionseg.nii.gz; prints lesion count and volume. Several images: -o
     is a folder, and --csv one table with an image column."""
-    from . import api
+    from .inputs import check_threshold
 
-    _run(lambda: api.check_threshold(threshold, "--threshold"))
-    _one_centerline_for_one_image(images, centerline_file)
-    if csv_file:  # fail before any work (and before the mask is written) when the table cannot be written
-        folder = Path(csv_file).resolve().parent
-        if not folder.is_dir() or not os.access(folder, os.W_OK):
-            _fail(f"cannot write {csv_file}: folder {folder} does not exist or is not writable")
-    _check_outputs(images, out, "_lesionseg")
+    opts = Options(**params)
+    check_threshold(opts.threshold, "--threshold")
+    if opts.csv_file:  # fail before any work (and before the mask is written) when the table cannot be written
+        _writable_folder(opts.csv_file)
+    _check_outputs(opts, "_lesionseg")
+    seg = opts.segmenter(lesion_model=opts.model)
     table = []  # (image, lesion rows) of every image done
 
-    def one(image, out):
-        rows = _lesion_one(image, contrast, out, volume, quiet, verbose, threads, soft, threshold, min_contrast,
-                           model, centerline_file, qc)
+    def one(image):
+        rows = _lesion_one(image, opts, seg)
         if rows is not None:
             table.append((image, rows))
 
     try:
-        _for_each(images, out, one)
+        _for_each(opts, one)
     finally:  # several images: one table for all that succeeded, with an image column, even if some failed
-        if csv_file and table and not soft:
-            several = len(images) > 1
+        if opts.csv_file and table and not opts.soft:
             from .lesions import LESION_CSV_HEADER
 
+            several = len(opts.images) > 1
             header = (["image"] if several else []) + LESION_CSV_HEADER
-            _write_csv(Path(csv_file), header,
+            _write_csv(Path(opts.csv_file), header,
                        [([str(image)] if several else []) + r.csv_row() for image, rows in table for r in rows])
 
 
-def _lesion_one(image, contrast, out, volume, quiet, verbose, threads, soft, threshold, min_contrast, model,
-                centerline_file, qc):
+def _lesion_one(image, opts: Options, seg):
     """One image; returns its lesion table (None with --soft)."""
-    from . import api
-
-    path = _output(image, out, "_lesionseg")
-    rep = Reporter(quiet, verbose)
-    src, contrast, volume = _source(image, contrast, volume, qc)
-    given, track = centerline_file, None
-    if qc:  # the views follow the cord, so the centerline is needed on the image's grid (found once)
-        if centerline_file:
-            track, given = _run(lambda: api.centerline_from_mask(src, centerline_file, volume=volume))
-        else:
-            track, given = _run(lambda: api.detect_centerline(src, contrast, volume=volume, progress=rep,
-                                                              threads=threads))
-    seg = _run(lambda: api.segment_lesions(src, contrast, soft=soft, threshold=threshold,
-                                           min_contrast=min_contrast, model=model, centerline=given,
-                                           volume=volume, progress=rep, threads=threads))
-    rep.done()
-    _save(seg, path)
-    qc_note = ""
-    if qc:
-        qc_file = _write_qc(src, {"lesion": _binary(seg, threshold if soft else None)}, path, track)
-        qc_note = f" (QC: {qc_file})"
-    if soft:
-        if not quiet:
-            click.echo(f"lesion probability map -> {path}{qc_note}")
-        return None
+    from .api import centerline_from_mask
     from .lesions import lesion_table
 
-    rows = lesion_table(seg)
+    path = _output(image, opts.out, "_lesionseg")
+    rep = Reporter(opts.quiet, opts.verbose)
+    src, contrast, volume = _source(image, opts)
+    given, track = opts.centerline_file, None
+    if opts.qc:  # the views follow the cord, so the centerline is needed on the image's grid (found once)
+        if opts.centerline_file:
+            track, given = centerline_from_mask(src, opts.centerline_file, volume=volume)
+        else:
+            track, given = seg.centerline(src, contrast=contrast, volume=volume, progress=rep)
+    mask = seg.lesions(src, contrast=contrast, soft=opts.soft, threshold=opts.threshold,
+                       min_contrast=opts.min_contrast, centerline=given, volume=volume, progress=rep)
+    rep.done()
+    _save(mask, path, opts)
+    qc_note = ""
+    if opts.qc:
+        qc_note = f" (QC: {_write_qc(src, {'lesion': _binary(mask, opts)}, path, opts, track)})"
+    if opts.soft:
+        if not opts.quiet:
+            click.echo(f"lesion probability map -> {path}{qc_note}")
+        return None
+    with timed(opts.on_stage(), "table"):
+        rows = lesion_table(mask)
     total = sum(r.volume_mm3 for r in rows)
     click.echo(f"lesions: {len(rows)}, total volume {total:.1f} mm3 -> {path}{qc_note}")
     return rows
-
-
-def _one_centerline_for_one_image(images, centerline_file):
-    if centerline_file and len(images) > 1:
-        _fail("--centerline belongs to one image: give one image with it")
 
 
 @main.command("models")
@@ -354,41 +436,44 @@ def models_cmd():
     """List the installed models and what each one is."""
     from .inference import list_models, model_dirs
 
-    found = _run(list_models)
+    found = list_models()
     if not found:
-        _fail("no models found in " + ", ".join(str(d) for d in model_dirs()))
+        raise ModelError("no models found in " + ", ".join(str(d) for d in model_dirs()))
     for m in found:
         click.echo(m.describe())
 
 
-def _binary(seg, threshold=None):
-    """A mask image for the QC outline: the mask itself, or a soft map at `threshold` (default 0.5)."""
+def _binary(seg, opts: Options):
+    """A mask image for the QC outline: the mask itself, or a soft map at --threshold (default 0.5)."""
     import numpy as np
 
     from .io import image_like
 
+    threshold = opts.threshold if opts.soft and opts.threshold is not None else 0.5
     data = np.asarray(seg.dataobj, np.float32)
-    return image_like((data >= (0.5 if threshold is None else threshold)).astype(np.uint8), seg)
+    return image_like((data >= threshold).astype(np.uint8), seg)
 
 
-def _source(image, contrast, volume, qc):
-    """What the API is given for `image`: its path, or with --qc the image read once here (its contrast read
-    from its name, its volume picked), since the picture and, for lesions, the centerline need it too."""
-    if not qc:
-        return image, contrast, volume
-    from . import api
+def _source(image, opts: Options):
+    """What the API is given for `image`: (image, contrast, volume): its path, or with --qc the image read
+    once here (its contrast read from its name, its volume picked), since the picture and, for lesions, the
+    centerline need it too."""
+    if not opts.qc:
+        return image, opts.contrast, opts.volume
+    from .inputs import resolve_contrast
     from .io import load_image
 
-    src = _run(lambda: load_image(image, volume=volume))
-    return src, _run(lambda: api.resolve_contrast(image, contrast)), None
+    with timed(opts.on_stage(), "load"):
+        src = load_image(image, volume=opts.volume)
+    return src, resolve_contrast(image, opts.contrast), None
 
 
-def _write_qc(src, overlays, output: Path, track=None) -> Path:
+def _write_qc(src, overlays, output: Path, opts: Options, track=None) -> Path:
     """The QC picture of `src` (a path or the image read by _source) beside `output`, once that is written."""
     from .qc import qc_path, write_qc
 
-    path = qc_path(output)
-    return _run(lambda: write_qc(src, overlays, path, track=track))
+    with timed(opts.on_stage(), "qc"):
+        return write_qc(src, overlays, qc_path(output), track=track)
 
 
 def _write_csv(path: Path, header, rows):
@@ -401,12 +486,7 @@ def _write_csv(path: Path, header, rows):
     w = csv.writer(buf)
     w.writerow(header)
     w.writerows(rows)
-    _run(lambda: write_bytes_atomic(buf.getvalue().encode("utf-8"), path))
-
-
-from .cli_evaluate import evaluate  # noqa: E402
-
-main.add_command(evaluate)
+    write_bytes_atomic(buf.getvalue().encode("utf-8"), path)
 
 
 # what the training extra installs; the training modules import them only inside their functions, so a
@@ -421,9 +501,6 @@ def _extra_command(name, module, function, doc):
                   context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
     @click.pass_context
     def command(ctx):
-        import importlib
-        import importlib.util
-
         def absent(package):
             try:
                 return importlib.util.find_spec(package) is None
@@ -436,7 +513,7 @@ def _extra_command(name, module, function, doc):
                 raise ImportError(f"missing: {', '.join(missing)}")
             entry = getattr(importlib.import_module(f"cordseg.training.{module}"), function)
         except ImportError as exc:
-            _fail(f"{name} needs the training extra: pip install 'cordseg[train]' ({exc})")
+            raise CordsegError(f"{name} needs the training extra: pip install 'cordseg[train]' ({exc})") from None
         sys.exit(entry(ctx.args))
 
     return command
@@ -446,6 +523,12 @@ _extra_command("import-keras", "keras_import", "main_import_keras",
                "Convert a published Keras .h5 model to a cordseg ONNX model (needs cordseg[train]).")
 _extra_command("train", "train", "main",
                "Train a network from synthetic (and BIDS) data (needs cordseg[train]); see `cordseg train -h`.")
+_Main.lazy = {
+    "evaluate": _LazyCommand("evaluate", "cordseg.cli_evaluate", "evaluate",
+                             "Compare predictions with references (Dice, volumes, lesions, centerline)."),
+    "morphometry": _LazyCommand("morphometry", "cordseg.cli_morphometry", "morphometry",
+                                "Cord cross-sectional area and shape from a cord mask."),
+}
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -15,6 +15,7 @@ from .errors import ModelError
 from .inference import Model
 from .normalization import normalize_with
 from .resampling import resample, resample_to_shape, resampled_zooms
+from .stages import timed
 
 PATCH_BATCH = 4
 SLICE_LEVEL_TOLERANCE = 1.25  # level_slices leaves slices within this factor of the box's median alone
@@ -95,17 +96,19 @@ def level_slices(crop: np.ndarray) -> np.ndarray:
     return (base + (crop - base) * np.exp(log_gain)).astype(np.float32)
 
 
-def soft_segmentation(cl: Centerline, model: Model, progress=None, stage="segmentation") -> np.ndarray:
-    """Probability map on the RPI grid (zeros away from the cord)."""
+def soft_segmentation(cl: Centerline, model: Model, progress=None, stage="segmentation", on_stage=None) -> np.ndarray:
+    """Probability map on the RPI grid (zeros away from the cord). `stage` names it for `progress` and for
+    the stage events of its parts (cordseg.stages): <stage>.resample, .normalise, .cnn2, .back."""
     if model.patch_shape is None or len(model.patch_shape) != 3:
         raise ModelError(f"{model.path.name}: segmentation models need a 3D patch shape")
     rpi = cl.rpi
     patch = model.patch_shape
     target = model_grid(rpi, model)
     box = cord_box(cl, [p * t for p, t in zip(patch, target)], rpi.shape)
-    crop = level_slices(rpi.data[box.slices])
-    vol = resample(crop, rpi.zooms, target, order=1)
-    zooms = resampled_zooms(crop.shape, rpi.zooms, target)
+    with timed(on_stage, f"{stage}.resample"):
+        crop = level_slices(rpi.data[box.slices])
+        vol = resample(crop, rpi.zooms, target, order=1)
+        zooms = resampled_zooms(crop.shape, rpi.zooms, target)
     # centerline in crop-model coordinates
     scale = [r / m for r, m in zip(rpi.zooms, zooms)]
 
@@ -121,12 +124,14 @@ def soft_segmentation(cl: Centerline, model: Model, progress=None, stage="segmen
         y = np.interp(zc, zc_model, yc_model)
         corners.append(tuple(int(round(c - s / 2 + 0.5)) for c, s in zip((x, y, zc), patch)))
     patches = np.stack([extract_patch(vol, c, patch) for c in corners]).astype(np.float32, copy=False)
-    patches = normalize_with(model.normalisation, patches, model.normalisation_params)
+    with timed(on_stage, f"{stage}.normalise"):
+        patches = normalize_with(model.normalisation, patches, model.normalisation_params)
     probs = np.empty_like(patches)
-    for start in range(0, len(patches), PATCH_BATCH):
-        probs[start:start + PATCH_BATCH] = model.predict(patches[start:start + PATCH_BATCH], flip_average=True)
-        if progress:
-            progress(stage, min(1.0, (start + PATCH_BATCH) / len(patches)))
+    with timed(on_stage, f"{stage}.cnn2"):
+        for start in range(0, len(patches), PATCH_BATCH):
+            probs[start:start + PATCH_BATCH] = model.predict(patches[start:start + PATCH_BATCH], flip_average=True)
+            if progress:
+                progress(stage, min(1.0, (start + PATCH_BATCH) / len(patches)))
     acc = np.zeros(vol.shape, np.float32)
     wsum = np.zeros(vol.shape, np.float32)
     weights = _blend_weights(patch)
@@ -136,7 +141,8 @@ def soft_segmentation(cl: Centerline, model: Model, progress=None, stage="segmen
             acc[tuple(src)] += p[tuple(dst)] * weights[tuple(dst)]
             wsum[tuple(src)] += weights[tuple(dst)]
     soft_crop = np.divide(acc, wsum, out=np.zeros_like(acc), where=wsum > 0)
-    back = resample_to_shape(soft_crop, zooms, crop.shape, order=1)
+    with timed(on_stage, f"{stage}.back"):
+        back = resample_to_shape(soft_crop, zooms, crop.shape, order=1)
     soft = np.zeros(rpi.shape, np.float32)
     soft[box.slices] = np.clip(back, 0.0, 1.0)
     # OptiC says where the cord starts and ends: no cord beyond (patches reach past the ends, and below

@@ -1,0 +1,179 @@
+"""Segmenter: the models opened once, asked many times.
+
+    seg = cordseg.Segmenter("t2", threads=2)
+    for path in paths:
+        cord = seg.cord(path)                     # nibabel image on the input grid
+        lesions = seg.lesions(path)
+        mask, centerline = seg.centerline(path)
+
+A model (CNN1, CNN2 cord, CNN2 lesion) is found and its ONNX Runtime session opened the first time a call
+needs it, then kept: a batch of images pays for sessions once. Without a contrast, each image's is read
+from its file name and the models of each contrast met are kept. cordseg.segment_cord, segment_lesions and
+detect_centerline are one-call wrappers over a Segmenter.
+"""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+
+from . import centerline as _centerline
+from . import lesions as _lesions
+from . import segmentation as _segmentation
+from .errors import CordsegWarning, InputError, ModelError, NoCordError
+from .inference import Model, find_model
+from .inputs import check_min_contrast, check_smoothness, check_threads, check_threshold, resolve_contrast
+from .io import image_like, load_image, same_grid
+from .orientation import to_rpi
+from .stages import OnStage, timed
+
+_STAGE = {"sc": "cord", "lesion": "lesions"}
+
+
+class Segmenter:
+    """Centerline, cord and lesion segmentation with the models of one contrast (or of each image's).
+
+    contrast: t1, t2, t2s or dwi; None: read from each image's file name.
+    centerline_model, cord_model, lesion_model: ONNX files to use instead of the installed models.
+    threads: CPU threads for ONNX Runtime (None: its default, one per physical core).
+    smoothness: OptiC's curvature penalty for the centerline.
+    on_stage: called with a cordseg.stages.StageEvent (stage name, seconds, CPU seconds) after each stage.
+    """
+
+    def __init__(self, contrast: str | None = None, *, centerline_model=None, cord_model=None, lesion_model=None,
+                 threads: int | None = None, smoothness: float = _centerline.DEFAULT_SMOOTHNESS,
+                 on_stage: OnStage | None = None):
+        check_threads(threads)
+        check_smoothness(smoothness)
+        self.contrast = None if contrast is None else resolve_contrast(None, contrast)
+        self.paths = {"centerline": centerline_model, "sc": cord_model, "lesion": lesion_model}
+        self.threads = threads
+        self.smoothness = smoothness
+        self.on_stage = on_stage
+        self._models: dict[tuple[str, str], Model] = {}
+
+    def __repr__(self):
+        opened = ", ".join(f"{t}/{c}" for t, c in self._models) or "none yet"
+        return f"Segmenter(contrast={self.contrast!r}, threads={self.threads!r}; models open: {opened})"
+
+    # --- models ---
+    def model(self, task: str, contrast: str) -> Model:
+        """The model for `task` ("centerline", "sc", "lesion") and `contrast`, found and its session opened
+        on first use, then kept."""
+        key = (task, contrast)
+        if key not in self._models:
+            with timed(self.on_stage, "models"):
+                model = find_model(task, contrast, self.paths[task], self.threads)
+                model.session()
+            self._models[key] = model
+        return self._models[key]
+
+    # --- the three answers ---
+    def centerline(self, img, *, contrast=None, volume=None, progress=None):
+        """(centerline mask image on the input grid, one voxel per slice; Centerline).
+
+        img: a path or a nibabel image. contrast: this image's (default: the Segmenter's, else read from the
+        file name). volume: the volume of a 4D image to use (0-based). progress: called with (stage,
+        fraction done)."""
+        image, contrast = self._load(img, volume, contrast)
+        return self._centerline(image, contrast, progress)
+
+    def cord(self, img, *, soft=False, threshold=None, centerline=None, contrast=None, volume=None, progress=None):
+        """Spinal cord mask (uint8) or, with soft=True, its probability map (float32), on the input grid.
+
+        centerline: use this centerline instead of detecting one: a mask (path or image, on any grid of the
+        same session; marked voxels on a few slices are interpolated between) or the Centerline that
+        .centerline() returned for this image. Other arguments: as for .centerline()."""
+        check_threshold(threshold)
+        image, contrast = self._load(img, volume, contrast)
+        return self._cord(image, contrast, soft, threshold, centerline, progress)
+
+    def lesions(self, img, *, soft=False, threshold=None, min_contrast=None, centerline=None, contrast=None,
+                volume=None, progress=None):
+        """MS lesion mask (uint8) or probability map (float32) in the cord, on the input grid.
+
+        The mask keeps only lesions that touch the cord and whose mean intensity is at least `min_contrast`
+        times the median of the lesion-free cord on their slices (None: the lesion model's own value, 1.1 for
+        the shipped one; 0: no screening). The cord is segmented with the cord model along the same
+        centerline. The soft map is the network's output, unscreened. centerline: as for .cord()."""
+        check_min_contrast(min_contrast)
+        check_threshold(threshold)
+        image, contrast = self._load(img, volume, contrast)
+        return self._lesions(image, contrast, soft, threshold, min_contrast, centerline, progress)
+
+    # --- on an image already read (the one-call wrappers read it themselves) ---
+    def _load(self, img, volume, contrast=None):
+        with timed(self.on_stage, "load"):
+            image = load_image(img, volume=volume)
+        return image, resolve_contrast(img, self.contrast if contrast is None else contrast)
+
+    def _rpi(self, image):
+        with timed(self.on_stage, "reorient"):
+            return to_rpi(image)
+
+    def _output(self, data, image, dtype=np.uint8):
+        with timed(self.on_stage, "output"):
+            return image_like(np.asarray(data, dtype), image)
+
+    def _centerline(self, image, contrast, progress):
+        rpi = self._rpi(image)
+        cl = self._detect(rpi, contrast, progress)
+        return self._output(cl.native_mask(), image), cl
+
+    def _detect(self, rpi, contrast, progress):
+        model = self.model("centerline", contrast)
+        with timed(self.on_stage, "centerline"):
+            return _centerline.detect(rpi, model, smoothness=self.smoothness, progress=progress,
+                                      on_stage=self.on_stage)
+
+    def _soft_map(self, task, image, contrast, centerline, progress):
+        """(RPI view, probability map, CNN2 model, centerline) for `task` "sc" or "lesion"."""
+        rpi = self._rpi(image)
+        cnn2 = self.model(task, contrast)  # before any work: a missing model fails fast
+        if cnn2.warning:
+            warnings.warn(f"{cnn2.path.name}: {cnn2.warning}", CordsegWarning, stacklevel=4)
+        cl = given_centerline(centerline, rpi) if centerline is not None else self._detect(rpi, contrast, progress)
+        stage = _STAGE[task]
+        with timed(self.on_stage, stage):
+            prob = _segmentation.soft_segmentation(cl, cnn2, progress, stage=stage, on_stage=self.on_stage)
+        return rpi, prob, cnn2, cl
+
+    def _cord(self, image, contrast, soft, threshold, centerline, progress):
+        rpi, prob, model, _ = self._soft_map("sc", image, contrast, centerline, progress)
+        if soft:
+            return self._output(rpi.to_native(prob), image, np.float32)
+        thr = model.threshold if threshold is None else float(threshold)
+        with timed(self.on_stage, "mask"):
+            mask = _segmentation.keep_largest_component((prob >= thr).astype(np.uint8))
+        if not mask.any():
+            raise NoCordError("no spinal cord found (the centerline was found, but no voxel reached the "
+                              f"cord threshold {thr:g})")
+        return self._output(rpi.to_native(mask), image)
+
+    def _lesions(self, image, contrast, soft, threshold, min_contrast, centerline, progress):
+        rpi, prob, model, cl = self._soft_map("lesion", image, contrast, centerline, progress)
+        if soft:
+            return self._output(rpi.to_native(prob), image, np.float32)
+        thr = model.threshold if threshold is None else float(threshold)
+        mask = (prob >= thr).astype(np.uint8)
+        least = model.min_lesion_contrast if min_contrast is None else float(min_contrast)
+        if least > 0 and mask.any():
+            try:
+                sc = self.model("sc", contrast)
+            except ModelError as err:
+                warnings.warn(f"lesion screening skipped: {err}", CordsegWarning, stacklevel=3)
+            else:
+                with timed(self.on_stage, "screening"):
+                    mask = _lesions.screen(mask, cl, sc, least, progress, on_stage=self.on_stage)
+        return self._output(rpi.to_native(mask), image)
+
+
+def given_centerline(centerline, rpi):
+    """A centerline the caller supplies, on `rpi`'s slices: a Centerline found on the same image, or a mask
+    (path or nibabel image; a few marked voxels are enough, see centerline.from_mask)."""
+    if isinstance(centerline, _centerline.Centerline):
+        if not same_grid(centerline.rpi.affine, centerline.rpi.shape, rpi.affine, rpi.shape):
+            raise InputError("the centerline given was found on another image (its grid differs)")
+        return _centerline.Centerline(centerline.z, centerline.x, centerline.y, rpi)
+    mask = load_image(centerline)
+    return _centerline.from_mask(rpi, np.asanyarray(mask.dataobj), mask.affine)
