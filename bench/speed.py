@@ -14,8 +14,8 @@ The volume (written to a temporary folder, never into the repository):
   would put 7 cords side by side). Its real voxels keep their scanner positions.
 
 Per-stage seconds come from in-process runs of the CLI (`cordseg.cli.main`, exactly the command's code
-path) with time.perf_counter wrappers around the module functions (the modules are not modified; the
-wrappers are removed afterwards); medians over the repeats. The whole command is timed as a child
+path) through the runtime's own stage events (cordseg.stages, handed to the CLI as obj={"on_stage": ...});
+medians over the repeats. The whole command is timed as a child
 process (`cordseg sc IMAGE -c t2 -q -o DIR`): wall time median of the repeats, peak RSS from that
 child's own rusage (os.wait4). Targets (issue 2): <= 20 s whole command on the 2-core machine, peak RSS
 <= 1.5 GB.
@@ -32,22 +32,14 @@ import tempfile
 import time
 import warnings
 from collections import defaultdict
-from contextlib import contextmanager, redirect_stdout
+from contextlib import redirect_stdout
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import cordseg.api  # noqa: E402
-import cordseg.centerline  # noqa: E402
 import cordseg.cli  # noqa: E402
-import cordseg.inference  # noqa: E402
-import cordseg.io  # noqa: E402
-import cordseg.lesions  # noqa: E402
-import cordseg.orientation  # noqa: E402
-import cordseg.qc  # noqa: E402
-import cordseg.segmentation  # noqa: E402
 from cordseg.phantom import make_phantom  # noqa: E402
 
 SHAPE = (384, 384, 52)
@@ -118,83 +110,61 @@ def real_volume(data_dir: Path, seed: int = 0):
 
 
 # ----------------------------------------------------------------------------------------------------
-# stage timing by wrapping module functions (restored afterwards)
+# stage timing from the runtime's own stage events (cordseg.stages), passed to the CLI as obj={"on_stage": ...}
 
 class StageTimer:
+    """Sums the stage events of one run: wall and CPU seconds per stage name."""
+
     def __init__(self):
-        self.run = defaultdict(float)  # wall seconds per label
-        self.cpu = defaultdict(float)  # process CPU seconds (all threads) per label
+        self.run = defaultdict(float)  # wall seconds per stage
+        self.cpu = defaultdict(float)  # process CPU seconds (all threads) per stage
 
-    def wrap(self, owner, name, label=None):
-        original = getattr(owner, name)
-        timer = self
-        depth = [0]  # a function that calls itself (Model.predict with flip_average) is counted once
-
-        def wrapped(*args, **kwargs):
-            depth[0] += 1
-            t0, c0 = time.perf_counter(), time.process_time()
-            try:
-                return original(*args, **kwargs)
-            finally:
-                depth[0] -= 1
-                if depth[0] == 0:
-                    key = label(*args) if callable(label) else (label or name)
-                    timer.run[key] += time.perf_counter() - t0
-                    timer.cpu[key] += time.process_time() - c0
-
-        return original, wrapped
+    def __call__(self, event):
+        self.run[event.stage] += event.seconds
+        self.cpu[event.stage] += event.cpu_seconds
 
 
-# (label, owner, attribute, indent): top-level stages have indent 0, their parts indent 1 (not summed)
-def stage_table():
-    C, S, A, IO = (cordseg.centerline, cordseg.segmentation, cordseg.api, cordseg.io)
-    R = cordseg.orientation.Reoriented
-    return [
-        ("load (io.load_image)", A, "load_image", 0),
-        ("load once in the CLI, with --qc (cli._source, io.load_image)", IO, "load_image", 0),
-        ("reorient to RPI (orientation.to_rpi)", A, "to_rpi", 0),
-        ("find models (inference.find_model)", A, "find_model", 0),
-        ("resample to CNN1 grid, once for both passes (centerline._model_volume)", C, "_model_volume", 0),
-        ("centerline heatmap, whole slices (centerline._whole_slices)", C, "_whole_slices", 0),
-        ("centerline second look (centerline._windows)", C, "_windows", 0),
-        ("  normalise (both CNN1 passes)", C, "normalize_with", 1),
-        ("reward volume, both passes (centerline.reward)", C, "reward", 0),
-        ("OptiC, both passes (centerline.optimal_path)", C, "optimal_path", 0),
-        ("refine centres, both passes (centerline.refine)", C, "refine", 0),
-        ("CNN2 (segmentation.soft_segmentation)", S, "soft_segmentation", 0),
-        ("  resample crop to CNN2 grid", S, "resample", 1),
-        ("  normalise patches", S, "normalize_with", 1),
-        ("  soft map back to RPI grid", S, "resample_to_shape", 1),
-        ("largest component (segmentation.keep_largest_component)", S, "keep_largest_component", 0),
-        ("back to native (Reoriented.to_native)", R, "to_native", 0),
-        ("output image (api._mask_image)", A, "_mask_image", 0),
-        ("lesion table (lesions.lesion_table)", cordseg.lesions, "lesion_table", 0),
-        ("save (io.save_like)", IO, "save_like", 0),
-        ("QC picture, with --qc (qc.write_qc)", cordseg.qc, "write_qc", 0),
-    ]
+# (label, stage event): names with a dot are parts of the stage before them (indented, not summed)
+STAGES = [
+    ("load (io.load_image; with --qc once, in the CLI)", "load"),
+    ("reorient to RPI (orientation.to_rpi)", "reorient"),
+    ("find models, open their ONNX Runtime sessions", "models"),
+    ("centerline: CNN1 both passes, OptiC", "centerline"),
+    ("resample to CNN1 grid, once for both passes", "centerline.resample"),
+    ("CNN1 on whole slices (normalise, onnx predict)", "centerline.cnn1"),
+    ("CNN1 second look", "centerline.second_look"),
+    ("reward, OptiC, refine; both passes", "centerline.optic"),
+    ("cord CNN2 soft map", "cord"),
+    ("resample crop to CNN2 grid", "cord.resample"),
+    ("normalise patches", "cord.normalise"),
+    ("onnx predict, CNN2 cord", "cord.cnn2"),
+    ("soft map back to RPI grid", "cord.back"),
+    ("lesion CNN2 soft map", "lesions"),
+    ("resample crop to CNN2 grid", "lesions.resample"),
+    ("normalise patches", "lesions.normalise"),
+    ("onnx predict, CNN2 lesion", "lesions.cnn2"),
+    ("soft map back to RPI grid", "lesions.back"),
+    ("lesion screening (cord CNN2 where lesions are)", "screening"),
+    ("resample crops to CNN2 grid", "screening.cord.resample"),
+    ("normalise patches", "screening.cord.normalise"),
+    ("onnx predict, CNN2 cord", "screening.cord.cnn2"),
+    ("soft maps back to RPI grid", "screening.cord.back"),
+    ("largest component", "mask"),
+    ("back to the input grid, output image", "output"),
+    ("lesion table", "table"),
+    ("save (io.save_like)", "save"),
+    ("QC picture, with --qc (qc.write_qc)", "qc"),
+]
 
 
-PREDICT_LABELS = {"centerline": "  onnx predict, CNN1, both passes (incl. session creation)",
-                  "sc": "  onnx predict, CNN2 cord (incl. session creation)",
-                  "lesion": "  onnx predict, CNN2 lesion (incl. session creation)"}
-
-
-@contextmanager
-def instrumented(timer: StageTimer):
-    saved = []
-    try:
-        for label, owner, attr, _ in stage_table():
-            original, wrapped = timer.wrap(owner, attr, label)
-            saved.append((owner, attr, original))
-            setattr(owner, attr, wrapped)
-        original, wrapped = timer.wrap(cordseg.inference.Model, "predict",
-                                       lambda self, *a: PREDICT_LABELS.get(self.task, "  onnx predict"))
-        saved.append((cordseg.inference.Model, "predict", original))
-        cordseg.inference.Model.predict = wrapped
-        yield timer
-    finally:
-        for owner, attr, original in reversed(saved):
-            setattr(owner, attr, original)
+def stage_rows(runs):
+    """(label, stage, indent) for every stage the runs reported: the known ones in order, then any other
+    (a stage the runtime renamed or added shows under its own name instead of vanishing)."""
+    seen = {k for r in runs for k in r if isinstance(k, str) and k != "total"}
+    rows = [(lab, st, int("." in st)) for lab, st in STAGES if st in seen]
+    known = {st for _, st in STAGES}
+    rows += [(st, st, int("." in st)) for st in sorted(seen - known)]
+    return rows
 
 
 def in_process_runs(command: str, image: Path, out_dir: Path, repeats: int, extra=()):
@@ -202,12 +172,12 @@ def in_process_runs(command: str, image: Path, out_dir: Path, repeats: int, extr
     runs = []
     for _ in range(repeats):
         timer = StageTimer()
-        with instrumented(timer), warnings.catch_warnings(), open(os.devnull, "w") as null, redirect_stdout(null):
+        with warnings.catch_warnings(), open(os.devnull, "w") as null, redirect_stdout(null):
             warnings.simplefilter("ignore")
             t0, c0 = time.perf_counter(), time.process_time()
             try:
                 cordseg.cli.main.main(args=[command, str(image), "-c", "t2", "-q", "-o", str(out_dir), *extra],
-                                      prog_name="cordseg", standalone_mode=False)
+                                      prog_name="cordseg", standalone_mode=False, obj={"on_stage": timer})
             except SystemExit as exc:
                 if exc.code:
                     raise RuntimeError(f"cordseg {command} failed in-process (exit {exc.code})") from None
@@ -264,26 +234,17 @@ def startup_seconds(repeats: int) -> float:
 # report
 
 def report(command: str, runs, walls, rss, cpus, startup):
-    labels = [(lab, indent) for lab, _, _, indent in stage_table()]
-    parts_after = {"centerline second look (centerline._windows)": PREDICT_LABELS["centerline"],
-                   "CNN2 (segmentation.soft_segmentation)": PREDICT_LABELS["sc" if command == "sc" else "lesion"]}
-    print(f"\n`cordseg {command}` stages (in-process, median of {len(runs)} runs; indented lines are parts "
-          f"of the line above them):")
+    print(f"\n`cordseg {command}` stages (in-process, median of {len(runs)} runs, from the runtime's stage events; "
+          f"indented lines are parts of the line above them):")
     print("| stage | seconds (median) | CPU s (median) | runs (seconds) |\n|---|---:|---:|---|")
     top_sum = []
-    for lab, indent in labels:
-        vals = [r.get(lab) for r in runs]
-        if all(v is None for v in vals):
-            continue
-        vals = [v or 0.0 for v in vals]
-        cpu = statistics.median(r.get(("cpu", lab), 0.0) for r in runs)
-        print(f"| {lab} | {statistics.median(vals):.3f} | {cpu:.2f} | {', '.join(f'{v:.2f}' for v in vals)} |")
+    for lab, stage, indent in stage_rows(runs):
+        vals = [r.get(stage, 0.0) for r in runs]
+        cpu = statistics.median(r.get(("cpu", stage), 0.0) for r in runs)
+        print(f"| {'  ' * indent}{lab} | {statistics.median(vals):.3f} | {cpu:.2f} | "
+              f"{', '.join(f'{v:.2f}' for v in vals)} |")
         if indent == 0:
             top_sum.append(vals)
-        if lab in parts_after:
-            pv = [r.get(parts_after[lab], 0.0) for r in runs]
-            pc = statistics.median(r.get(("cpu", parts_after[lab]), 0.0) for r in runs)
-            print(f"| {parts_after[lab]} | {statistics.median(pv):.3f} | {pc:.2f} | {', '.join(f'{v:.2f}' for v in pv)} |")
     totals = [r["total"] for r in runs]
     other = [t - sum(col) for t, col in zip(totals, zip(*top_sum))]
     tcpu = statistics.median(r[("cpu", "total")] for r in runs)
@@ -346,7 +307,7 @@ def main(argv=None):
               f"(output grid {'x'.join(map(str, seg.shape))}, same as the input: {seg.shape == img.shape})")
         les_path = out_dir / "bench_T2w_lesionseg.nii.gz"
         if les_path.is_file() and n_lesions is not None:
-            from cordseg.api import lesion_table
+            from cordseg.lesions import lesion_table
 
             print(f"sanity: lesions found {len(lesion_table(nib.load(str(les_path))))}, phantom lesions inserted "
                   f"{n_lesions}")
