@@ -418,10 +418,15 @@ def _merge_results(entries: list[_Entry], rows: list[dict]) -> list[_Entry]:
             entry = _Entry(image=image, subject=sub, session=ses, contrast=contrast)
             entries.append(entry)
             by_path[image] = entry
-        for key in ("subject", "session", "contrast", "status", "reason"):
+        row = {k: v for k, v in row.items() if v and v.lower() != "n/a"}
+        for key in ("subject", "session", "status", "reason"):
             if row.get(key):
                 setattr(entry, key, row[key])
-        entry.task = row.get("task") or row.get("tasks") or entry.task
+        # the BIDS suffix, and the model's contrast when it says more (T2w (t2), MTS (t2s))
+        suffix = row.get("suffix") or entry.contrast or row.get("contrast", "")
+        model = row.get("contrast", "")
+        entry.contrast = f"{suffix} ({model})" if model and suffix and model.lower() != suffix.lower() else suffix or model
+        entry.task = (row.get("task") or row.get("tasks") or entry.task).replace(",", "+")
         entry.values = {k: _number(row.get(k)) for k in _NUMBERS if _number(row.get(k)) is not None}
     for entry in entries:
         if entry.subject and not entry.subject.startswith("sub-"):
