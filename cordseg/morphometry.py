@@ -632,3 +632,17 @@ def tube_phantom(shape, affine, *, semi_axes=(4.0, 3.0), centre=(0.0, 0.0, 0.0),
     img.header.set_qform(affine, code=1)
     img.header.set_sform(affine, code=1)
     return img, math.pi * a * b
+
+
+class _CallableModule(type(math)):
+    """`cordseg.morphometry` is this module once anything imports it (Python sets the attribute on the
+    package), so the module itself answers a call as the function of the same name: cordseg.morphometry(seg)
+    works whichever of the two the package attribute is."""
+
+    def __call__(self, *args, **kwargs):
+        return morphometry(*args, **kwargs)
+
+
+import sys as _sys  # noqa: E402
+
+_sys.modules[__name__].__class__ = _CallableModule

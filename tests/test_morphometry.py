@@ -430,3 +430,14 @@ def test_real_mask_in_stored_and_rpi_order(shared_data, tmp_path):
     assert np.allclose([m.area for m in a.slices], [m.area for m in b.slices])
     mean = morphometry(seg).mean_area
     assert 40.0 < mean < 110.0  # adult cervical cord CSA
+
+
+def test_package_attribute_is_callable_like_the_function():
+    import importlib
+
+    import cordseg
+
+    module = importlib.import_module("cordseg.morphometry")
+    img, true = tube((40, 40, 10), (0.5, 0.5, 1.0), semi_axes=(3.0, 2.5))
+    assert cordseg.morphometry is module  # what importing a submodule leaves on the package
+    assert module(img).mean_area == morphometry(img).mean_area
