@@ -16,6 +16,7 @@ import numpy as np
 
 import cordseg
 from cordseg import metrics
+from cordseg.datasets import shared_data
 from cordseg.io import load_image
 from cordseg.orientation import to_rpi
 
@@ -37,7 +38,7 @@ UNLABELED = [("unlabeled/t2_ms_axial.nii.gz", "t2"), ("unlabeled/t2_lumbar.nii.g
 
 
 def default_data() -> Path:
-    return Path(__file__).resolve().parents[2] / "shared" / "data"
+    return shared_data()
 
 
 def centerline_error(cl, ref_path, ref_is_mask=True):
@@ -76,8 +77,10 @@ def main(argv=None):
                          slices=f"{n}/{n_ref}", dice=d, volume_ratio=float(ratio), seconds=secs))
         print(f"{img:42s} {contrast:8s} {mse:11.3f} {loc:10.3f} {d:9.3f} {ratio:9.2f} {secs:8.2f}")
         if a.sc_thresholds:
-            soft = np.asarray(cordseg.segment_cord(a.data / img, contrast, soft=True, model=a.sc, centerline=cl).dataobj)
-            rows[-1]["dice_by_threshold"] = {t: metrics.dice(soft >= float(t), truth) for t in a.sc_thresholds.split(",")}
+            soft = np.asarray(cordseg.segment_cord(a.data / img, contrast, soft=True, model=a.sc,
+                                                   centerline=cl).dataobj)
+            rows[-1]["dice_by_threshold"] = {t: metrics.dice(soft >= float(t), truth)
+                                             for t in a.sc_thresholds.split(",")}
             # two thresholds no user could pick, as bounds on what calibration alone could give: each image's
             # own best, and the one whose mask has the reference's volume
             fine = np.round(np.arange(0.05, 0.96, 0.01), 2)

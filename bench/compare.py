@@ -42,6 +42,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import cordseg  # noqa: E402
 from cordseg import metrics  # noqa: E402
+from cordseg.datasets import shared_anchors, shared_data  # noqa: E402
 from cordseg.inference import find_model  # noqa: E402
 from cordseg.io import load_image  # noqa: E402
 
@@ -71,7 +72,8 @@ class Case:
 
 CASES = [
     Case("sct_testing/t2/t2.nii.gz", "t2", cord_ref="sct_testing/t2/t2_seg-manual.nii.gz", lesion_role="free",
-         saved_sc={"2d": "sct_testing/t2/t2_seg-deepseg_sc-2d.nii.gz", "3d": "sct_testing/t2/t2_seg-deepseg_sc-3d.nii.gz"}),
+         saved_sc={"2d": "sct_testing/t2/t2_seg-deepseg_sc-2d.nii.gz",
+                   "3d": "sct_testing/t2/t2_seg-deepseg_sc-3d.nii.gz"}),
     Case("sct_testing/t2/t2_fake_lesion.nii.gz", "t2", cord_ref="sct_testing/t2/t2_fake_lesion_sc_seg.nii.gz",
          lesion_ref="sct_testing/t2/t2_fake_lesion_lesion_seg.nii.gz", lesion_role="labelled"),
     Case("sct_testing/t1/t1w.nii.gz", "t1", cord_ref="sct_testing/t1/t1w_seg-manual.nii.gz"),
@@ -82,35 +84,25 @@ CASES = [
     Case("unlabeled/t2_ms_axial.nii.gz", "t2", lesion_role="ms"),
 ]
 OPTIC_REFS = [  # (image, contrast, reference, reference is a cord mask, saved published OptiC centerline or None)
-    ("sct_testing/t2/t2.nii.gz", "t2", "sct_testing/t2/t2_seg-manual.nii.gz", True, "sct_testing/t2/t2_centerline-optic.nii.gz"),
-    ("sct_testing/t2/t2.nii.gz", "t2", "sct_testing/t2/t2_centerline-manual.nii.gz", False, "sct_testing/t2/t2_centerline-optic.nii.gz"),
+    ("sct_testing/t2/t2.nii.gz", "t2", "sct_testing/t2/t2_seg-manual.nii.gz", True,
+     "sct_testing/t2/t2_centerline-optic.nii.gz"),
+    ("sct_testing/t2/t2.nii.gz", "t2", "sct_testing/t2/t2_centerline-manual.nii.gz", False,
+     "sct_testing/t2/t2_centerline-optic.nii.gz"),
     ("sct_testing/t2/t2.nii.gz", "t2", "sct_testing/t2/t2_centerline-optic.nii.gz", False, None),
     ("sct_testing/dmri/dwi_mean.nii.gz", "dwi", "sct_testing/dmri/dwi_mean_centerline-optic.nii.gz", False, None),
 ]
 
 
 def default_data() -> Path:
-    return REPO.parent / "shared" / "data"
+    return shared_data()
 
 
 def default_anchors() -> Path:
-    return REPO.parent / "shared" / "anchors"
+    return shared_anchors()
 
 
 # ----------------------------------------------------------------------------------------------------
 # importing the published models (outside the repository)
-
-def keras_import_module() -> str:
-    """The importer as installed (cordseg.training, the `train` extra) or from a source checkout."""
-    import importlib.util
-
-    try:
-        if importlib.util.find_spec("cordseg.training.keras_import") is not None:
-            return "cordseg.training.keras_import"
-    except ImportError:
-        pass
-    return "training.keras_import"
-
 
 def import_published(anchors: Path, out_dir: Path) -> dict:
     """stem -> ONNX path; each .h5 converted by `python -m cordseg.training.keras_import` in a child process."""
@@ -127,13 +119,14 @@ def import_published(anchors: Path, out_dir: Path) -> dict:
         if not onnx_path.is_file():
             t0 = time.perf_counter()
             env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=str(REPO))
-            proc = subprocess.run([sys.executable, "-m", keras_import_module(), str(h5), "--task", task,
+            proc = subprocess.run([sys.executable, "-m", "cordseg.training.keras_import", str(h5), "--task", task,
                                    "--contrast", contrast, "-o", str(onnx_path)], cwd=str(REPO), env=env,
                                   capture_output=True, text=True)
             if proc.returncode != 0 or not onnx_path.is_file():
                 raise SystemExit(f"import of {h5.name} failed: {proc.stderr.strip()[-800:]}")
             line = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
-            print(f"  imported {h5.name} ({time.perf_counter() - t0:.0f} s): {line.split(': ', 1)[-1]}", file=sys.stderr)
+            print(f"  imported {h5.name} ({time.perf_counter() - t0:.0f} s): {line.split(': ', 1)[-1]}",
+                  file=sys.stderr)
         paths[stem] = onnx_path
     return paths
 
@@ -181,7 +174,8 @@ def run_case(case: Case, data: Path, pub: dict, ours_sc_contrasts, ours_lesion_c
     path = data / case.image
     row = {"image": case.image, "contrast": case.contrast, "pub_ctr": PUB_CTR.get(case.contrast),
            "pub_lesion": PUB_LESION.get(case.contrast) if case.lesion_role else None}
-    sides = {"ours": (None, None), "pub": (pub.get(PUB_CTR[case.contrast]), pub.get(PUB_LESION.get(case.contrast, ""), None))}
+    sides = {"ours": (None, None),
+             "pub": (pub.get(PUB_CTR[case.contrast]), pub.get(PUB_LESION.get(case.contrast, ""), None))}
     lesion_masks = {}
     for side, (ctr_model, les_model) in sides.items():
         if side == "pub" and ctr_model is None:
@@ -304,7 +298,8 @@ def main_table(rows) -> str:
         if "ours_ctr_mse" in r or "pub_ctr_mse" in r:
             ctr = f"{f3(ctr_cell(r, 'ours'))} / {f3(ctr_cell(r, 'pub'))}"
             miss = [f"{s}: {r[f'{s}_ctr_compared']} slices" for s in ("ours", "pub")
-                    if r.get(f"{s}_ctr_compared") and r[f"{s}_ctr_compared"].split("/")[0] != r[f"{s}_ctr_compared"].split("/")[1]]
+                    if r.get(f"{s}_ctr_compared")
+                    and r[f"{s}_ctr_compared"].split("/")[0] != r[f"{s}_ctr_compared"].split("/")[1]]
             if miss:
                 ctr += f" ({'; '.join(miss)})"
         elif r.get("ours_ctr_slices") is not None:

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from cordseg import metrics
+from cordseg.datasets import shared_data
 from cordseg.inference import find_model
 from cordseg.normalization import normalize_with
 
@@ -79,7 +80,7 @@ def main(argv=None) -> int:
     p.add_argument("--n", type=int, default=96, help="patches (half per lesion style)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--labelmaps", type=Path,
-                   default=Path(__file__).resolve().parents[2] / "shared" / "data" / "labelmaps")
+                   default=shared_data("labelmaps"))
     p.add_argument("--model", action="append", default=[], help="lesion ONNX file (default: the shipped one)")
     a = p.parse_args(argv)
     t0 = time.time()

@@ -40,6 +40,7 @@ from scipy.special import sph_harm_y
 
 import cordseg
 from cordseg import metrics
+from cordseg.datasets import shared_data
 from cordseg.inference import find_model
 from cordseg.io import image_like
 
@@ -61,7 +62,7 @@ LN2 = float(np.log(2.0))
 
 
 def default_data() -> Path:
-    return Path(__file__).resolve().parents[2] / "shared" / "data"
+    return shared_data()
 
 
 # ------------------------------------------------------------------------------------------ insertion

@@ -40,6 +40,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import cordseg.cli  # noqa: E402
+from cordseg.datasets import shared_data  # noqa: E402
 from cordseg.phantom import make_phantom  # noqa: E402
 
 SHAPE = (384, 384, 52)
@@ -48,7 +49,7 @@ TARGET_RSS_GB = 1.5
 
 
 def default_data() -> Path:
-    return Path(__file__).resolve().parents[2] / "shared" / "data"
+    return shared_data()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -288,7 +289,8 @@ def main(argv=None):
         desc = (f"phantom ({a.layout})" if a.source == "phantom" else "real t2.nii.gz padded")
         print(f"volume: {desc}, native {'x'.join(map(str, img.shape))} {''.join(nib.aff2axcodes(img.affine))} "
               f"at {'x'.join(f'{z:g}' for z in img.header.get_zooms()[:3])} mm; RPI {'x'.join(map(str, rpi_shape))} "
-              f"({rpi_shape[2]} axial slices of {rpi_shape[0]}x{rpi_shape[1]}); {path.stat().st_size / 1e6:.1f} MB .nii.gz")
+              f"({rpi_shape[2]} axial slices of {rpi_shape[0]}x{rpi_shape[1]}); "
+              f"{path.stat().st_size / 1e6:.1f} MB .nii.gz")
         print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} at start; "
               f"command: {' '.join(Path(c).name for c in cordseg_command())}")
         startup = startup_seconds(min(a.repeats, 3))

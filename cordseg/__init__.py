@@ -28,4 +28,5 @@ def __getattr__(name):  # heavy modules load on first use, not at import
 
 
 __all__ = ["Segmenter", "detect_centerline", "centerline_from_mask", "segment_cord", "segment_lesions",
-           "lesion_table", "guess_contrast", "qc", "CordsegError", "CordsegWarning", "InputError", "ModelError", "NoCordError", "OutputError"]
+           "lesion_table", "guess_contrast", "qc", "CordsegError", "CordsegWarning", "InputError", "ModelError",
+           "NoCordError", "OutputError"]

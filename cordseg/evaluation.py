@@ -42,12 +42,13 @@ from typing import Iterable, Optional, Sequence
 
 import nibabel as nib
 import numpy as np
-from nibabel.orientations import axcodes2ornt, inv_ornt_aff, io_orientation, ornt_transform
+from nibabel.orientations import inv_ornt_aff
 from scipy import ndimage
 
 from . import metrics as m
 from .errors import InputError
-from .io import load_image, same_grid
+from .io import img_name, load_image, nifti_stem, same_grid
+from .orientation import rpi_transform
 
 __all__ = [
     "KINDS",
@@ -88,21 +89,14 @@ def _is_csv(src) -> bool:
 
 
 def _name(src) -> str:
-    if isinstance(src, (str, os.PathLike)):
-        return str(src)
-    try:
-        fn = src.get_filename()
-    except Exception:  # noqa: BLE001 - in-memory images have no file map
-        fn = None
-    return str(fn) if fn else "<in-memory image>"
+    return img_name(src, "<in-memory image>")
 
 
 def _stem(path) -> str:
     name = Path(path).name
-    for ext in _IMAGE_EXTS + (".csv",):
-        if name.lower().endswith(ext) and len(name) > len(ext):
-            return name[: -len(ext)]
-    return name
+    if name.lower().endswith(".csv") and len(name) > 4:
+        return name[:-4]
+    return nifti_stem(name)
 
 
 def _clean(v):
@@ -243,8 +237,7 @@ def read_centerline_csv(path) -> np.ndarray:
 
 def _rpi_to_native(points: np.ndarray, affine, shape) -> np.ndarray:
     """Working-space (L,A,S axis codes) voxel coordinates -> the image's native voxel coordinates."""
-    ornt = ornt_transform(io_orientation(affine), axcodes2ornt(("L", "A", "S")))
-    return _apply(inv_ornt_aff(ornt, shape), points)
+    return _apply(inv_ornt_aff(rpi_transform(affine), shape), points)
 
 
 def _points_to_grid(src_pts: dict, src_aff, dst_aff, dst_axis) -> dict:
@@ -484,7 +477,10 @@ def _fmt(v, key: str = "") -> str:
 
 def _grid_text(header: list, body: list) -> str:
     widths = [max(len(str(c)) for c in col) for col in zip(header, *body)]
-    line = lambda cells: "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
+
+    def line(cells):
+        return "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
     sep = "  ".join("-" * w for w in widths)
     return "\n".join([line(header), sep] + [line(r) for r in body])
 

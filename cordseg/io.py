@@ -95,13 +95,15 @@ def load_image(src, *, volume: int | None = None) -> nib.Nifti1Image:
     return out
 
 
-def img_name(img) -> str:
-    """A name for an image in messages: its file name if it has one."""
+def img_name(img, default: str = "the input image") -> str:
+    """A name for an image (or a path) in messages: its file name if it has one, else `default`."""
+    if isinstance(img, (str, os.PathLike)):
+        return str(img)
     try:
         filename = img.get_filename()
     except Exception:  # noqa: BLE001 - images without a file map
         filename = None
-    return str(filename) if filename else "the input image"
+    return str(filename) if filename else default
 
 
 def _read_path(path: Path, name: str):

@@ -33,7 +33,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from .errors import CordsegError, InputError, OutputError
-from .io import load_image, nifti_stem, write_bytes_atomic
+from .io import load_image, nifti_stem, same_grid, write_bytes_atomic
 from .orientation import to_rpi
 
 VIEW_MM = 40.0  # each view's side: the cord, its CSF and some of the canal around it
@@ -49,7 +49,7 @@ LABELS = {"cord": 1, "lesion": 2, "centerline": 3}  # outline layer values; late
 
 def _rpi_mask(mask, image_rpi):
     rpi = to_rpi(mask)
-    if rpi.data.shape != image_rpi.data.shape or not np.allclose(rpi.affine, image_rpi.affine, atol=1e-3):
+    if not same_grid(rpi.affine, rpi.data.shape, image_rpi.affine, image_rpi.data.shape):
         raise InputError("the mask for the QC picture is not on the image's grid")
     return rpi.data > 0.5
 

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from cordseg import datasets
 from cordseg.contract import ModelContract
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 # Metadata a runtime-usable model must carry, per task (values are strings, as in the ONNX file), written by
 # the runtime's own contract class.
@@ -28,10 +28,12 @@ BASE_METADATA = {
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
-    """../shared/data beside the repository (read-only), or skip."""
-    if not (DATA / "README.md").is_file():
-        pytest.skip(f"shared real data not found at {DATA} (tests expect ../shared/data beside the repository)")
-    return DATA
+    """../shared/data beside the repository or $CORDSEG_SHARED_DATA (read-only), or skip."""
+    data = datasets.shared_data()
+    if not (data / "README.md").is_file():
+        pytest.skip(f"shared real data not found at {data} (../shared/data beside the repository, or "
+                    f"${datasets.ENV})")
+    return data
 
 
 def build_onnx(path, *, op="identity", input_shape=("N", "H", "W", 1), metadata=None, task=None, extra=None):

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from cordseg.datasets import shared_data
 from cordseg.cli_evaluate import evaluate
 from cordseg.errors import InputError
 from cordseg.evaluation import (
@@ -18,7 +19,7 @@ from cordseg.evaluation import (
     read_centerline_csv,
 )
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA = shared_data()
 T2 = DATA / "sct_testing" / "t2"
 
 

@@ -13,9 +13,9 @@ onnx = pytest.importorskip("onnx")
 
 from cordseg.errors import ModelError  # noqa: E402
 from cordseg.inference import read_metadata  # noqa: E402
-from training import export  # noqa: E402
-from training.loop import snapshot_step  # noqa: E402
-from training.networks import build_cnn1, build_cnn2  # noqa: E402
+from cordseg.training import export  # noqa: E402
+from cordseg.training.loop import snapshot_step  # noqa: E402
+from cordseg.training.networks import build_cnn1, build_cnn2  # noqa: E402
 
 META = {"cordseg_task": "centerline", "cordseg_contrast": "t1,t2", "cordseg_layout": "NHWC",
         "cordseg_patch_shape": "slice", "cordseg_threshold": "0.5", "cordseg_steps": 12}
@@ -145,7 +145,7 @@ def test_a_wrong_conversion_is_retried_and_never_written(cnn1, cnn1_proto, tmp_p
 
 
 def test_export_from_weights_uses_task_metadata(tmp_path):
-    from training import tasks
+    from cordseg.training import tasks
 
     keras.utils.set_random_seed(3)
     net = {"filters": (4, 8, 8), "bottleneck_dilations": (1, 2)}
@@ -174,7 +174,7 @@ def test_cli_errors_are_one_line_and_exit_2(tmp_path, capsys):
 
 
 def test_cli_averages_several_snapshots(tmp_path, capsys):
-    from training import tasks
+    from cordseg.training import tasks
 
     build = lambda: tasks.build_model(tasks.TASKS["centerline"])  # noqa: E731
     paths, nets = [], []

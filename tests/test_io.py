@@ -8,11 +8,12 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from cordseg.datasets import shared_data
 from cordseg import io as cio
 from cordseg.errors import CordsegWarning, InputError, OutputError
 from cordseg.io import default_output_path, load_image, save_like
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+SHARED = shared_data()
 BAD = SHARED / "bad_input"
 
 

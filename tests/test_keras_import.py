@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from cordseg.datasets import shared_anchors
 from cordseg.errors import ModelError
 from cordseg.inference import read_metadata
 from cordseg.normalization import (HISTOGRAM_PERCENTILES, SCHEMES, histogram_standardise, normalize_with,
@@ -15,7 +16,7 @@ from cordseg.normalization import (HISTOGRAM_PERCENTILES, SCHEMES, histogram_sta
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-ANCHORS = Path(__file__).resolve().parents[2] / "shared" / "anchors"
+ANCHORS = shared_anchors()
 LANDMARKS = np.array([0.0, 123.2, 226.4, 338.4, 532.3, 788.7, 1097.0, 1408.0, 1716.5, 2079.8, 2611.0])
 
 
@@ -111,8 +112,8 @@ def test_import_published_model(tmp_path, name, task, contrast, layout, patch, t
     _need(name)
     import onnx
 
-    from training import export
-    from training.keras_import import import_keras
+    from cordseg.training import export
+    from cordseg.training.keras_import import import_keras
 
     out = tmp_path / (Path(name).stem + ".onnx")
     res = import_keras(ANCHORS / name, out, task=task, contrast=contrast)
@@ -149,7 +150,7 @@ def test_cli_reports_errors_in_one_line(tmp_path):
     pytest.importorskip("click")
     from click.testing import CliRunner
 
-    from training.keras_import import import_keras_cmd
+    from cordseg.training.keras_import import import_keras_cmd
 
     runner = CliRunner()
     res = runner.invoke(import_keras_cmd, [str(tmp_path / "none.h5"), "--task", "lesion", "--contrast", "t2",
@@ -167,7 +168,7 @@ def test_cli_without_the_train_extra(tmp_path, monkeypatch):
     pytest.importorskip("click")
     from click.testing import CliRunner
 
-    from training import keras_import
+    from cordseg.training import keras_import
 
     monkeypatch.setattr(keras_import, "_missing_train_extra",
                         lambda: "import-keras needs TensorFlow and tf2onnx: install cordseg[train]")
@@ -179,7 +180,7 @@ def test_cli_without_the_train_extra(tmp_path, monkeypatch):
 
 def test_wrong_task_for_the_network_is_refused(tmp_path):
     _need("dwi_ctr.h5")
-    from training.keras_import import import_keras
+    from cordseg.training.keras_import import import_keras
 
     with pytest.raises(ModelError, match="2D network"):
         import_keras(ANCHORS / "dwi_ctr.h5", tmp_path / "o.onnx", task="lesion", contrast="t2")

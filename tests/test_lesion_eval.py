@@ -1,29 +1,16 @@
 """bench/lesions.py: the evaluation-only lesion insertion (inside the cord, volume range, lesion/cord ratio,
 native grid) and one small evaluation case on a real scan."""
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 
+from bench import lesions as bench
 from cordseg import metrics
+from cordseg.datasets import shared_data
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-
-
-def _load_bench():
-    spec = importlib.util.spec_from_file_location("bench_lesions", ROOT / "bench" / "lesions.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
-
-
-bench = _load_bench()
+DATA = shared_data()
 
 
 def _scan(name):
@@ -179,13 +166,6 @@ def test_shipped_lesion_model_on_inserted_lesions():
 # bench/heldout_lesions.py: synthetic patches on the held-out subject's masks
 
 
-def _load_heldout():
-    spec = importlib.util.spec_from_file_location("bench_heldout", ROOT / "bench" / "heldout_lesions.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 class _StandIn:
     """A lesion 'model' answering with given maps in call order (the runtime's Model interface)."""
     normalisation, normalisation_params, threshold = "zscore_stack", None, 0.5
@@ -203,7 +183,8 @@ def test_heldout_patches_come_from_unseen_masks_and_are_scored_by_the_paper_rule
     labelmaps = DATA / "labelmaps"
     if not labelmaps.is_dir():
         pytest.skip(f"shared test data not found at {DATA} (it sits beside the repository)")
-    heldout = _load_heldout()
+    from bench import heldout_lesions as heldout
+
     cases = heldout.draw_cases(labelmaps, 10, seed=0)
     assert len(cases) == 10 and all(img.shape == (48, 48, 48) and np.isfinite(img).all() for img, _ in cases)
     assert any(ref.any() for _, ref in cases)

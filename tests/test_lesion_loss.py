@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 tf = pytest.importorskip("tensorflow")
-from training.losses import dice_bce_loss, lesion_loss  # noqa: E402
+from cordseg.training.losses import dice_bce_loss, lesion_loss  # noqa: E402
 
 
 def _grad(loss, y_true, logits):

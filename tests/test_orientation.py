@@ -1,15 +1,15 @@
 """cordseg.orientation: RPI by flips and transposes only, exact both ways, same scanner space."""
 import itertools
 import zlib
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 
+from cordseg.datasets import shared_data
 from cordseg.orientation import RPI_CODES, to_rpi
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+SHARED = shared_data()
 
 
 def all_axcodes():
@@ -79,7 +79,8 @@ def test_round_trip_every_orientation(axcodes):
     # Zooms follow the axes to their RPI positions.
     expected = {c: z for c, z in zip(axcodes, zooms)}
     assert r.zooms == pytest.approx(
-        [expected.get("L", expected.get("R")), expected.get("A", expected.get("P")), expected.get("S", expected.get("I"))]
+        [expected.get("L", expected.get("R")), expected.get("A", expected.get("P")),
+         expected.get("S", expected.get("I"))]
     )
     assert r.native_shape == shape
     check_consistent(img, r, rng)

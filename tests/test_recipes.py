@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from training import recipes
-from training.recipes import Soup, Stage
+from cordseg.training import recipes
+from cordseg.training.recipes import Soup, Stage
 
 
 def _fake_run(calls):
@@ -44,7 +44,7 @@ def test_a_stage_without_snapshot_is_an_error(tmp_path):
 def test_shipped_recipes_cover_every_task_with_known_options():
     import inspect
 
-    from training.train import run
+    from cordseg.training.train import run
 
     allowed = set(inspect.signature(run).parameters)
     assert set(recipes.RECIPES) == {"centerline", "sc", "lesion"}
@@ -89,7 +89,8 @@ def test_a_soup_stage_averages_named_snapshots_of_branches_from_one_start(tmp_pa
     assert averaged[0] == ([out / "stage2/branch1/ema_000004.weights.h5", out / "stage2/branch1/ema_000006.weights.h5",
                             out / "stage2/branch2/ema_000005.weights.h5"], soup, None, [third, third, third])
     # start_share: the starting weights enter the mean with that share, the branches share the rest
-    assert averaged[1] == ([soup, out / "stage3/branch1/ema_000002.weights.h5", out / "stage3/branch2/ema_000002.weights.h5"],
+    assert averaged[1] == ([soup, out / "stage3/branch1/ema_000002.weights.h5",
+                            out / "stage3/branch2/ema_000002.weights.h5"],
                            out / "stage3/ema_000004.weights.h5", None, [0.5, 0.25, 0.25])
     assert weights == out / "stage3/ema_000004.weights.h5" and total == 4 + 11 + 4
     calls.clear(), averaged.clear()
@@ -101,8 +102,8 @@ def test_a_soup_stage_averages_named_snapshots_of_branches_from_one_start(tmp_pa
 def test_tiny_recipe_trains_end_to_end(tmp_path):
     """Two real stages of CNN1 (a few steps each) on a hand-made anatomy: the second starts from the first."""
     pytest.importorskip("keras")
-    from training import synth
-    from training.train import run
+    from cordseg.training import synth
+    from cordseg.training.train import run
 
     n, nz = 60, 80
     x, y = np.meshgrid(np.arange(n) - 29.5, np.arange(n) - 29.5, indexing="ij")
@@ -112,14 +113,15 @@ def test_tiny_recipe_trains_end_to_end(tmp_path):
     anat.save(tmp_path / "a.npz")
     tiny = dict(batch_size=2, network={"filters": (4, 8, 8)}, patch_shape=None)
     plan = {"centerline": [Stage("all", dict(steps=2, **tiny)), Stage("all", dict(steps=3, **tiny)),
-                           Soup((Stage("all", dict(steps=2, seed=1, **tiny)), Stage("all", dict(steps=3, seed=2, **tiny))),
+                           Soup((Stage("all", dict(steps=2, seed=1, **tiny)),
+                                 Stage("all", dict(steps=3, seed=2, **tiny))),
                                 ((2,), (3,)))]}
     weights, total = recipes.run_recipe("centerline", tmp_path / "out", tmp_path / "a.npz", recipes=plan,
                                         run=run, log=lambda m: None)
     assert weights == tmp_path / "out/stage3/ema_000005.weights.h5" and total == 2 + 3 + 5
     assert (tmp_path / "out/stage1/done").read_text().strip() == "2"
     # the soup is the mean of its branches' last snapshots, in the tiny network's shape
-    from training.networks import build_cnn1
+    from cordseg.training.networks import build_cnn1
 
     nets = []
     for f in ("stage3/branch1/ema_000002.weights.h5", "stage3/branch2/ema_000003.weights.h5", weights.name):
@@ -136,7 +138,7 @@ def test_export_after_jax_training_runs_in_a_tensorflow_process(tmp_path, monkey
     import argparse
     import subprocess
 
-    from training import train
+    from cordseg.training import train
 
     seen = {}
     monkeypatch.setattr(keras.backend, "backend", lambda: "jax")
@@ -144,5 +146,5 @@ def test_export_after_jax_training_runs_in_a_tensorflow_process(tmp_path, monkey
     a = argparse.Namespace(task="lesion", contrast=None, export=str(tmp_path / "m.onnx"))
     train._export(a, tmp_path / "ema_000010.weights.h5", 10, "summary")
     assert seen["env"]["KERAS_BACKEND"] == "tensorflow"
-    assert seen["cmd"][1:4] == ["-m", "training.export", "lesion"]
+    assert seen["cmd"][1:4] == ["-m", "cordseg.training.export", "lesion"]
     assert seen["cmd"][-6:] == ["--contrast", "t2,t2s", "--summary", "summary", "--steps", "10"]

@@ -1,11 +1,11 @@
 """cordseg.resampling: extent-preserving, separable, edge-clamped; exact where it can be."""
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 from scipy import ndimage
 
+from cordseg.datasets import shared_data
 from cordseg.resampling import (
     resample,
     resample_to_shape,
@@ -14,7 +14,7 @@ from cordseg.resampling import (
     resampled_zooms,
 )
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+SHARED = shared_data()
 
 
 def smooth_volume(shape, seed=0, sigma=3.0):

@@ -8,7 +8,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,9 +15,10 @@ from scipy import ndimage
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from training import synth  # noqa: E402
+from cordseg.datasets import shared_data  # noqa: E402
+from cordseg.training import synth  # noqa: E402
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA = shared_data()
 
 
 def _anatomy(nz=80):
@@ -147,7 +147,7 @@ def test_faint_lesion_style_draws_fainter_smaller_lesions(anatomy):
 
 
 def test_task_samplers_give_network_ready_batches(anatomy):
-    from training import tasks
+    from cordseg.training import tasks
 
     ctr = dataclasses.replace(tasks.TASKS["centerline"], patch_shape=(32, 32), batch_size=2)
     x, y = tasks.Sampler(ctr, anatomy)(np.random.default_rng(0))
@@ -252,7 +252,8 @@ def test_load_anatomies_from_a_labelmap_folder(tmp_path):
     pam.mkdir()
     big = np.zeros((40, 40, 30), bool)
     big[15:25, 15:25, 5:25] = True
-    for name, m in [("cord", big), ("gm", np.zeros_like(big)), ("csf", np.zeros_like(big)), ("spine", np.zeros_like(big))]:
+    for name, m in [("cord", big), ("gm", np.zeros_like(big)), ("csf", np.zeros_like(big)),
+                    ("spine", np.zeros_like(big))]:
         _write_mask(pam / f"PAM50_{name}.nii.gz", m, (0.5, 0.5, 0.5))
     sg = tmp_path / "spinegeneric"
     sg.mkdir()
@@ -274,7 +275,7 @@ def test_load_anatomies_from_a_labelmap_folder(tmp_path):
 
 
 def test_sampler_mixes_anatomies_and_keeps_no_cord_slices_to_the_template(anatomy):
-    from training import tasks
+    from cordseg.training import tasks
 
     masks = dataclasses.replace(_anatomy(nz=40), extend_z=True)
     s = tasks.Sampler(tasks.TASKS["centerline"], [anatomy, masks])
@@ -293,7 +294,7 @@ def test_sampler_mixes_anatomies_and_keeps_no_cord_slices_to_the_template(anatom
 
 
 def test_losses():
-    from training.losses import dice_bce_loss, soft_dice_loss
+    from cordseg.training.losses import dice_bce_loss, soft_dice_loss
 
     rng = np.random.default_rng(0)
     a = (rng.random((2, 16, 16, 1)) > 0.5).astype(np.float32)
@@ -329,7 +330,7 @@ def _disc_sampler(rng):
 
 
 def _tiny_cnn1():
-    from training.networks import build_cnn1
+    from cordseg.training.networks import build_cnn1
 
     return build_cnn1(filters=(4, 8, 8), bottleneck_dilations=(1, 2), dropout=0.0, name="tiny")
 
@@ -341,8 +342,8 @@ def _losses_from_log(path):
 
 def test_training_lowers_the_loss_and_resumes(tmp_path):
     keras = pytest.importorskip("keras")
-    from training.loop import train
-    from training.losses import dice_bce_loss
+    from cordseg.training.loop import train
+    from cordseg.training.losses import dice_bce_loss
 
     keras.utils.set_random_seed(0)
     messages = []
@@ -374,8 +375,8 @@ def test_training_lowers_the_loss_and_resumes(tmp_path):
 def test_stop_at_ends_early_on_the_full_schedule(tmp_path):
     """A run stopped at a step keeps the learning rate it would have had there in the longer run."""
     keras = pytest.importorskip("keras")
-    from training.loop import train
-    from training.losses import dice_bce_loss
+    from cordseg.training.loop import train
+    from cordseg.training.losses import dice_bce_loss
 
     messages = []
     model = train(_tiny_cnn1, dice_bce_loss, _disc_sampler, out_dir=tmp_path, steps=40, stop_at=15,
@@ -392,7 +393,7 @@ def test_stop_at_ends_early_on_the_full_schedule(tmp_path):
 
 def test_average_of_snapshots_is_their_mean(tmp_path):
     pytest.importorskip("keras")
-    from training.loop import average_snapshots
+    from cordseg.training.loop import average_snapshots
 
     paths, weights = [], []
     for i in range(3):

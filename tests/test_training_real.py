@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 pytest.importorskip("scipy")
-from training.augment import jitter_lesion_edges, real_patch  # noqa: E402
-from training.bids import find_labelled  # noqa: E402
+from cordseg.training.augment import jitter_lesion_edges, real_patch  # noqa: E402
+from cordseg.training.bids import find_labelled  # noqa: E402
 
 
 def _tube_volume():

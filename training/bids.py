@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from cordseg.io import nifti_stem
+
 SUFFIX_TO_CONTRAST = {"T1w": "t1", "T2w": "t2", "T2star": "t2s", "dwi": "dwi"}
 
 
@@ -23,19 +25,11 @@ class LabelledVolume:
     subject: str
 
 
-def _stem(path: Path) -> str:
-    name = path.name
-    for ext in (".nii.gz", ".nii"):
-        if name.endswith(ext):
-            return name[: -len(ext)]
-    return name
-
-
 def _find_mask(root: Path, image: Path, label: str) -> Path | None:
     rel = image.parent.relative_to(root)
     for folder in (root / "derivatives" / "labels" / rel, image.parent):
         for ext in (".nii.gz", ".nii"):
-            cand = folder / f"{_stem(image)}_{label}{ext}"
+            cand = folder / f"{nifti_stem(image)}_{label}{ext}"
             if cand.is_file():
                 return cand
     return None
@@ -46,7 +40,7 @@ def find_labelled(root, contrasts=None) -> list[LabelledVolume]:
     root = Path(root)
     found = []
     for image in sorted(root.glob("sub-*/**/anat/*.nii*")):
-        stem = _stem(image)
+        stem = nifti_stem(image)
         suffix = stem.rsplit("_", 1)[-1]
         contrast = SUFFIX_TO_CONTRAST.get(suffix)
         if contrast is None or (contrasts and contrast not in contrasts):

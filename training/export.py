@@ -6,7 +6,7 @@ error while producing an invalid or wrong graph (see ../shared/FACTS.md), so the
 The file is written atomically (temporary file in the target folder, then os.replace) and only after
 the check, so a refused export leaves nothing behind.
 
-CLI: python -m training.export TASK WEIGHTS [WEIGHTS ...] OUT.onnx --contrast t1,t2 --summary "..." [--steps N]
+CLI: python -m cordseg.training.export TASK WEIGHTS [WEIGHTS ...] OUT.onnx --contrast t1,t2 --summary "..." [--steps N]
 (several snapshots of one run are averaged first: training.loop.average_snapshots)
 """
 from __future__ import annotations
@@ -169,13 +169,7 @@ def export_checked(model, path, metadata: dict, *, check_inputs, opset: int = 17
 # ----------------------------------------------------------------------------------------------------
 # check inputs: real patches when the shared data is at hand, random ones otherwise
 
-def shared_data_dir() -> Path | None:
-    here = Path(__file__).resolve()
-    for base in [Path.cwd(), *here.parents]:
-        cand = base.parent / "shared" / "data"
-        if cand.is_dir():
-            return cand
-    return None
+from cordseg.datasets import shared_data_dir  # noqa: E402,F401 (the training tools' name for it)
 
 
 def _real_volume(data_dir: Path):
@@ -274,7 +268,7 @@ def export_from_weights_checked(task, weights_path, out_path, *, contrast, summa
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m training.export", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m cordseg.training.export", description=__doc__.split("\n")[0])
     p.add_argument("task", choices=["centerline", "sc", "lesion"])
     p.add_argument("weights", nargs="+", help="a *.weights.h5 snapshot written by training/loop.py; several "
                    "snapshots of one run are averaged")

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cordseg.contract import CONTRASTS
 from cordseg.errors import CordsegError, ModelError
 
 # The published tool's constants, by the contrast key it used (the model file's name prefix).
@@ -44,7 +45,6 @@ LESION_LANDMARKS = {
 LESION_MEAN_STD = {"t2": (871.309, 557.916), "t2_ax": (835.592, 528.386), "t2s": (1011.31, 678.985)}
 SC3D_MEAN_STD = {"t2": (65.8562, 59.7999), "t2s": (87.0212, 64.425), "t1": (88.5001, 66.275)}
 SC_THRESHOLD = {"t1": 0.15, "t2": 0.7, "t2s": 0.89, "dwi": 0.01}
-CONTRASTS = ("t1", "t2", "t2s", "dwi")
 TASKS = ("centerline", "sc", "lesion")
 ATOL = 1e-4
 

@@ -81,13 +81,12 @@ RECIPES = {
 }
 
 
-def run_recipe(task, out, labelmaps_root, *, workers=0, log=print, recipes=None, run=None,
+def run_recipe(task, out, labelmaps_root, *, run, workers=0, log=print, recipes=None,
                average=None) -> tuple[Path, int]:
-    """Run every stage of `task`'s recipe; returns (the last EMA snapshot, total steps over all stages).
+    """Run every stage of `task`'s recipe with `run` (training.train.run, or a stand-in); returns (the last EMA
+    snapshot, total steps over all stages).
 
     A soup's snapshot is named after the steps its branches trained together, so the total counts them all."""
-    if run is None:
-        from .train import run
     if average is None:
         average = _average_for(task)
     stages = (recipes or RECIPES)[task]

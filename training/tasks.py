@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from cordseg.contract import CONTRASTS
 from cordseg.normalization import zscore_stack
 
 from . import synth
@@ -26,7 +27,7 @@ class TaskConfig:
     learning_rate: float
     steps: int
     network: dict = field(default_factory=dict)
-    contrasts: tuple = ("t1", "t2", "t2s", "dwi")
+    contrasts: tuple = CONTRASTS
     lesion_style: str = "shipped"  # synth.LESION_STYLES: how lesion patches are drawn
     p_conus: float = 0.0  # centerline: share of template slices drawn around the conus
 

@@ -105,7 +105,8 @@ def main(argv=None):
     if a.recipe:
         from .recipes import run_recipe
 
-        weights, steps = run_recipe(a.task, a.out, a.labelmaps or default_labelmaps(), workers=a.workers, log=log)
+        weights, steps = run_recipe(a.task, a.out, a.labelmaps or default_labelmaps(), run=run, workers=a.workers,
+                                    log=log)
         summary = f"trained with `cordseg train {a.task} --recipe shipped`: {steps} steps over its stages"
         if a.export:
             _export(a, weights, steps, summary)
