@@ -214,6 +214,7 @@ class ImageJob:
     options: StudyOptions
     command: str
     version: str
+    source: dict  # source_fingerprint() when planned
 
 
 @dataclass
@@ -283,7 +284,13 @@ def _generated_by(job: ImageJob, task: str, models: list) -> dict:
             "Options": job.options.for_output(task)}
 
 
-def _up_to_date(mask: Path, version: str, models: list, options: dict):
+def source_fingerprint(path) -> dict:
+    """Size and modification time of a source image: a replaced or edited input is segmented again."""
+    st = os.stat(path)
+    return {"Size": st.st_size, "MTimeNs": st.st_mtime_ns}
+
+
+def _up_to_date(mask: Path, version: str, models: list, options: dict, source: dict):
     """The sidecar's Metrics when `mask` and its sidecar exist and match; else None."""
     side = sidecar_path(mask)
     if not (mask.is_file() and side.is_file()):
@@ -293,7 +300,7 @@ def _up_to_date(mask: Path, version: str, models: list, options: dict):
         gen = meta["GeneratedBy"][0]
     except (OSError, ValueError, KeyError, IndexError, TypeError):
         return None
-    if gen.get("Version") != version or gen.get("Options") != options:
+    if gen.get("Version") != version or gen.get("Options") != options or meta.get("SourceFile") != source:
         return None
     if [(m.get("Task"), m.get("SHA256")) for m in gen.get("Models", [])] != [(m["Task"], m["SHA256"]) for m in models]:
         return None
@@ -442,7 +449,7 @@ def _write_output(job: ImageJob, task: str, img, models: list, metrics: dict, se
     path.parent.mkdir(parents=True, exist_ok=True)
     save_like(np.asanyarray(img.dataobj), img, path, dtype=np.uint8)
     side = {"GeneratedBy": [_generated_by(job, task, models)],
-            "Sources": [f"bids:raw:{job.image.relpath}"],
+            "Sources": [f"bids:raw:{job.image.relpath}"], "SourceFile": job.source,
             "Metrics": metrics, "Seconds": round(seconds, 3)}
     write_bytes_atomic((json.dumps(side, indent=2) + "\n").encode(), sidecar_path(path))
     return path
@@ -563,6 +570,10 @@ def _plan(images, out_dir: Path, options: StudyOptions, command: str, version: s
             plan.skipped = {t: image.why for t in options.tasks}
             continue
         runnable = []
+        try:
+            source = source_fingerprint(image.path)
+        except OSError:
+            source = None
         for task in options.tasks:
             key = (task, image.contrast)
             if key not in records:
@@ -575,13 +586,13 @@ def _plan(images, out_dir: Path, options: StudyOptions, command: str, version: s
                 continue
             runnable.append(task)
             metrics = _up_to_date(output_path(out_dir, image, task), version, records[key],
-                                  options.for_output(task))
+                                  options.for_output(task), source)
             if metrics is not None:
                 plan.reused[task] = metrics
         plan.runnable = tuple(runnable)
         todo = tuple(t for t in runnable if t not in plan.reused)
         if todo:
-            plan.job = ImageJob(image, str(out_dir), todo, options, command, version)
+            plan.job = ImageJob(image, str(out_dir), todo, options, command, version, source)
     return plans
 
 
@@ -847,8 +858,12 @@ def _run_serial(todo, table: _Table) -> None:
 def _pool_context():
     import multiprocessing as mp
 
-    methods = mp.get_all_start_methods()
-    return mp.get_context("forkserver" if "forkserver" in methods else "spawn")
+    if "forkserver" not in mp.get_all_start_methods():
+        return mp.get_context("spawn")
+    # workers fork from a server that has imported the heavy modules once (no ONNX session, no threads yet)
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["cordseg.study", "cordseg.segmenter", "cordseg.morphometry", "onnxruntime"])
+    return ctx
 
 
 def _died(plan: _Plan, times: int) -> dict:
