@@ -16,14 +16,15 @@ Method (docs/morphometry.md says why):
 - A locally straight cord crossed by an axial plane leaves a cut that is the oblique projection of its
   perpendicular cross-section: projecting the cut along t onto the plane perpendicular to t is a linear map
   M (2x2, det M = tz = cos of the angle between cord and slice normal). So the perpendicular section's
-  area is the cut's area times tz, and its second-moment matrix is M C M^T. Both are computed from the
-  voxel values directly, without resampling, so soft masks give partial-volume areas.
-- area = sum(mask values) x pixel area x tz; diameters = axis lengths (4 sqrt(eigenvalue)) of the ellipse
-  with the section's second moments; the axis nearer the left-right direction is diameter_RL, the other
-  diameter_AP; eccentricity = sqrt(1 - l2/l1); orientation = angle (deg, 0..90) between the major axis and
-  left-right; solidity = area / convex-hull area of the slice's mask (>= 0.5, bilinearly upsampled to
-  <= 0.1 mm; a linear map leaves it unchanged); angle_AP = atan2(tx, tz), angle_RL = atan2(ty, tz) (deg,
-  the toolbox's definitions); length = slice thickness / tz.
+  area is the cut's area times tz, and its second-moment matrix is M C M^T.
+- area = sum(mask values) x pixel area x tz, from the voxel values as they are (no resampling), so soft
+  masks give partial-volume areas. Shape comes from the slice's mask >= 0.5 after bilinear upsampling to
+  <= 0.1 mm pixels (as the toolbox measures it): diameters = axis lengths (4 sqrt(eigenvalue)) of the
+  ellipse with the section's second moments M C M^T; the axis nearer the left-right direction is
+  diameter_RL, the other diameter_AP; eccentricity = sqrt(1 - l2/l1); orientation = angle (deg, 0..90)
+  between the major axis and left-right; solidity = area / convex-hull area (a linear map leaves it
+  unchanged). angle_AP = atan2(tx, tz), angle_RL = atan2(ty, tz) (deg, the toolbox's definitions);
+  length = slice thickness / tz.
 - Slices whose mask (>= 0.5) has more than one 8-connected component, touches the edge of the slice, or is
   empty between cord slices are flagged; means and SDs leave them out and say how many were left out.
 """
@@ -59,7 +60,7 @@ COLUMNS = (["Timestamp", "cordseg Version", "Filename", "Slice (I->S)", "VertLev
 
 BANDWIDTH_MM = 20.0  # half-width of the local centerline fit; a few slices more on thick-slice scans
 MASK_TOL = 1e-3  # values this far outside 0..1 (interpolation round-off) are clipped, not refused
-SOLIDITY_PIXEL_MM = 0.1
+SHAPE_PIXEL_MM = 0.1  # pixel of the upsampled mask that shape is measured on
 DISC_MAX_VOXELS = 30  # a label value with at most this many voxels is a disc point, not a level
 
 
@@ -202,6 +203,12 @@ def morphometry(seg_img, image=None, *, perslice: bool = False, slices=None, lev
         vl = "" if not lvls else (str(lvls[0]) if len(lvls) == 1 else f"{lvls[0]}:{lvls[-1]}")
         rows = [_mean_row(base, chosen, vl)]
     notes = []
+    if levels is not None:
+        unlevelled = [m.slice for m in chosen if m.level is None]
+        if unlevelled:
+            notes.append(f"{len(unlevelled)} cord slice(s) got no vertebral level from the levels image "
+                         f"(slices {_spans(unlevelled)})" + ("; they are in no per-level row" if perlevel and
+                                                            not perslice else ""))
     flagged = [m for m in chosen if m.flags]
     if flagged:
         notes.append(f"{len(flagged)} slice(s) flagged and left out of the means: "
@@ -415,8 +422,8 @@ def _one_slice(values, b, zooms, t) -> dict:
 
 def _upsampled(crop, sx, sy):
     """The crop bilinearly upsampled to <= 0.1 mm pixels (at most 10x per axis), thresholded at 0.5."""
-    fx = max(1, min(10, int(math.ceil(sx / SOLIDITY_PIXEL_MM))))
-    fy = max(1, min(10, int(math.ceil(sy / SOLIDITY_PIXEL_MM))))
+    fx = max(1, min(10, int(math.ceil(sx / SHAPE_PIXEL_MM))))
+    fy = max(1, min(10, int(math.ceil(sy / SHAPE_PIXEL_MM))))
     ci = (np.arange(crop.shape[0] * fx) + 0.5) / fx - 0.5
     cj = (np.arange(crop.shape[1] * fy) + 0.5) / fy - 0.5
     # separable: along i then along j (cheaper than map_coordinates on the whole fine grid)
@@ -536,6 +543,7 @@ def _mean_row(base, group, vertlevel: str) -> dict:
     used = [m for m in group if m.ok]
     for k in METRICS:
         v = np.array([getattr(m, k) for m in used], float)
+        v = v[np.isfinite(v)]  # (a solidity qhull could not measure)
         row[f"MEAN({k})"] = float(v.mean()) if v.size else float("nan")
         row[f"STD({k})"] = float(v.std()) if v.size else float("nan")
     row["SUM(length)"] = float(sum(m.length for m in used)) if used else float("nan")
@@ -544,6 +552,16 @@ def _mean_row(base, group, vertlevel: str) -> dict:
     flags = sorted({f for m in group for f in m.flags})
     row["Flags"] = ";".join(flags)
     return row
+
+
+def _spans(zs) -> str:
+    """[1, 2, 3, 7] -> "1:3, 7"."""
+    out, start = [], zs[0]
+    for a, b in zip(zs, zs[1:] + [None]):
+        if b is None or b != a + 1:
+            out.append(str(start) if start == a else f"{start}:{a}")
+            start = b
+    return ", ".join(out)
 
 
 def _fmt(v, digits: int) -> str:
@@ -566,14 +584,14 @@ def tube_phantom(shape, affine, *, semi_axes=(4.0, 3.0), centre=(0.0, 0.0, 0.0),
     """A cord of known cross-section on any grid: (mask image, true perpendicular area in mm2).
 
     The cord is an elliptical tube in scanner coordinates (RAS, mm) with semi-axes (a, b) in mm: a in the
-    vertical plane of the lean (along `azimuth_deg` when upright), b horizontal and perpendicular to it;
-    twist_deg turns the ellipse in its plane. Straight (curvature_radius None): its axis passes through `centre` and leans by
-    `tilt_deg` from the superior direction towards the horizontal direction `azimuth_deg` (0 = towards x,
-    90 = towards y). Curved: a circular arc of that radius in the same vertical plane, vertical at `centre`
-    and leaning more the higher it goes (tilt_deg is then where it starts: the lean at `centre`). Its
-    perpendicular section is always the same ellipse, area pi*a*b. Each voxel's value is its inside
-    fraction from `supersample` points per axis (default: one every 0.15 mm, 5 to 9, odd); soft=False
-    keeps the voxels at least half inside.
+    vertical plane of the lean, b horizontal and perpendicular to that plane; twist_deg turns the ellipse in
+    its own plane. Its axis passes through `centre` leaning `tilt_deg` from the superior direction towards
+    the horizontal direction `azimuth_deg` (0 = towards +x, 90 = towards +y). Straight when
+    curvature_radius is None; otherwise a circular arc of that radius in the same vertical plane, leaning
+    more the higher it goes (sin(lean) = sin(tilt) + (z - centre z) / radius). Its perpendicular section is
+    always the same ellipse, area pi*a*b. Each voxel's value is its inside fraction from `supersample`
+    points per axis (default: one every 0.15 mm, 5 to 9, odd); soft=False keeps the voxels at least half
+    inside.
     """
     shape = tuple(int(n) for n in shape)
     affine = np.asarray(affine, float)
@@ -587,8 +605,8 @@ def tube_phantom(shape, affine, *, semi_axes=(4.0, 3.0), centre=(0.0, 0.0, 0.0),
     def local(p):
         """(u, v): coordinates in the tube's cross-section for points p (n, 3)."""
         if curvature_radius is None:
-            t = math.sin(tilt) * horiz + math.cos(tilt) * up
-            n1 = math.cos(tilt) * horiz - math.sin(tilt) * up  # in the lean plane, perpendicular to t
+            # axis along sin(tilt)*horiz + cos(tilt)*up; n1 lies in the lean plane, perpendicular to it
+            n1 = math.cos(tilt) * horiz - math.sin(tilt) * up
             q = p - c0
             u, v = q @ n1, q @ binorm
         else:
