@@ -305,9 +305,7 @@ def centerline(**params):
 def _centerline_one(image, opts: Options, seg):
     from .io import nifti_stem
 
-    path = _output(image, opts.out, "_centerline")
-    rep = Reporter(opts.quiet, opts.verbose)
-    src, contrast, volume = _source(image, opts)
+    path, rep, (src, contrast, volume) = _start(image, opts, "_centerline")
     mask, cl = seg.centerline(src, contrast=contrast, volume=volume, progress=rep)
     rep.done()
     _save(mask, path, opts)
@@ -342,9 +340,7 @@ def sc(**params):
 
 
 def _sc_one(image, opts: Options, seg):
-    path = _output(image, opts.out, "_seg")
-    rep = Reporter(opts.quiet, opts.verbose)
-    src, contrast, volume = _source(image, opts)
+    path, rep, (src, contrast, volume) = _start(image, opts, "_seg")
     mask = seg.cord(src, contrast=contrast, soft=opts.soft, threshold=opts.threshold,
                     centerline=opts.centerline_file, volume=volume, progress=rep)
     rep.done()
@@ -404,9 +400,7 @@ def _lesion_one(image, opts: Options, seg):
     from .api import centerline_from_mask
     from .lesions import lesion_table
 
-    path = _output(image, opts.out, "_lesionseg")
-    rep = Reporter(opts.quiet, opts.verbose)
-    src, contrast, volume = _source(image, opts)
+    path, rep, (src, contrast, volume) = _start(image, opts, "_lesionseg")
     given, track = opts.centerline_file, None
     if opts.qc:  # the views follow the cord, so the centerline is needed on the image's grid (found once)
         if opts.centerline_file:
@@ -452,6 +446,11 @@ def _binary(seg, opts: Options):
     threshold = opts.threshold if opts.soft and opts.threshold is not None else 0.5
     data = np.asarray(seg.dataobj, np.float32)
     return image_like((data >= threshold).astype(np.uint8), seg)
+
+
+def _start(image, opts: Options, suffix):
+    """One image's output path (checked before any work), progress reporter and what the API is given."""
+    return _output(image, opts.out, suffix), Reporter(opts.quiet, opts.verbose), _source(image, opts)
 
 
 def _source(image, opts: Options):
@@ -528,6 +527,9 @@ _Main.lazy = {
                              "Compare predictions with references (Dice, volumes, lesions, centerline)."),
     "morphometry": _LazyCommand("morphometry", "cordseg.cli_morphometry", "morphometry",
                                 "Cord cross-sectional area and shape from a cord mask."),
+    "study": _LazyCommand("study", "cordseg.cli_study", "study",
+                          "Segment every image of a BIDS dataset into BIDS derivatives and one table."),
+    "qc": _LazyCommand("qc", "cordseg.cli_qc", "qc", "A static quality-control page for a study's derivatives."),
 }
 
 

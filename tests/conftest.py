@@ -26,6 +26,30 @@ BASE_METADATA = {
 }
 
 
+# Whole modules that need the train extra; single tests elsewhere carry @pytest.mark.training.
+_TRAINING_MODULES = {"test_export.py", "test_keras_import.py", "test_lesion_loss.py", "test_training_real.py"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Markers that follow from what a test uses: the shared_data fixture makes it `realdata`; the train extra
+    (TensorFlow and Keras load in seconds) makes it `training` and `slow`."""
+    for item in items:
+        if "shared_data" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.realdata)
+        if item.path.name in _TRAINING_MODULES or item.get_closest_marker("training"):
+            item.add_marker(pytest.mark.training)
+            item.add_marker(pytest.mark.slow)
+
+
+def pytest_ignore_collect(collection_path, config):
+    """With -m "not slow" (or "not training") the training modules are not even imported: importing
+    TensorFlow alone would take much of the quick loop's time."""
+    expr = config.getoption("markexpr", "") or ""
+    if collection_path.name in _TRAINING_MODULES and ("not slow" in expr or "not training" in expr):
+        return True
+    return None
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """../shared/data beside the repository or $CORDSEG_SHARED_DATA (read-only), or skip."""

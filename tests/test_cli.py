@@ -363,3 +363,36 @@ def test_several_images_refusals(tmp_path, phantom):
         assert result.exit_code == 2 and words in stderr, stderr
         assert len(stderr.strip().splitlines()) == 1
     assert list(out.iterdir()) == []
+
+
+def test_cli_import_leaves_the_heavy_commands_unloaded():
+    """`cordseg sc --help` needs neither evaluate's nor the training extra's modules, nor the runtime's."""
+    code = ("import sys; from click.testing import CliRunner; import cordseg.cli as c; "
+            "r = CliRunner().invoke(c.main, ['sc', '--help']); assert r.exit_code == 0, r.output; "
+            "print(sorted(m for m in sys.modules if m.startswith(('cordseg.', 'onnxruntime', 'tensorflow', 'scipy'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    loaded = out.stdout
+    for heavy in ("cordseg.cli_evaluate", "cordseg.evaluation", "cordseg.training", "onnxruntime", "tensorflow",
+                  "cordseg.segmenter", "scipy"):
+        assert f"'{heavy}" not in loaded, loaded
+    assert "'cordseg.cli'" in loaded
+
+
+def test_a_missing_lazy_command_is_left_out(monkeypatch):
+    from cordseg import cli
+
+    monkeypatch.setitem(cli._Main.lazy, "ghost", cli._LazyCommand("ghost", "cordseg.no_such_module", "ghost", "?"))
+    result, stdout, _ = invoke("-h")
+    assert result.exit_code == 0 and "ghost" not in stdout and "evaluate" in stdout
+    result, _, stderr = invoke("ghost")
+    assert result.exit_code == 2 and "No such command" in stderr
+
+
+def test_a_lazy_command_that_fails_to_load_is_one_error_line(monkeypatch):
+    from cordseg import cli
+
+    monkeypatch.setitem(cli._Main.lazy, "broken", cli._LazyCommand("broken", "cordseg.errors", "no_such", "?"))
+    result, _, stderr = invoke("broken")
+    assert result.exit_code == 2 and stderr.startswith("cordseg: error: broken is not available")
+    assert stderr.count("\n") == 1

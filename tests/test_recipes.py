@@ -99,6 +99,7 @@ def test_a_soup_stage_averages_named_snapshots_of_branches_from_one_start(tmp_pa
     assert calls == [] and averaged == []
 
 
+@pytest.mark.training
 def test_tiny_recipe_trains_end_to_end(tmp_path):
     """Two real stages of CNN1 (a few steps each) on a hand-made anatomy: the second starts from the first."""
     pytest.importorskip("keras")
@@ -132,6 +133,7 @@ def test_tiny_recipe_trains_end_to_end(tmp_path):
         np.testing.assert_allclose(mean, (a.astype(np.float64) + b) / 2, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.training
 def test_export_after_jax_training_runs_in_a_tensorflow_process(tmp_path, monkeypatch):
     """tf2onnx needs TensorFlow: a run on the JAX backend hands the export to a fresh TensorFlow process."""
     keras = pytest.importorskip("keras")

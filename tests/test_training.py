@@ -340,6 +340,7 @@ def _losses_from_log(path):
     return {int(r[0]): float(r[1]) for r in rows}
 
 
+@pytest.mark.training
 def test_training_lowers_the_loss_and_resumes(tmp_path):
     keras = pytest.importorskip("keras")
     from cordseg.training.loop import train
@@ -372,6 +373,7 @@ def test_training_lowers_the_loss_and_resumes(tmp_path):
     assert pred.shape == y.shape and np.all(np.isfinite(pred))
 
 
+@pytest.mark.training
 def test_stop_at_ends_early_on_the_full_schedule(tmp_path):
     """A run stopped at a step keeps the learning rate it would have had there in the longer run."""
     keras = pytest.importorskip("keras")
@@ -391,6 +393,7 @@ def test_stop_at_ends_early_on_the_full_schedule(tmp_path):
     assert float(lr) > 2 * float(keras.optimizers.schedules.CosineDecay(1e-2, decay_steps=15, alpha=0.05)(15))
 
 
+@pytest.mark.training
 def test_average_of_snapshots_is_their_mean(tmp_path):
     pytest.importorskip("keras")
     from cordseg.training.loop import average_snapshots
