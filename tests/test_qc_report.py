@@ -104,7 +104,7 @@ def page_data(index: Path) -> dict:
 
 
 def read_png(data: bytes):
-    """(array, palette, transparency) of an 8-bit grey, RGB or palette PNG, filter 0, every CRC checked."""
+    """(array, palette, transparency) of an 8-bit grey, RGB or palette PNG (filter none or Up), every CRC checked."""
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     pos, chunks = 8, {}
     while pos < len(data):
@@ -117,8 +117,12 @@ def read_png(data: bytes):
     w, h, depth, colour, _, _, _ = struct.unpack(">IIBBBBB", chunks[b"IHDR"])
     channels = {0: 1, 2: 3, 3: 1}[colour]
     raw = np.frombuffer(zlib.decompress(chunks[b"IDAT"]), np.uint8).reshape(h, 1 + channels * w)
-    assert depth == 8 and (raw[:, 0] == 0).all()
-    pixels = raw[:, 1:].reshape(h, w, channels) if channels > 1 else raw[:, 1:]
+    assert depth == 8 and set(np.unique(raw[:, 0])) <= {0, 2}  # no filter, or 'Up'
+    rows = raw[:, 1:].copy()
+    for r in range(1, h):
+        if raw[r, 0] == 2:
+            rows[r] += rows[r - 1]  # wraps modulo 256, as the filter does
+    pixels = rows.reshape(h, w, channels) if channels > 1 else rows
     palette = np.frombuffer(chunks[b"PLTE"], np.uint8).reshape(-1, 3) if b"PLTE" in chunks else None
     return pixels, palette, chunks.get(b"tRNS")
 
@@ -130,6 +134,8 @@ def test_grey_and_outline_png_round_trip():
     rng = np.random.default_rng(0)
     grey = rng.integers(0, 256, (5, 9), dtype=np.uint8)
     assert np.array_equal(read_png(qc.grey_png_bytes(grey))[0], grey)
+    data = qc.grey_png_bytes(grey)
+    assert zlib.decompress(data[data.index(b"IDAT") + 4:-16])[::10][:5] == bytes([2] * 5)  # rows filtered Up
     labels = rng.integers(0, 4, (6, 7), dtype=np.uint8)
     pixels, palette, alpha = read_png(qc.outline_png_bytes(labels))
     assert np.array_equal(pixels, labels)
@@ -276,7 +282,8 @@ def _keys(driver, *keys):
 
 
 def _current(driver) -> str:
-    return driver.execute_script("const tr = document.querySelector('#rows tr.current'); return tr ? tr.dataset.image : null;")
+    return driver.execute_script(
+        "const tr = document.querySelector('#rows tr.current'); return tr ? tr.dataset.image : null;")
 
 
 def _wait(condition, timeout=10.0, what="the page"):
@@ -331,7 +338,8 @@ def test_browser_navigation_pictures_and_outline(study, report, browser, tmp_pat
     assert _current(driver) == order[-3]
 
     # the outline layer: a key hides and shows it
-    outlines = "return Array.from(document.querySelectorAll('#viewer img.outline')).map((i) => getComputedStyle(i).visibility);"
+    outlines = ("return Array.from(document.querySelectorAll('#viewer img.outline'))"
+                ".map((i) => getComputedStyle(i).visibility);")
     assert set(driver.execute_script(outlines)) == {"visible"}
     _keys(driver, "o")
     assert set(driver.execute_script(outlines)) == {"hidden"}
@@ -393,7 +401,8 @@ def test_browser_marks_survive_a_reload_and_export(study, report, browser):
     _keys(driver, "\ue015", "\ue015", "a")  # the third: artifact
     _keys(driver, "\ue013", "p")  # the second: pass
     _keys(driver, "\ue015", "\ue015", "p", "p")  # the fourth: the same key twice takes the mark off
-    expected = {order[0]: ("fail", "cord leaks into CSF: C3 # edge"), order[2]: ("artifact", ""), order[1]: ("pass", "")}
+    expected = {order[0]: ("fail", "cord leaks into CSF: C3 # edge"), order[2]: ("artifact", ""),
+                order[1]: ("pass", "")}
 
     def marks_in_table():
         return {tr.get_attribute("data-image"): tr.find_elements("css selector", "td")[-2].text.lower()
@@ -419,7 +428,8 @@ def test_browser_marks_survive_a_reload_and_export(study, report, browser):
     assert [list(r) for r in exported[:1]] == [["image", "subject", "session", "task", "mark", "note"]]
     assert {r["image"]: (r["mark"], r["note"]) for r in exported} == expected
     for r in exported:
-        assert (r["subject"], r["session"], r["task"]) == tuple(rows[r["image"]][k] for k in ("subject", "session", "task"))
+        want = rows[r["image"]]
+        assert (r["subject"], r["session"], r["task"]) == (want["subject"], want["session"], want["task"])
     text = yml.read_text()
     hidden = driver.find_element("id", "export-yml").get_attribute("textContent")
     assert text.splitlines()[1:] == hidden.splitlines()[1:]  # the same export (the first line is a time)
