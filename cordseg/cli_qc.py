@@ -33,7 +33,7 @@ cordseg qc derivatives/cordseg -o qc_report/
 @click.option("-o", "--output", "out", type=click.Path(path_type=Path), default=None,
               help="Folder to write the report into (default: DERIVATIVES/qc).")
 @click.option("-j", "--jobs", type=click.IntRange(min=1), default=None,
-              help="Processes drawing the pictures (default: one per CPU).")
+              help="Threads drawing the pictures (default: one per CPU).")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors and warnings.")
 def qc(derivatives, out, jobs, quiet):
     from .qc import write_report

@@ -19,13 +19,12 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import multiprocessing
 import os
 import re
 import struct
 import time
 import zlib
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -574,7 +573,7 @@ def write_report(derivatives_dir, out_dir, *, progress=None, workers: int | None
     derivatives_dir: what `cordseg study` wrote (masks named `<image>_label-SC_seg.nii.gz`,
     `_label-lesion_seg`, `_label-centerline_seg`, each with a JSON sidecar whose `Sources` names the image;
     results.tsv when there). One row per image; the numbers come from results.tsv when it has them, else from
-    the masks. progress(stage, fraction) is called as pictures are done. workers: processes drawing the
+    the masks. progress(stage, fraction) is called as pictures are done. workers: threads drawing the
     pictures (default: one per CPU). Returns the path of index.html. An image that cannot be shown (missing,
     not on its masks' grid, empty masks) gets a row with the reason; a folder with no result at all is an
     InputError."""
@@ -607,9 +606,9 @@ def write_report(derivatives_dir, out_dir, *, progress=None, workers: int | None
             if progress:
                 progress("QC report", k / len(jobs))
     else:
-        # forkserver: the workers do not inherit a parent's threads (an inference runtime's pool) or locks
-        method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
-        with ProcessPoolExecutor(n_workers, mp_context=multiprocessing.get_context(method)) as pool:
+        # threads, not processes: reading (zlib), copies and gathers run outside the GIL, and a caller's script
+        # is never imported again by a worker process nor forked with its inference threads
+        with ThreadPoolExecutor(n_workers) as pool:
             futures = [pool.submit(_report_picture, *job) for job in jobs]
             for k, future in enumerate(as_completed(futures), 1):
                 result = future.result()

@@ -286,14 +286,14 @@ def _current(driver) -> str:
         "const tr = document.querySelector('#rows tr.current'); return tr ? tr.dataset.image : null;")
 
 
-def _wait(condition, timeout=10.0, what="the page"):
+def _wait(condition, timeout=15.0, what="the page"):
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         value = condition()
         if value:
             return value
         time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
+    raise AssertionError(f"timed out waiting for {what() if callable(what) else what}")
 
 
 _IMAGES_STATE = """
@@ -418,11 +418,10 @@ def test_browser_marks_survive_a_reload_and_export(study, report, browser):
 
     for button in ("export-tsv-button", "export-yml-button"):
         driver.find_element("id", button).click()
-    tsv = _wait(lambda: (driver.downloads / "qc_marks.tsv").is_file() and driver.downloads / "qc_marks.tsv",
-                what="qc_marks.tsv")
-    yml = _wait(lambda: (driver.downloads / "qc_exclude.yml").is_file() and driver.downloads / "qc_exclude.yml",
-                what="qc_exclude.yml")
-    time.sleep(0.2)  # a download is renamed into place when complete; let it settle
+    tsv, yml = driver.downloads / "qc_marks.tsv", driver.downloads / "qc_exclude.yml"
+    # a download is written as .crdownload and renamed when complete
+    _wait(lambda: tsv.is_file() and yml.is_file() and not list(driver.downloads.glob("*.crdownload")),
+          what=lambda: f"both exports; the downloads folder holds {sorted(os.listdir(driver.downloads))}")
     with open(tsv, newline="") as fh:
         exported = list(csv.DictReader(fh, delimiter="\t"))
     assert [list(r) for r in exported[:1]] == [["image", "subject", "session", "task", "mark", "note"]]
