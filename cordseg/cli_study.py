@@ -39,6 +39,27 @@ cordseg study bids/ --dask tcp://scheduler:8786 --threads 2
 """
 
 
+def _command() -> str:
+    """The command as given (the options that differ from their defaults), for the sidecars."""
+    import shlex
+
+    ctx = click.get_current_context()
+    words = ["cordseg", "study", str(ctx.params["bids_dir"])]
+    for param in ctx.command.params:
+        if param.name == "bids_dir" or param.name == "quiet":
+            continue
+        value = ctx.params.get(param.name)
+        if value is None or value is False or value == () or value == param.default:
+            continue
+        flag = max(param.opts, key=len)
+        if value is True:
+            words.append(flag)
+        else:
+            for v in value if isinstance(value, tuple) else (value,):
+                words += [flag, str(v)]
+    return shlex.join(words)
+
+
 def _labels(values):
     out = []
     for v in values:
@@ -75,7 +96,7 @@ def _labels(values):
 @click.option("-q", "--quiet", is_flag=True, help="Print only errors and the summary.")
 def study(bids_dir, out, tasks, participants, include, exclude, jobs, dask, threads, smoothness, sc_threshold,
           lesion_threshold, min_contrast, qc, quiet):
-    from .study import command_line, run_study
+    from .study import run_study
 
     counter = {"n": 0}
 
@@ -98,7 +119,7 @@ def study(bids_dir, out, tasks, participants, include, exclude, jobs, dask, thre
             result = run_study(bids_dir, out, tasks=tasks, participant_labels=_labels(participants),
                                include=include, exclude=exclude, jobs=jobs, dask=dask, threads=threads,
                                smoothness=smoothness, sc_threshold=sc_threshold, lesion_threshold=lesion_threshold,
-                               min_contrast=min_contrast, qc=qc, command=command_line(), on_result=progress)
+                               min_contrast=min_contrast, qc=qc, command=_command(), on_result=progress)
         except CordsegError as exc:
             error = " ".join(str(exc).split())
         except MemoryError:

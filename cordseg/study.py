@@ -471,7 +471,7 @@ def process_image(job: ImageJob, cache: dict | None = None) -> dict:
 
     Errors of the image (unreadable, no cord) come back as reasons, never raised; `cache` holds the
     worker's Segmenters (None: the worker process's own)."""
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     cache = _worker_cache() if cache is None else cache
     image = job.image
     done, failed, notes = {}, {}, []
@@ -501,7 +501,19 @@ def process_image(job: ImageJob, cache: dict | None = None) -> dict:
                 failed.setdefault(task, result["reason"])
                 _remove_output(job, task)
     result["seconds"] = time.perf_counter() - t0
+    result["cpu_seconds"] = time.process_time() - c0  # all threads of the worker process
+    result["max_rss_mb"] = _max_rss_mb()
     return result
+
+
+def _max_rss_mb() -> float | None:
+    """The worker process's peak resident memory so far (MB), where the platform says."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (2**20 if sys.platform == "darwin" else 2**10)
 
 
 def _segment(job: ImageJob, cache: dict, done: dict, failed: dict, notes: list) -> None:
@@ -870,7 +882,7 @@ def _died(plan: _Plan, times: int) -> dict:
     reason = (f"the worker process died {times} time(s) while this image was in flight "
               "(killed, or out of memory)")
     return {"image": plan.image.relpath, "done": {}, "failed": {t: reason for t in plan.job.tasks}, "reason": reason,
-            "seconds": 0.0, "notes": [], "worker": "n/a", "pid": None}
+            "seconds": 0.0, "cpu_seconds": 0.0, "notes": [], "worker": "n/a", "pid": None}
 
 
 def _run_pool(todo, jobs: int, table: _Table) -> None:

@@ -340,7 +340,8 @@ def test_killed_local_worker_the_study_still_finishes(bids, models):
     result = run_study(bids, tasks="sc", jobs=2, on_result=kill_first_worker)
     rows = by_image(result.rows)
     assert killed
-    assert all(r["status"] == "ok" for k, r in rows.items() if k not in (RGB, "sub-02/ses-01/anat/sub-02_ses-01_FLAIR.nii.gz"))
+    others = (RGB, "sub-02/ses-01/anat/sub-02_ses-01_FLAIR.nii.gz")
+    assert all(r["status"] == "ok" for k, r in rows.items() if k not in others)
     out = bids / "derivatives" / "cordseg"
     assert not [p for p in out.rglob(".*") if p.name != ".bidsignore"]
     for rel in rows:
@@ -367,9 +368,24 @@ def test_bids_validator_on_the_output(bids, models):
     meta = json.loads(side.read_text())
     meta["Sources"] = ["bids:raw:sub-01/anat/sub-01_T3w.nii.gz"]
     side.write_text(json.dumps(meta))
-    shutil.copy(out / "sub-01/anat/sub-01_T2w_label-SC_seg.nii.gz", out / "sub-01/anat/sub-01_T2w_foo_label-SC_seg.nii.gz")
+    anat = out / "sub-01/anat"
+    shutil.copy(anat / "sub-01_T2w_label-SC_seg.nii.gz", anat / "sub-01_T2w_foo_label-SC_seg.nii.gz")
     problems = bids_check(out)["problems"]
     assert any("T3w" in p for p in problems) and any("_foo" in p for p in problems)
+
+
+@pytest.mark.slow
+def test_qc_report_on_the_study_output(bids, models):
+    import cordseg.qc as qc
+
+    if not hasattr(qc, "write_report"):
+        pytest.skip("this cordseg has no QC report page")
+    result = run_study(bids, tasks="sc,lesion", qc=True)
+    out = bids / "derivatives" / "cordseg"
+    assert result.qc_report is not None and (out / "qc" / "index.html").is_file()
+    page = (out / "qc" / "index.html").read_text()
+    assert "sub-01_T2w" in page and "sub-03_T2w" in page  # the failed image has its row too
+    assert bids_check(out)["problems"] == []  # .bidsignore keeps qc/ out of the validator's way
 
 
 def test_qc_report_when_available(bids, models, monkeypatch):
@@ -389,12 +405,14 @@ def test_cli(bids, models, tmp_path):
     from cordseg.cli_study import study
 
     runner = CliRunner()
-    res = runner.invoke(study, [str(bids), "-o", str(tmp_path / "out"), "--tasks", "sc", "--participant-label", "01,03"])
+    args = [str(bids), "-o", str(tmp_path / "out"), "--tasks", "sc", "--participant-label"]
+    res = runner.invoke(study, args + ["01,03"])
     assert res.exit_code == 0, res.output
     assert "3 image(s): 2 ok (0 up to date), 1 failed" in res.output
     side = json.loads((tmp_path / "out/sub-01/anat/sub-01_T2w_label-SC_seg.json").read_text())
-    assert "--participant-label" in side["GeneratedBy"][0]["Command"] or side["GeneratedBy"][0]["Command"].startswith("cordseg")
-    res = runner.invoke(study, [str(bids), "-o", str(tmp_path / "out"), "--tasks", "sc", "--participant-label", "01"])
+    assert side["GeneratedBy"][0]["Command"] == (f"cordseg study {bids} --output {tmp_path / 'out'} --tasks sc "
+                                                 "--participant-label 01,03")
+    res = runner.invoke(study, args + ["01"])
     assert res.exit_code == 0 and "2 ok (2 up to date)" in res.output
     for args in ([str(tmp_path / "missing")], [str(bids), "--tasks", "sc,nose"], [str(bids), "--sc-threshold", "2"]):
         res = runner.invoke(study, args)
