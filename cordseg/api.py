@@ -13,10 +13,11 @@ from __future__ import annotations
 
 from . import centerline as _centerline
 from .errors import CordsegError
-from .inputs import (check_min_contrast, check_smoothness, check_threads, check_threshold,  # noqa: F401
-                     guess_contrast, resolve_contrast)
-from .io import image_like, load_image
-from .lesions import Lesion, lesion_table  # noqa: F401 (public here too)
+from .inputs import (check_callable, check_min_contrast, check_model_path, check_smoothness,  # noqa: F401
+                     check_threads, check_threshold, guess_contrast, resolve_contrast, typed_errors)
+from .io import image_like, input_shape, load_image
+from .lesions import Lesion  # noqa: F401 (public here too)
+from .lesions import lesion_table as _lesion_table
 from .orientation import to_rpi
 from .segmenter import Segmenter, given_centerline
 
@@ -25,6 +26,7 @@ def _prepare(src, contrast, volume):
     return load_image(src, volume=volume), resolve_contrast(src, contrast)
 
 
+@typed_errors
 def detect_centerline(img, contrast=None, *, model=None, smoothness=_centerline.DEFAULT_SMOOTHNESS,
                       volume=None, progress=None, threads=None):
     """Returns (centerline mask image on the input grid, Centerline).
@@ -32,20 +34,24 @@ def detect_centerline(img, contrast=None, *, model=None, smoothness=_centerline.
     threads: CPU threads for ONNX Runtime (None: its default, one per physical core)."""
     check_smoothness(smoothness)
     check_threads(threads)
+    check_model_path(model)
+    check_callable(progress)
     image, contrast = _prepare(img, contrast, volume)
     return Segmenter(contrast, centerline_model=model, threads=threads, smoothness=smoothness)._centerline(
         image, contrast, progress)
 
 
+@typed_errors
 def centerline_from_mask(img, centerline, *, volume=None):
     """A centerline given as a mask (path or image; on any grid of the session; a few marked voxels are
     enough, linear in between) on `img`'s slices: (mask image on the input grid, one voxel per slice,
     Centerline), as detect_centerline returns them."""
     image = load_image(img, volume=volume)
     cl = given_centerline(centerline, to_rpi(image))
-    return image_like(cl.native_mask(), image), cl
+    return image_like(cl.native_mask().reshape(input_shape(image)), image), cl
 
 
+@typed_errors
 def segment_cord(img, contrast=None, soft=False, *, threshold=None, model=None, centerline_model=None,
                  centerline=None, volume=None, progress=None, threads=None):
     """Spinal cord mask (uint8) or, with soft=True, its probability map (float32), on the input grid.
@@ -55,11 +61,13 @@ def segment_cord(img, contrast=None, soft=False, *, threshold=None, model=None, 
     detect_centerline returned for this image. threads: as for detect_centerline."""
     check_threshold(threshold)
     check_threads(threads)
+    check_callable(progress)
     image, contrast = _prepare(img, contrast, volume)
     seg = Segmenter(contrast, centerline_model=centerline_model, cord_model=model, threads=threads)
     return seg._cord(image, contrast, soft, threshold, centerline, progress)
 
 
+@typed_errors
 def segment_lesions(img, contrast=None, soft=False, *, threshold=None, min_contrast=None, model=None,
                     centerline_model=None, cord_model=None, centerline=None, volume=None, progress=None,
                     threads=None):
@@ -74,10 +82,22 @@ def segment_lesions(img, contrast=None, soft=False, *, threshold=None, min_contr
     check_min_contrast(min_contrast)
     check_threshold(threshold)
     check_threads(threads)
+    check_callable(progress)
     image, contrast = _prepare(img, contrast, volume)
     seg = Segmenter(contrast, centerline_model=centerline_model, cord_model=cord_model, lesion_model=model,
                     threads=threads)
     return seg._lesions(image, contrast, soft, threshold, min_contrast, centerline, progress)
+
+
+@typed_errors
+def lesion_table(mask, **kwargs):
+    """One cordseg.lesions.Lesion per connected lesion of `mask` (a path or a nibabel image); keyword arguments
+    as cordseg.lesions.lesion_table takes them."""
+    import nibabel as nib
+
+    if not isinstance(mask, nib.spatialimages.SpatialImage):
+        mask = load_image(mask)
+    return _lesion_table(mask, **kwargs)
 
 
 __all__ = ["detect_centerline", "centerline_from_mask", "segment_cord", "segment_lesions", "lesion_table",

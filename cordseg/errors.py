@@ -21,5 +21,9 @@ class OutputError(CordsegError):
     """The output cannot be written where asked."""
 
 
+class ResourceError(CordsegError):
+    """The computer ran out of something the run needs (memory)."""
+
+
 class CordsegWarning(UserWarning):
     """Something in the input was repaired or assumed; the run goes on."""

@@ -1,13 +1,15 @@
 """Checks of what callers pass in, and the contrast of an image (given, or read from its file name)."""
 from __future__ import annotations
 
+import functools
+import os
 import re
 from pathlib import Path
 
 import numpy as np
 
 from .contract import CONTRASTS
-from .errors import InputError
+from .errors import InputError, ResourceError
 from .io import nifti_stem
 
 # BIDS suffixes first, then the names people give files.
@@ -48,9 +50,16 @@ def resolve_contrast(src, contrast) -> str:
     return guessed
 
 
+def _number(value, name, what) -> float:
+    """`value` as a float, or InputError naming the argument (strings, None, arrays... are refused)."""
+    if isinstance(value, (bool, str, bytes)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise InputError(f"{name} must be {what}, got {value!r}")
+    return float(value)
+
+
 def check_threshold(threshold, name="threshold"):
     """InputError unless `threshold` is None or strictly between 0 and 1 (`name`: what the user called it)."""
-    if threshold is not None and not (0.0 < float(threshold) < 1.0):
+    if threshold is not None and not (0.0 < _number(threshold, name, "a number between 0 and 1") < 1.0):
         raise InputError(f"{name} must be between 0 and 1 (exclusive), not {threshold}")
 
 
@@ -62,10 +71,39 @@ def check_threads(threads, name="threads"):
 
 def check_smoothness(smoothness, name="smoothness"):
     """InputError unless `smoothness` is a finite number >= 0."""
-    if not (np.isfinite(smoothness) and smoothness >= 0):
+    value = _number(smoothness, name, "a finite number >= 0")
+    if not (np.isfinite(value) and value >= 0):
         raise InputError(f"{name} must be a finite number >= 0, not {smoothness}")
 
 
 def check_min_contrast(min_contrast, name="min_contrast"):
-    if min_contrast is not None and not (np.isfinite(min_contrast) and min_contrast >= 0):
-        raise InputError(f"{name} must be a number >= 0, got {min_contrast!r}")
+    if min_contrast is not None:
+        value = _number(min_contrast, name, "a number >= 0")
+        if not (np.isfinite(value) and value >= 0):
+            raise InputError(f"{name} must be a number >= 0, got {min_contrast!r}")
+
+
+def check_volume(volume, name="volume"):
+    if volume is not None and (isinstance(volume, bool) or not isinstance(volume, (int, np.integer)) or volume < 0):
+        raise InputError(f"{name} must be a whole number >= 0, got {volume!r}")
+
+
+def check_callable(fn, name="progress"):
+    if fn is not None and not callable(fn):
+        raise InputError(f"{name} must be a function (or None), got {type(fn).__name__}")
+
+
+def check_model_path(path, name="model"):
+    if path is not None and not isinstance(path, (str, os.PathLike)):
+        raise InputError(f"{name} must be a path to an ONNX file (or None), got {type(path).__name__}")
+
+
+def typed_errors(fn):
+    """`fn` raising a ResourceError instead of MemoryError, so callers meet CordsegError subclasses only."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except MemoryError:
+            raise ResourceError("out of memory; crop the image around the spinal cord or free memory") from None
+    return wrapper

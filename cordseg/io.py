@@ -8,9 +8,13 @@ atomically, so a failed run never leaves a partial file behind.
 """
 from __future__ import annotations
 
+import errno
+import logging
 import os
 import secrets
 import warnings
+import zlib
+from contextlib import contextmanager
 from pathlib import Path
 
 import nibabel as nib
@@ -18,10 +22,30 @@ import numpy as np
 
 from .errors import CordsegWarning, InputError, OutputError
 
-__all__ = ["load_image", "save_like", "default_output_path", "nifti_stem"]
+__all__ = ["load_image", "save_like", "default_output_path", "nifti_stem", "staged_outputs", "same_file"]
 
 _NIFTI_SUFFIXES = (".nii.gz", ".nii")
 _FORM_CODES = {0: "unknown", 1: "scanner", 2: "aligned", 3: "talairach", 4: "mni", 5: "template"}
+
+# What one image may claim before anything is allocated. A spinal cord scan has a few million voxels
+# (384x384x52 is 7.7 million) and a field of view well under a metre; an image beyond these limits would take
+# gigabytes in the working copies the pipeline makes, so it is refused with a sentence instead.
+MAX_VOXELS = 2**27  # per volume: 512 MB as float32
+MAX_FOV_MM = 1200.0  # along any axis
+_NAME_MAX = 255  # bytes in one file name on the usual file systems
+
+
+@contextmanager
+def quiet_nibabel():
+    """nibabel's header-repair log lines (\"sizeof_hdr should be 348\"...) silenced: the checks here say what
+    matters, in cordseg's own words."""
+    logger = logging.getLogger("nibabel.global")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def nifti_stem(path) -> str:
@@ -62,6 +86,11 @@ def load_image(src, *, volume: int | None = None) -> nib.Nifti1Image:
     (keeping its code) and a CordsegWarning says so; when no usable
     orientation is left, InputError.
     """
+    with quiet_nibabel():
+        return _load_image(src, volume)
+
+
+def _load_image(src, volume):
     if isinstance(src, (str, os.PathLike)):
         name = str(src)
         img = _read_path(Path(src), name)
@@ -69,7 +98,7 @@ def load_image(src, *, volume: int | None = None) -> nib.Nifti1Image:
         name = img_name(src)
         img = src
     else:
-        raise TypeError(f"load_image expects a file path or a nibabel image, not {type(src).__name__}")
+        raise InputError(f"expected a NIfTI file path or a nibabel image, not {type(src).__name__}")
 
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
         if isinstance(src, nib.spatialimages.SpatialImage):
@@ -82,17 +111,54 @@ def load_image(src, *, volume: int | None = None) -> nib.Nifti1Image:
     shape, vol_index = _check_shape(img, name, volume)
     header = img.header.copy()
     affine = _checked_affine(header, name)
+    _check_extent(shape, affine, name)
     data = _read_data(img, name, vol_index)
     data = data.reshape(shape)
     data = _finite(data, name)
 
     header.set_data_dtype(np.float32)
     header.set_slope_inter(None, None)  # data already scaled
-    out = type(img)(data, affine, header)
+    # outputs take the input's own shape back (a 2D slice stays 2D, a one-volume 4D stays 4D)
+    kept = tuple(int(n) for n in img.shape)
+    out = type(img)(data, affine, header, extra={"cordseg_shape": kept if np.prod(kept) == data.size else shape})
     # The header's own forms were kept (or repaired) above; make sure nibabel
     # did not replace them because of float round-off in its comparison.
     _copy_forms(header, out.header)
     return out
+
+
+def input_shape(img) -> tuple:
+    """The shape of the file `img` was read from by load_image (2D, 3D, or 4D with one volume): outputs are
+    written back in it. Images not read by load_image: their own shape."""
+    extra = getattr(img, "extra", None) or {}
+    return tuple(extra.get("cordseg_shape", img.shape))
+
+
+def _check_extent(shape, affine, name: str) -> None:
+    """Refuse, before any voxel is read, what would need memory out of proportion to a scan."""
+    n = int(np.prod(shape, dtype=np.int64))
+    if n > MAX_VOXELS:
+        raise InputError(
+            f"{name}: the header claims {'x'.join(map(str, shape))} voxels ({n:,}, {_size(4 * n)} as float32); "
+            f"cordseg reads at most {MAX_VOXELS:,} voxels per volume. Crop the image around the spinal cord."
+        )
+    zooms = np.sqrt((np.asarray(affine, float)[:3, :3] ** 2).sum(axis=0))
+    fov = zooms * np.asarray(shape, float)
+    if np.any(fov > MAX_FOV_MM):
+        axis = int(np.argmax(fov))
+        raise InputError(
+            f"{name}: a field of view of {fov[axis]:.0f} mm along axis {axis} ({shape[axis]} voxels of "
+            f"{zooms[axis]:g} mm) is implausible for a scan (at most {MAX_FOV_MM:.0f} mm); check the voxel sizes "
+            "in the header."
+        )
+
+
+def _size(nbytes: float) -> str:
+    for unit in ("bytes", "KB", "MB", "GB", "TB"):
+        if nbytes < 1024 or unit == "TB":
+            return f"{nbytes:.0f} {unit}" if unit == "bytes" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1024
+    return ""  # pragma: no cover
 
 
 def img_name(img, default: str = "the input image") -> str:
@@ -107,14 +173,17 @@ def img_name(img, default: str = "the input image") -> str:
 
 
 def _read_path(path: Path, name: str):
-    if not path.exists():
-        raise InputError(f"{name}: file not found.")
-    if path.is_dir():
-        raise InputError(f"{name}: is a folder, not a NIfTI file.")
     try:
-        size = path.stat().st_size
-    except OSError as exc:
-        raise InputError(f"{name}: cannot be read ({exc.strerror or exc}).") from exc
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise InputError(f"{name}: file not found.") from None
+    except OSError as exc:  # a symbolic link loop, a name too long, a folder we may not enter...
+        raise InputError(f"{name}: cannot be read ({exc.strerror or _short(exc)}).") from None
+    except ValueError as exc:  # an embedded NUL byte
+        raise InputError(f"{name}: not a valid file name ({_short(exc)}).") from None
+    if os.path.isdir(path):
+        raise InputError(f"{name}: is a folder, not a NIfTI file.")
+    size = st.st_size
     if size == 0:
         raise InputError(f"{name}: the file is empty (0 bytes).")
     if _nifti_suffix(path) is None:
@@ -127,9 +196,83 @@ def _read_path(path: Path, name: str):
             # the real problems are checked below.
             warnings.simplefilter("ignore")
             img = nib.load(str(path))
+            raw = _raw_header(img, path)
+    except MemoryError:
+        raise InputError(f"{name}: not enough memory to read the header.") from None
     except Exception as exc:  # noqa: BLE001 - any reader failure is a bad input
         raise InputError(f"{name}: not a readable NIfTI file ({_short(exc)}).") from exc
+    if isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
+        _check_raw_zooms(raw, name)
+        _check_data_size(img, path, size, name)
     return img
+
+
+def _raw_header(img, path: Path):
+    """The header as stored, before nibabel's repairs (which, e.g., turn a voxel size of 0 into 1)."""
+    if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
+        return None
+    from nibabel.openers import ImageOpener
+
+    with ImageOpener(str(path), "rb") as fobj:
+        return type(img).header_class.from_fileobj(fobj, check=False)
+
+
+def _check_raw_zooms(raw, name: str) -> None:
+    if raw is None:
+        return
+    ndim = int(raw["dim"][0])
+    zooms = np.asarray(raw["pixdim"][1:1 + min(max(ndim, 1), 3)], float)
+    if np.all(np.isfinite(zooms) & (zooms != 0)):
+        return
+    if int(raw["sform_code"]) > 0 and _affine_ok(raw.get_sform()):
+        return  # the sform gives the grid on its own
+    raise InputError(f"{name}: the voxel sizes in the header are zero or invalid "
+                     f"({', '.join(f'{z:g}' for z in zooms)} mm) and no sform gives them.")
+
+
+def _check_data_size(img, path: Path, size: int, name: str) -> None:
+    """The voxel data the header claims, against what the file holds (read in a bounded way for gzip)."""
+    shape = tuple(int(n) for n in img.shape)
+    per_volume = int(np.prod(shape[:3], dtype=np.int64))
+    if per_volume > MAX_VOXELS:
+        raise InputError(
+            f"{name}: the header claims {'x'.join(map(str, shape))} voxels ({per_volume:,} per volume, "
+            f"{_size(4 * per_volume)} as float32); cordseg reads at most {MAX_VOXELS:,} voxels per volume. "
+            "Crop the image around the spinal cord."
+        )
+    need = int(img.header.get_data_offset()) + int(np.prod(shape, dtype=np.int64)) * img.get_data_dtype().itemsize
+    if _nifti_suffix(path) == ".nii.gz":
+        held = _gzip_size_at_least(path, need)
+    else:
+        held = size
+    if held < need:
+        raise InputError(f"{name}: the file is truncated: the header claims {_size(need)} of header and voxels, "
+                         f"the file holds {_size(held)}{' once uncompressed' if _nifti_suffix(path) == '.nii.gz' else ''}.")
+
+
+def _gzip_size_at_least(path: Path, need: int, chunk: int = 1 << 20) -> int:
+    """`need` if the gzip file inflates to at least `need` bytes, else how much it inflates to. The trailer's
+    length is trusted when it says enough; otherwise the stream is inflated in bounded pieces and counted."""
+    count = 0
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(-4, os.SEEK_END)
+            if need < 2**32 and int.from_bytes(fh.read(4), "little") >= need:
+                return need
+            fh.seek(0)
+            d, data = zlib.decompressobj(16 + zlib.MAX_WBITS), b""
+            while count < need:
+                if not data:
+                    data = fh.read(chunk)
+                    if not data:
+                        break
+                count += len(d.decompress(data, chunk))
+                data = d.unconsumed_tail
+                if d.eof:  # another gzip member may follow
+                    data, d = d.unused_data, zlib.decompressobj(16 + zlib.MAX_WBITS)
+    except (OSError, zlib.error, EOFError):
+        pass
+    return min(count, need)
 
 
 def _short(exc: BaseException) -> str:
@@ -286,11 +429,16 @@ def _read_data(img, name: str, vol_index) -> np.ndarray:
             dataobj = img.dataobj
             index = (slice(None),) * 3 + (vol_index,) + (0,) * (len(img.shape) - 4)
             data = np.asanyarray(dataobj[index])
+    except MemoryError:
+        raise InputError(f"{name}: not enough memory to read the image data.") from None
     except Exception as exc:  # noqa: BLE001 - truncated / corrupt data blocks
         raise InputError(f"{name}: the image data cannot be read; the file may be truncated ({_short(exc)}).") from exc
-    with np.errstate(over="ignore", invalid="ignore"):
-        # Always a copy: the caller's in-memory array must never be modified or shared.
-        return np.array(data, dtype=np.float32)
+    try:
+        with np.errstate(over="ignore", invalid="ignore"):
+            # Always a copy: the caller's in-memory array must never be modified or shared.
+            return np.array(data, dtype=np.float32)
+    except MemoryError:
+        raise InputError(f"{name}: not enough memory to read the image data.") from None
 
 
 def _finite(data: np.ndarray, name: str) -> np.ndarray:
@@ -328,6 +476,13 @@ def save_like(data, reference_img, path, *, dtype=np.uint8) -> Path:
     OutputError is raised. Returns the path written.
     """
     path = Path(path)
+    arr, suffix = _checked_output(data, reference_img, path, dtype)
+    _atomic_write(image_like(arr, reference_img), path, suffix)
+    return path
+
+
+def _checked_output(data, reference_img, path: Path, dtype):
+    """(data cast to `dtype`, the name's NIfTI suffix), or OutputError before anything is written."""
     ref_shape = tuple(int(n) for n in reference_img.shape)
     arr = np.asanyarray(data)
     if arr.shape != ref_shape:
@@ -338,15 +493,12 @@ def save_like(data, reference_img, path, *, dtype=np.uint8) -> Path:
     if suffix is None:
         raise OutputError(f"{path}: the output file name must end in .nii or .nii.gz.")
     arr = _cast(arr, np.dtype(dtype), path)
-
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
         raise OutputError(f"{path}: the output folder {folder} does not exist.")
     if path.is_dir():
         raise OutputError(f"{path}: is a folder; give an output file name.")
-
-    _atomic_write(image_like(arr, reference_img), path, suffix)
-    return path
+    return arr, suffix
 
 
 GRID_ATOL_MM = 1e-3  # affines closer than this are the same grid (float32 header round-off)
@@ -360,6 +512,11 @@ def same_grid(a_affine, a_shape, b_affine, b_shape) -> bool:
 def image_like(arr: np.ndarray, reference_img):
     """An in-memory image of `arr` (stored as its own dtype) on `reference_img`'s grid: same affine, qform
     and sform with their codes (exact header bits); scaling reset so values are stored as given."""
+    with quiet_nibabel():
+        return _image_like(arr, reference_img)
+
+
+def _image_like(arr, reference_img):
     ref_hdr = reference_img.header
     cls = nib.Nifti2Image if isinstance(reference_img, nib.Nifti2Image) else nib.Nifti1Image
     if isinstance(reference_img, (nib.Nifti1Image, nib.Nifti2Image)):
@@ -401,16 +558,16 @@ def write_bytes_atomic(data: bytes, path) -> Path:
     """Write `data` to `path` through a temporary file in the same folder and a rename (never a partial
     file); permissions 0644. Errors -> OutputError."""
     path = Path(path)
-
-    def write(tmp: Path) -> None:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)
-
-    _replace_atomically(path, ".tmp", write)
+    _replace_atomically(path, ".tmp", lambda tmp: _write_file(tmp, data))
     return path
+
+
+def _write_file(tmp: Path, data: bytes) -> None:
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.chmod(tmp, 0o644)
 
 
 def _atomic_write(img, path: Path, suffix: str) -> None:
@@ -418,28 +575,36 @@ def _atomic_write(img, path: Path, suffix: str) -> None:
     _replace_atomically(path, suffix, lambda tmp: nib.save(img, str(tmp)))
 
 
-def _replace_atomically(path: Path, suffix: str, write) -> None:
-    """`write(tmp)` to a new temporary file beside `path`, then rename it onto `path`; on any failure the
-    temporary file is removed, `path` is untouched and an OutputError is raised."""
+def _temp_name(path: Path, suffix: str) -> Path:
+    """A new hidden name beside `path` for its temporary file, no longer than a file name may be (the
+    output's own name is shortened in it when needed, so a name of 240 characters can still be written)."""
+    tail = f".{secrets.token_hex(4)}.tmp{suffix}"
+    room = _NAME_MAX - 1 - len(tail.encode())
+    base = path.name.encode()[:room].decode("utf-8", "ignore")
+    return path.parent / f".{base}{tail}"
+
+
+def _new_temp(path: Path, suffix: str) -> Path:
     folder = path.parent if str(path.parent) else Path(".")
-    tmp = None
+    for _ in range(100):
+        candidate = _temp_name(path, suffix)
+        try:
+            # O_EXCL: never clobber someone else's file; mode 0o666 lets the
+            # umask decide the final permissions as for a normal file.
+            fd = os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            continue
+        os.close(fd)
+        return candidate
+    raise OutputError(f"{path}: cannot create a temporary file in {folder}.")  # pragma: no cover
+
+
+@contextmanager
+def _output_errors(path: Path):
+    """Any failure while writing `path` as an OutputError naming it."""
+    folder = path.parent if str(path.parent) else Path(".")
     try:
-        for _ in range(100):
-            candidate = folder / f".{path.name}.{secrets.token_hex(6)}.tmp{suffix}"
-            try:
-                # O_EXCL: never clobber someone else's file; mode 0o666 lets the
-                # umask decide the final permissions as for a normal file.
-                fd = os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-            except FileExistsError:
-                continue
-            os.close(fd)
-            tmp = candidate
-            break
-        else:  # pragma: no cover - 100 random collisions
-            raise OutputError(f"{path}: cannot create a temporary file in {folder}.")
-        write(tmp)
-        os.replace(tmp, path)
-        tmp = None
+        yield
     except OutputError:
         raise
     except PermissionError as exc:
@@ -448,12 +613,89 @@ def _replace_atomically(path: Path, suffix: str, write) -> None:
         raise OutputError(f"{path}: cannot be written ({exc.strerror or _short(exc)}).") from exc
     except Exception as exc:  # noqa: BLE001 - nibabel errors while encoding
         raise OutputError(f"{path}: cannot be written ({_short(exc)}).") from exc
-    finally:
-        if tmp is not None:
+
+
+def _remove(path) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def _replace_atomically(path: Path, suffix: str, write) -> None:
+    """`write(tmp)` to a new temporary file beside `path`, then rename it onto `path`; on any failure (an
+    interruption included) the temporary file is removed, `path` is untouched and an OutputError is raised."""
+    with staged_outputs() as stage:
+        stage.write(path, suffix, write)
+
+
+class Staged:
+    """Outputs written to temporary files beside their targets, renamed into place together by commit():
+    either every output of a run appears, or none (see staged_outputs)."""
+
+    def __init__(self):
+        self._pending: list[tuple[Path, Path]] = []  # (temporary file, target)
+        self._temps: list[Path] = []
+
+    def write(self, path, suffix: str, write) -> Path:
+        """`write(tmp)` to a new temporary file for `path` (`suffix`: the name's end that writers read the
+        format from, e.g. ".nii.gz", ".png"); renamed onto `path` at commit()."""
+        path = Path(path)
+        with _output_errors(path):
+            tmp = None
             try:
-                os.unlink(tmp)
-            except OSError:
-                pass
+                tmp = _new_temp(path, suffix)
+                self._temps.append(tmp)
+                write(tmp)
+            except BaseException:
+                if tmp is not None:
+                    _remove(tmp)
+                raise
+        self._pending.append((tmp, path))
+        return path
+
+    def image(self, data, reference_img, path, *, dtype=np.uint8) -> Path:
+        """save_like(), staged."""
+        path = Path(path)
+        arr, suffix = _checked_output(data, reference_img, path, dtype)
+        img = image_like(arr, reference_img)
+        return self.write(path, suffix, lambda tmp: nib.save(img, str(tmp)))
+
+    def bytes(self, data: bytes, path) -> Path:
+        """write_bytes_atomic(), staged."""
+        return self.write(path, ".tmp", lambda tmp: _write_file(tmp, data))
+
+    def commit(self) -> None:
+        done = []
+        try:
+            for tmp, target in self._pending:
+                with _output_errors(target):
+                    os.replace(tmp, target)
+                done.append(target)
+        except BaseException:
+            for target in done:  # all or nothing: what this run already put in place goes too
+                _remove(target)
+            raise
+        finally:
+            self.discard()
+
+    def discard(self) -> None:
+        for tmp in self._temps:
+            _remove(tmp)
+        self._temps, self._pending = [], []
+
+
+@contextmanager
+def staged_outputs():
+    """A Staged set of outputs: committed when the block ends normally; on any exception (an interruption
+    included) every temporary file is removed and no target is touched."""
+    stage = Staged()
+    try:
+        yield stage
+    except BaseException:
+        stage.discard()
+        raise
+    stage.commit()
 
 
 # --------------------------------------------------------------------------- paths
@@ -472,17 +714,41 @@ def default_output_path(input_path, out, suffix) -> Path:
     if out is None:
         target = Path.cwd() / name
     else:
-        out = Path(out)
-        target = out / name if out.is_dir() else out
-    if input_path is not None and _same_file(Path(input_path), target):
+        out = check_output_name(out)
+        target = out / name if os.path.isdir(out) else out
+    check_output_name(target)
+    if input_path is not None and same_file(input_path, target):
         raise OutputError(f"{target}: refusing to overwrite the input image; choose another output name.")
     return target
 
 
-def _same_file(a: Path, b: Path) -> bool:
+def same_file(a, b) -> bool:
+    """True when paths `a` and `b` name one file: the same inode when both exist (hard links, symbolic links,
+    case-insensitive file systems), else the same resolved path. Never raises."""
     try:
-        if a.exists() and b.exists():
-            return os.path.samefile(a, b)
-    except OSError:
+        return os.path.samefile(a, b)
+    except (OSError, ValueError):
         pass
-    return os.path.abspath(a) == os.path.abspath(b) or a.resolve() == b.resolve()
+    try:
+        return os.path.realpath(a) == os.path.realpath(b)
+    except (OSError, ValueError, RuntimeError):
+        return os.path.abspath(a) == os.path.abspath(b)
+
+
+def check_output_name(path) -> Path:
+    """OutputError unless `path` is a name a file can be written under: each part at most 255 bytes, not a
+    symbolic link loop."""
+    path = Path(path)
+    for part in path.parts:
+        if len(os.fsencode(part)) > _NAME_MAX:
+            raise OutputError(f"{str(path)[:60]}...: a file or folder name is longer than {_NAME_MAX} bytes.")
+    try:
+        os.stat(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENAMETOOLONG):
+            raise OutputError(f"{path}: cannot be written ({exc.strerror}).") from None
+    except ValueError as exc:
+        raise OutputError(f"{path}: not a valid file name ({_short(exc)}).") from None
+    return path

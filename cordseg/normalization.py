@@ -8,6 +8,18 @@ import numpy as np
 
 from .errors import ModelError
 
+# Spreads are compared with the values' own magnitude, never with a fixed number: an image in m²/s (1e-9) or
+# in raw counts (1e6) must be treated alike. Below this fraction of the magnitude, a spread is float32 noise.
+_RELATIVE_EPS = 1e-5
+
+
+def _spread_or_one(spread, *magnitudes):
+    """`spread` where it is meaningful relative to `magnitudes` (arrays broadcast), else 1.0."""
+    spread = np.asarray(spread, np.float64)
+    scale = np.max(np.abs(np.stack(np.broadcast_arrays(*magnitudes))), axis=0)
+    ok = (spread > 0) & (spread > _RELATIVE_EPS * scale) & np.isfinite(spread)
+    return np.where(ok, spread, 1.0)
+
 
 def percentile_slices(volume: np.ndarray, low: float = 1.0, high: float = 99.0) -> np.ndarray:
     """Per axial slice (last axis): map the `low`..`high` percentiles to 0..1 (not clipped).
@@ -18,7 +30,7 @@ def percentile_slices(volume: np.ndarray, low: float = 1.0, high: float = 99.0) 
     v = np.asarray(volume, np.float32)
     flat = v.reshape(-1, v.shape[-1]) if v.ndim > 1 else v[:, None]
     lo, hi = np.percentile(flat, [low, high], axis=0)
-    scale = np.where(hi - lo > 1e-6, hi - lo, 1.0)
+    scale = _spread_or_one(hi - lo, lo, hi)
     return ((v - lo) / scale).astype(np.float32)
 
 
@@ -28,8 +40,9 @@ def zscore_stack(patches: np.ndarray) -> np.ndarray:
     v = np.asarray(patches, np.float32)
     lo, hi = np.percentile(v, [0.5, 99.5])
     c = np.clip(v, lo, hi)
-    std = float(c.std())
-    return ((c - float(c.mean())) / (std if std > 1e-6 else 1.0)).astype(np.float32)
+    mean = float(c.mean(dtype=np.float64))
+    std = float(_spread_or_one(c.std(dtype=np.float64), lo, hi))
+    return ((c - mean) / std).astype(np.float32)
 
 
 SCHEMES = {"percentile_slices": percentile_slices, "zscore_stack": zscore_stack}
@@ -103,7 +116,8 @@ def histogram_standardise(values: np.ndarray, landmarks) -> np.ndarray:
     v = np.asarray(values, np.float64)
     x = np.percentile(v, HISTOGRAM_PERCENTILES)
     # Ties (e.g. a large zero background) would make segments of zero width: keep x strictly increasing.
-    eps = max(1e-6, 1e-6 * float(x[-1] - x[0]))
+    span = float(x[-1] - x[0])
+    eps = 1e-6 * (span if span > 0 else max(float(np.abs(x).max()), np.finfo(np.float64).tiny))
     x = x + eps * np.arange(len(x))
     out = np.interp(v, x, y)
     below, above = v < x[0], v > x[-1]
