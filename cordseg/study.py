@@ -878,11 +878,15 @@ def _pool_context():
     return ctx
 
 
-def _died(plan: _Plan, times: int) -> dict:
-    reason = (f"the worker process died {times} time(s) while this image was in flight "
-              "(killed, or out of memory)")
+def _failed(plan: _Plan, reason: str) -> dict:
+    """A worker result for an image whose worker never answered."""
     return {"image": plan.image.relpath, "done": {}, "failed": {t: reason for t in plan.job.tasks}, "reason": reason,
             "seconds": 0.0, "cpu_seconds": 0.0, "notes": [], "worker": "n/a", "pid": None}
+
+
+def _died(plan: _Plan, times: int) -> dict:
+    return _failed(plan, f"the worker process died {times} time(s) while this image was in flight "
+                         "(killed, or out of memory)")
 
 
 def _run_pool(todo, jobs: int, table: _Table) -> None:
@@ -903,7 +907,7 @@ def _run_pool(todo, jobs: int, table: _Table) -> None:
                     broken = True
                     continue
                 if exc is not None:  # pickling or the like: not the image's fault, but report it
-                    result = _died(pending[key], 0) | {"reason": "internal error: " + _one_line(exc)}
+                    result = _failed(pending[key], "internal error: " + _one_line(exc))
                 else:
                     result = fut.result()
                 table.add(pending.pop(key), result)
@@ -930,7 +934,7 @@ def _run_dask(todo, dask, table: _Table) -> None:
     except (OSError, TimeoutError, ValueError) as exc:
         raise InputError(f"cannot reach the Dask scheduler at {dask} ({_one_line(exc)})") from None
     try:
-        client.register_plugin(_DaskPlugin(), name=PLUGIN_NAME)
+        client.register_plugin(_dask_plugin(), name=PLUGIN_NAME)
         futures = {}
         for plan in todo:
             fut = client.submit(process_image, plan.job, pure=False, retries=1,
@@ -943,12 +947,10 @@ def _run_dask(todo, dask, table: _Table) -> None:
                 try:
                     result = fut.result()
                 except KilledWorker as exc:
-                    result = _died(plan, 0) | {"reason": "the Dask workers running this image died "
-                                                         f"(killed, or out of memory): {_one_line(exc)}"}
-                    result["failed"] = {t: result["reason"] for t in plan.job.tasks}
+                    result = _failed(plan, "the Dask workers running this image died (killed, or out of "
+                                           f"memory): {_one_line(exc)}")
                 except Exception as exc:  # noqa: BLE001 - a cluster error for one image
-                    result = _died(plan, 0) | {"reason": "cluster error: " + _one_line(exc)}
-                    result["failed"] = {t: result["reason"] for t in plan.job.tasks}
+                    result = _failed(plan, "cluster error: " + _one_line(exc))
                 table.add(plan, result)
         except BaseException:
             client.cancel([f for f, _ in futures.values()])
@@ -958,16 +960,15 @@ def _run_dask(todo, dask, table: _Table) -> None:
             client.close()
 
 
-def _dask_plugin_base():
-    try:
-        from distributed.diagnostics.plugin import WorkerPlugin
-    except ImportError:  # the plugin is only made when distributed is there
-        return object
-    return WorkerPlugin
+def _dask_plugin():
+    """A SegmenterPlugin that Dask takes as a worker plugin (made here so that importing this module does
+    not import distributed; the class travels to the workers by value)."""
+    from distributed.diagnostics.plugin import WorkerPlugin
 
+    class SegmenterWorkerPlugin(SegmenterPlugin, WorkerPlugin):
+        pass
 
-class _DaskPlugin(SegmenterPlugin, _dask_plugin_base()):
-    pass
+    return SegmenterWorkerPlugin()
 
 
 # --------------------------------------------------------------------------- BIDS checks
