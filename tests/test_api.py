@@ -76,6 +76,7 @@ def case(request):
     return run_case(request.param)
 
 
+@pytest.mark.slow
 def test_centerline_follows_the_phantom(case):
     ph, cl, image = case["ph"], case["cl"], case["image"]
     truth = {int(round(r[2])): row for r, row in zip(ph.centerline_rpi, ph.centerline)}  # RPI z -> native voxel
@@ -142,6 +143,7 @@ def test_soft_map_is_a_probability_and_contains_the_mask():
     assert h.any() and np.all(p[h] >= 0.5)  # the mask is the thresholded map (largest component of it)
 
 
+@pytest.mark.slow
 def test_lesions_on_a_lesion_free_phantom():
     ph = make_phantom((48, 48, 24), axcodes=("R", "P", "I"), seed=0)
     les = cordseg.segment_lesions(ph.image, "t2")
@@ -154,6 +156,7 @@ def test_lesions_on_a_lesion_free_phantom():
     assert 0 < sum(row.volume_mm3 for row in lesion_table(raw)) <= 8
 
 
+@pytest.mark.slow
 def test_screened_lesions_on_lesion_free_phantoms():
     """Measured on seeds 0-7: none on seven; on seed 2 one voxel (1 mm3) in the cord, 1.15x its median."""
     total = 0.0

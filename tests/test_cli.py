@@ -74,6 +74,7 @@ def assert_on_grid(out_path, ref_path):
 # --------------------------------------------------------------------------- sc
 
 
+@pytest.mark.slow
 def test_sc_output_folder(tmp_path, t2w, phantom):
     out_dir = tmp_path / "out"
     out_dir.mkdir()
@@ -190,6 +191,7 @@ def test_centerline_csv_beside_a_named_output(tmp_path, t2w):
 # --------------------------------------------------------------------------- lesion
 
 
+@pytest.mark.slow
 def test_lesion_csv_with_the_shipped_model(tmp_path, t2w):
     table = tmp_path / "lesions.csv"
     result, stdout, stderr = invoke("lesion", t2w, "-o", tmp_path, "--csv", table, "-q")
@@ -289,6 +291,7 @@ def entry_point() -> str:
     return found
 
 
+@pytest.mark.slow
 def test_entry_point_subprocess(tmp_path, t2w):
     exe = entry_point()
     out_dir = tmp_path / "out"
@@ -306,6 +309,7 @@ def test_entry_point_subprocess(tmp_path, t2w):
     assert "Traceback" not in proc.stderr and proc.stdout == ""
 
 
+@pytest.mark.slow
 def test_threads_option_and_environment_variable(tmp_path, t2w):
     """--threads / CORDSEG_THREADS bound ONNX Runtime's threads (a cluster job's cores); the mask is the same."""
     one, two = tmp_path / "one.nii.gz", tmp_path / "two.nii.gz"
@@ -320,6 +324,7 @@ def test_threads_option_and_environment_variable(tmp_path, t2w):
         assert not (tmp_path / "bad.nii.gz").exists()
 
 
+@pytest.mark.slow
 def test_several_images_in_one_command(tmp_path, phantom):
     """Several inputs: -o names a folder; each failure is one line naming its image, the others go on, the
     exit status says something failed; lesion tables merge with an image column."""

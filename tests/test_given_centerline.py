@@ -88,6 +88,7 @@ def true_centerline_mask(ph, every=1):
     return nib.Nifti1Image(mask, ph.image.affine)
 
 
+@pytest.mark.slow
 def test_segmentation_along_a_few_marked_slices(phantom):
     sparse = true_centerline_mask(phantom, every=6)
     seg = cordseg.segment_cord(phantom.image, "t2", centerline=sparse)
@@ -98,6 +99,7 @@ def test_segmentation_along_a_few_marked_slices(phantom):
     np.testing.assert_array_equal(seg.affine, phantom.image.affine)
 
 
+@pytest.mark.slow
 def test_no_cord_beyond_the_centerline_ends(phantom):
     """Where the centerline says the cord starts and ends, the mask does too (CNN2's patches reach past the
     ends; below the conus it would mark nerve roots)."""
@@ -117,6 +119,7 @@ def test_no_cord_beyond_the_centerline_ends(phantom):
     assert metrics.dice(seg_rpi[:, :, inside], full_rpi[:, :, inside]) > 0.97
 
 
+@pytest.mark.slow
 def test_detected_centerline_object_gives_the_automatic_answer(phantom):
     _, cl = cordseg.detect_centerline(phantom.image, "t2")
     auto = cordseg.segment_cord(phantom.image, "t2")
@@ -127,6 +130,7 @@ def test_detected_centerline_object_gives_the_automatic_answer(phantom):
         cordseg.segment_cord(other.image, "t2", centerline=cl)
 
 
+@pytest.mark.slow
 def test_cli_centerline_option(tmp_path, phantom):
     img = tmp_path / "sub-01_T2w.nii.gz"
     nib.save(phantom.image, img)

@@ -125,6 +125,7 @@ def test_the_mask_is_scored_apart_from_the_soft_map():
     assert scores["0.5"]["fp"] == 1 and scores["mask"]["fp"] == 0 and scores["mask"]["dice"] == 1.0
 
 
+@pytest.mark.slow
 def test_evaluation_of_one_small_case_is_finite():
     """One mt0 case (thick-slice T2*-like, the smallest scan) through the shipped lesion model.
 
@@ -146,6 +147,7 @@ def test_evaluation_of_one_small_case_is_finite():
     assert all(0.0 <= p["peak_prob"] <= 1.0 and math.isfinite(p["mean_prob"]) for p in per)
 
 
+@pytest.mark.slow
 def test_shipped_lesion_model_on_inserted_lesions():
     """The shipped lesion model on bench/lesions.py's 12 cases (seed 0), with the bars it meets today.
 
@@ -179,6 +181,7 @@ class _StandIn:
         return out
 
 
+@pytest.mark.slow
 def test_heldout_patches_come_from_unseen_masks_and_are_scored_by_the_paper_rule():
     labelmaps = DATA / "labelmaps"
     if not labelmaps.is_dir():

@@ -69,6 +69,7 @@ def test_empty_mask_is_returned_unchanged():
     assert dropped == 0 and not kept.any()
 
 
+@pytest.mark.slow
 def test_min_contrast_zero_is_the_thresholded_soft_map():
     ph = make_phantom((48, 48, 24), axcodes=("R", "P", "I"), seed=2)
     soft = np.asarray(cordseg.segment_lesions(ph.image, "t2", soft=True).dataobj)

@@ -131,6 +131,7 @@ def test_qc_path():
     assert qc.qc_path("t2_seg.nii").name == "t2_seg_qc.png"
 
 
+@pytest.mark.slow
 def test_cli_qc_pictures(tmp_path):
     ph = make_phantom((48, 48, 24), axcodes=("P", "S", "R"), seed=5, n_lesions=2)  # the model finds both
     src = tmp_path / "sub-01_T2w.nii.gz"
@@ -148,6 +149,7 @@ def test_cli_qc_pictures(tmp_path):
     assert result.exit_code == 0 and not (tmp_path / "plain_qc.png").exists()
 
 
+@pytest.mark.slow
 def test_cli_lesion_qc_along_a_given_centerline(tmp_path):
     import cordseg
 

@@ -59,6 +59,9 @@ CORD_CASES = [
 LESION_FREE = ["sct_testing/t2/t2.nii.gz", "unf01/sub-unf01_T2w.nii.gz", "sct_testing/mt/mt0.nii.gz"]
 
 
+pytestmark = [pytest.mark.realdata, pytest.mark.slow]  # the shipped models on every real scan
+
+
 @pytest.fixture(scope="module")
 def data(shared_data):
     return shared_data
@@ -171,7 +174,8 @@ def test_no_lesion_on_lesion_free_scans(data, out_root, image):
     assert result.exit_code == 0, result.stderr
     assert result.stdout.startswith("lesions: 0, total volume 0.0 mm3")
     assert np.asarray(nib.load(out).dataobj).sum() == 0
-    assert table.read_text().strip().splitlines() == ["id,volume_mm3,x_mm,y_mm,z_mm,first_slice,last_slice"]
+    lines = table.read_text().strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("id,volume_mm3,x_mm,y_mm,z_mm,first_slice,last_slice")
 
 
 def test_screening_drops_the_grey_matter_on_mt0_only(data):

@@ -7,6 +7,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 EXTRAS_ONLY = ("onnx", "tensorflow", "keras", "tf2onnx", "jax", "torch", "pytest")
 
 SCRIPT = textwrap.dedent(
@@ -43,6 +45,7 @@ SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_cli_runs_without_training_or_test_packages(tmp_path):
     script = SCRIPT.format(blocked=set(EXTRAS_ONLY))
     run = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True,

@@ -31,6 +31,7 @@ def sessions(monkeypatch):
     return made
 
 
+@pytest.mark.slow
 def test_sessions_are_opened_once_for_many_images(phantom, sessions):
     seg = cordseg.Segmenter("t2")
     for _ in range(2):
@@ -42,12 +43,14 @@ def test_sessions_are_opened_once_for_many_images(phantom, sessions):
     assert "cordseg_lesion.onnx" in sessions
 
 
+@pytest.mark.slow
 def test_one_call_functions_open_sessions_per_call(phantom, sessions):
     cordseg.segment_cord(phantom.image, "t2")
     cordseg.segment_cord(phantom.image, "t2")
     assert sessions.count("cordseg_sc.onnx") == 2  # what the Segmenter saves
 
 
+@pytest.mark.slow
 def test_same_answers_as_the_one_call_functions(phantom):
     seg = cordseg.Segmenter("t2")
     pairs = [(seg.cord(phantom.image), cordseg.segment_cord(phantom.image, "t2")),
@@ -62,6 +65,7 @@ def test_same_answers_as_the_one_call_functions(phantom):
     assert np.asarray(pairs[0][0].dataobj).any()
 
 
+@pytest.mark.slow
 def test_contrast_read_from_each_name(tmp_path, phantom, sessions):
     a, b = tmp_path / "sub-01_T2w.nii.gz", tmp_path / "sub-02_T1w.nii.gz"
     nib.save(phantom.image, a)

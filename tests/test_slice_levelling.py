@@ -49,12 +49,14 @@ def dark_slice_dice(img, truth):
     return [metrics.dice(seg[:, :, z], truth[:, :, z]) for z in (1, 2, 3, 20, 21, 22)]
 
 
+@pytest.mark.slow
 def test_cord_is_found_on_faded_slices():
     img, truth = shaded_phantom()
     dice = dark_slice_dice(img, truth)
     assert min(dice) >= 0.85, f"per-slice Dice on the faded slices {np.round(dice, 2)}"  # measured 0.93-0.96
 
 
+@pytest.mark.slow
 def test_without_levelling_the_faded_slices_are_lost(monkeypatch):
     """The failure the levelling exists for (so the test above can fail)."""
     monkeypatch.setattr(segmentation, "SLICE_LEVEL_TOLERANCE", 1e9)
