@@ -156,7 +156,7 @@ def parse_value(text: str):
     return text
 
 
-def run_case(case: dict, kwargs: dict):
+def run_case(case: dict, kwargs: dict, soft_map=True):
     """(mask bool array, soft float array or None, seconds of the mask call, error text or None)."""
     import cordseg
     import nibabel as nib
@@ -168,6 +168,8 @@ def run_case(case: dict, kwargs: dict):
         shape = nib.load(case["image"]).shape[:3]
         return np.zeros(shape, bool), None, time.perf_counter() - t0, str(err)
     secs = time.perf_counter() - t0
+    if not soft_map:
+        return np.asarray(mask.dataobj) > 0, None, secs, None
     soft_kw = {k: v for k, v in kwargs.items() if k != "min_contrast"}
     soft = np.asarray(cordseg.segment_lesions(case["image"], case["contrast"], soft=True, **soft_kw).dataobj,
                       np.float32)
@@ -196,7 +198,7 @@ def evaluate(a, log=print) -> dict:
     results = []
     for case in cases:
         kw = model_kwargs(a, case, pub)
-        mask, soft, secs, err = run_case(case, kw)
+        mask, soft, secs, err = run_case(case, kw, not a.no_soft)
         img = nib.load(case["image"])
         vox = float(np.prod(img.header.get_zooms()[:3]))
         row = dict(case=case["case"], kind=case["kind"], background=case["background"], subject=case["subject"],
@@ -355,6 +357,8 @@ def main(argv=None) -> int:
                    help="any other keyword of cordseg.segment_lesions, e.g. min_contrast=0")
     p.add_argument("--published", action="store_true", help="the published models instead of cordseg's")
     p.add_argument("--json", type=Path)
+    p.add_argument("--no-soft", action="store_true", help="skip the soft map (no peak-probability diagnostics; "
+                   "halves the time)")
     p.add_argument("--only", help="only cases whose id contains this text")
     p.add_argument("--data", type=Path, default=lesion_sets.DEFAULT_DATA)
     p.add_argument("--out", type=Path, default=lesion_sets.DEFAULT_OUT)
