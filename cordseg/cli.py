@@ -7,26 +7,95 @@ imported only when run.
 """
 from __future__ import annotations
 
-import csv
-import importlib
-import importlib.util
 import os
+import signal
 import sys
-import time
-import warnings
-from contextlib import contextmanager
-from dataclasses import dataclass
-from pathlib import Path
 
-import click
 
-from . import __version__
-from .contract import CONTRASTS
-from .errors import CordsegError, CordsegWarning, InputError, ModelError, OutputError
-from .stages import timed
+def _quiet_signals_while_starting():
+    """Run as the `cordseg` program: until the command's own handlers are in place (_signals), an interruption
+    ends the process with one line instead of an import traceback. Nothing is written yet, so nothing to
+    clean. Imported as a library, signal handling is left alone."""
+    main_file = getattr(sys.modules.get("__main__"), "__file__", None) or ""
+    if os.path.basename(main_file).lower() not in ("cordseg", "cordseg.exe", "cordseg-script.py"):
+        return
+
+    def leave(signum, frame):
+        os.write(2, f"cordseg: error: {_SIGNAL_WORDS.get(signum, 'interrupted')}\n".encode())
+        os._exit(128 + signum)
+
+    for sig in _SIGNALS:
+        try:
+            signal.signal(sig, leave)
+        except (ValueError, OSError):  # pragma: no cover - not the main thread
+            pass
+
+
+_SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n))
+_SIGNAL_WORDS = {signal.SIGINT: "interrupted", signal.SIGTERM: "terminated (SIGTERM)"}
+if hasattr(signal, "SIGHUP"):
+    _SIGNAL_WORDS[signal.SIGHUP] = "hung up (SIGHUP)"
+_quiet_signals_while_starting()
+
+import csv  # noqa: E402 - the handlers above go first
+import importlib  # noqa: E402
+import importlib.util  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+import warnings  # noqa: E402
+from contextlib import contextmanager  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import click  # noqa: E402
+
+from . import __version__  # noqa: E402
+from .contract import CONTRASTS  # noqa: E402
+from .errors import CordsegError, CordsegWarning, InputError, ModelError, OutputError  # noqa: E402
+from .stages import timed  # noqa: E402
 
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130  # as a shell reports Ctrl-C: a batch stops there instead of moving to the next image
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGHUP (or SIGINT) received: unwinds like Ctrl-C, so every temporary file is removed on the
+    way out; the command exits with 128 + the signal's number (143, 129, 130)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextmanager
+def _signals():
+    """For the command's duration (main thread only): SIGINT, SIGTERM and SIGHUP raise Interrupted. Later
+    signals are ignored while the first one unwinds, so the clean-up itself is not cut short."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        for sig in _SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+        raise Interrupted(signum)
+
+    previous = {}
+    for sig in _SIGNALS:
+        try:
+            previous[sig] = signal.signal(sig, handler)
+        except (ValueError, OSError):  # pragma: no cover
+            pass
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def _interrupted(exc: BaseException) -> tuple[str, int]:
+    signum = getattr(exc, "signum", signal.SIGINT)
+    return _SIGNAL_WORDS.get(signum, "interrupted"), 128 + int(signum)
 
 
 class Reporter:
@@ -92,8 +161,8 @@ def _reported(image=None):
             error = str(exc)
         except MemoryError:
             error = "out of memory"
-        except KeyboardInterrupt:
-            error, code = "interrupted", EXIT_INTERRUPTED
+        except KeyboardInterrupt as exc:
+            error, code = _interrupted(exc)
     for w in caught:
         if issubclass(w.category, CordsegWarning):
             click.echo(f"cordseg: warning: {prefix(str(w.message))}{w.message}", err=True)
@@ -146,6 +215,29 @@ class _Main(click.Group):
                 return super().invoke(ctx)
         except _Reported as done:
             sys.exit(done.code)
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        """click's main with signals handled (_signals) and click's own errors (usage, Ctrl-C while parsing)
+        as one `cordseg: error:` line, exit status 2 (130/143/129 when interrupted)."""
+        try:
+            with _signals():
+                return super().main(args=args, prog_name=prog_name, complete_var=complete_var,
+                                    standalone_mode=False, **extra)
+        except click.exceptions.Exit as done:  # pragma: no cover - click returns it with standalone_mode=False
+            code = done.exit_code
+        except click.UsageError as exc:
+            hint = f" (see {exc.ctx.command_path} -h)" if exc.ctx is not None else ""
+            click.echo(f"cordseg: error: {' '.join(exc.format_message().split())}{hint}", err=True)
+            code = EXIT_ERROR
+        except click.ClickException as exc:
+            click.echo(f"cordseg: error: {' '.join(exc.format_message().split())}", err=True)
+            code = exc.exit_code
+        except (click.Abort, KeyboardInterrupt) as exc:
+            words, code = _interrupted(exc.__cause__ if isinstance(exc, click.Abort) else exc)
+            click.echo(f"cordseg: error: {words}", err=True)
+        if standalone_mode:
+            sys.exit(code)
+        return code
 
 
 @dataclass(frozen=True)
@@ -204,27 +296,55 @@ def _for_each(opts: Options, one):
 
 
 def _check_outputs(opts: Options, suffix):
-    """Before any work, for several images: `-o` is a folder, and no two outputs land on one file (same name,
-    one output folder), which would let the last overwrite the others; --centerline belongs to one image."""
+    """Before any work: for several images, `-o` is a folder and --centerline belongs to one image; for any
+    number, no output (mask, CSV, QC picture, --csv table) lands on an input of the command (any image of the
+    batch, --centerline, --model) or on another output."""
     images, out = opts.images, opts.out
-    if len(images) < 2:
-        return
-    if opts.centerline_file:
-        raise InputError("--centerline belongs to one image: give one image with it")
-    from .io import default_output_path
+    if len(images) > 1:
+        if opts.centerline_file:
+            raise InputError("--centerline belongs to one image: give one image with it")
+        if out is not None and not os.path.isdir(out):
+            raise InputError(f"with several images, -o must be an existing folder, not {out}")
+    from .io import default_output_path, file_key, nifti_stem
 
-    if out is not None and not Path(out).is_dir():
-        raise InputError(f"with several images, -o must be an existing folder, not {out}")
-    seen = {}
+    inputs = {}
+    for path, what in ([(image, "input image") for image in images]
+                       + [(opts.centerline_file, "--centerline mask"), (opts.model, "--model file")]):
+        if path is not None:
+            for key in file_key(path):
+                inputs.setdefault(key, (what, path))
+    written = {}
+
+    def claim(path, what, image):
+        for key in file_key(path):
+            if key in inputs:
+                kind, source = inputs[key]
+                raise OutputError(f"{path}: the {what} would overwrite the {kind} {source}; choose another "
+                                  "output name or folder")
+            if key in written:
+                other, other_image = written[key]
+                whose = "" if other_image == image else f" of {other_image}"
+                raise OutputError(f"{path}: the {what} of {image} and the {other}{whose} would be the same file; "
+                                  "give them distinct names or run them separately")
+        for key in file_key(path):
+            written[key] = (what, image)
+
     for image in images:
         try:
-            target = default_output_path(image, out, suffix).resolve()
+            target = default_output_path(image, out, suffix)
         except CordsegError:
+            if len(images) == 1:
+                raise
             continue  # reported with its image when its turn comes
-        if target in seen:
-            raise InputError(f"{seen[target]} and {image} would both write {target}; give them distinct names "
-                             "or run them separately")
-        seen[target] = image
+        claim(target, "output", image)
+        if suffix == "_centerline":
+            claim(target.with_name(nifti_stem(target) + ".csv"), "centerline CSV", image)
+        if opts.qc:
+            from .qc import qc_path
+
+            claim(qc_path(target), "QC picture", image)
+    if opts.csv_file:
+        claim(Path(opts.csv_file), "--csv table", images[0] if len(images) == 1 else "the images")
 
 
 def _writable_folder(path):
@@ -270,12 +390,20 @@ def _output(image, out, suffix):
     return path
 
 
-def _save(img, path: Path, opts: Options):
-    from .io import save_like
-
+def _save(img, path: Path, opts: Options, stage):
+    """`img` staged for `path` (renamed into place with the image's other outputs, see io.staged_outputs)."""
     with timed(opts.on_stage(), "save"):
-        save_like(img.get_fdata(dtype="float32") if img.get_data_dtype().kind == "f" else img.dataobj, img, path,
-                  dtype=img.get_data_dtype())
+        stage.image(img.get_fdata(dtype="float32") if img.get_data_dtype().kind == "f" else img.dataobj, img,
+                    path, dtype=img.get_data_dtype())
+
+
+@contextmanager
+def _outputs():
+    """One image's outputs (mask, CSV, QC picture), all put in place at the end of the block or none."""
+    from .io import staged_outputs
+
+    with staged_outputs() as stage:
+        yield stage
 
 
 @click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"]})
@@ -308,14 +436,15 @@ def _centerline_one(image, opts: Options, seg):
     path, rep, (src, contrast, volume) = _start(image, opts, "_centerline")
     mask, cl = seg.centerline(src, contrast=contrast, volume=volume, progress=rep)
     rep.done()
-    _save(mask, path, opts)
     csv_path = path.with_name(nifti_stem(path) + ".csv")
     # x, y, z: RPI working-space voxels (as the published tool writes them); i, j, k: the input's own voxels
     rpi_pts, native, mm = cl.rpi_points, cl.native_points(), cl.scanner_mm()
-    _write_csv(csv_path, ["slice", "x", "y", "z", "i", "j", "k", "x_mm", "y_mm", "z_mm"],
-               [[int(z), *(f"{v:.3f}" for v in r), *(f"{v:.3f}" for v in n), *(f"{v:.3f}" for v in m)]
-                for z, r, n, m in zip(cl.z, rpi_pts, native, mm)])
-    qc_file = _write_qc(src, {"centerline": mask}, path, opts) if opts.qc else None
+    with _outputs() as stage:
+        _save(mask, path, opts, stage)
+        _write_csv(csv_path, ["slice", "x", "y", "z", "i", "j", "k", "x_mm", "y_mm", "z_mm"],
+                   [[int(z), *(f"{v:.3f}" for v in r), *(f"{v:.3f}" for v in n), *(f"{v:.3f}" for v in m)]
+                    for z, r, n, m in zip(cl.z, rpi_pts, native, mm)], stage)
+        qc_file = _write_qc(src, {"centerline": _binary(mask, opts, src)}, path, opts, stage=stage) if opts.qc else None
     if not opts.quiet:
         click.echo(f"centerline: {len(cl.z)} slices -> {path} and {csv_path}"
                    + (f" (QC: {qc_file})" if opts.qc else ""))
@@ -344,12 +473,13 @@ def _sc_one(image, opts: Options, seg):
     mask = seg.cord(src, contrast=contrast, soft=opts.soft, threshold=opts.threshold,
                     centerline=opts.centerline_file, volume=volume, progress=rep)
     rep.done()
-    _save(mask, path, opts)
-    qc_file = _write_qc(src, {"cord": _binary(mask, opts)}, path, opts) if opts.qc else None
+    with _outputs() as stage:
+        _save(mask, path, opts, stage)
+        qc_file = _write_qc(src, {"cord": _binary(mask, opts, src)}, path, opts, stage=stage) if opts.qc else None
     if not opts.quiet:
         import numpy as np
 
-        vox = float(np.prod(mask.header.get_zooms()[:3]))
+        vox = _voxel_mm3(mask)
         n = int((np.asarray(mask.dataobj) >= 0.5).sum())
         click.echo(f"cord: {n * vox:.0f} mm3 -> {path}" + (f" (QC: {qc_file})" if opts.qc else ""))
 
@@ -386,19 +516,23 @@ def lesion(**params):
     try:
         _for_each(opts, one)
     finally:  # several images: one table for all that succeeded, with an image column, even if some failed
-        if opts.csv_file and table and not opts.soft:
-            from .lesions import LESION_CSV_HEADER
+        if opts.csv_file and table and not opts.soft and len(opts.images) > 1:
+            _write_lesion_csv(opts, table)
 
-            several = len(opts.images) > 1
-            header = (["image"] if several else []) + LESION_CSV_HEADER
-            _write_csv(Path(opts.csv_file), header,
-                       [([str(image)] if several else []) + r.csv_row() for image, rows in table for r in rows])
+
+def _write_lesion_csv(opts: Options, table, stage=None):
+    """--csv: one row per lesion of each (image, rows) of `table`; several images: an image column first."""
+    from .lesions import LESION_CSV_HEADER
+
+    several = len(opts.images) > 1
+    header = (["image"] if several else []) + LESION_CSV_HEADER
+    _write_csv(Path(opts.csv_file), header,
+               [([str(image)] if several else []) + r.csv_row() for image, rows in table for r in rows], stage)
 
 
 def _lesion_one(image, opts: Options, seg):
     """One image; returns its lesion table (None with --soft)."""
     from .api import centerline_from_mask
-    from .lesions import lesion_table
 
     path, rep, (src, contrast, volume) = _start(image, opts, "_lesionseg")
     given, track = opts.centerline_file, None
@@ -407,19 +541,24 @@ def _lesion_one(image, opts: Options, seg):
             track, given = centerline_from_mask(src, opts.centerline_file, volume=volume)
         else:
             track, given = seg.centerline(src, contrast=contrast, volume=volume, progress=rep)
-    mask = seg.lesions(src, contrast=contrast, soft=opts.soft, threshold=opts.threshold,
-                       min_contrast=opts.min_contrast, centerline=given, volume=volume, progress=rep)
+    kw = dict(contrast=contrast, threshold=opts.threshold, min_contrast=opts.min_contrast, centerline=given,
+              volume=volume, progress=rep)
+    if opts.soft:
+        mask, rows = seg.lesions(src, soft=True, **kw), None
+    else:  # each lesion's probability and brightness come with the mask, for the table
+        mask, rows = seg.lesion_table(src, **kw)
     rep.done()
-    _save(mask, path, opts)
     qc_note = ""
-    if opts.qc:
-        qc_note = f" (QC: {_write_qc(src, {'lesion': _binary(mask, opts)}, path, opts, track)})"
+    with _outputs() as stage:
+        _save(mask, path, opts, stage)
+        if opts.qc:
+            qc_note = f" (QC: {_write_qc(src, {'lesion': _binary(mask, opts, src)}, path, opts, track, stage)})"
+        if opts.csv_file and len(opts.images) == 1 and rows is not None:  # the table goes with its mask
+            _write_lesion_csv(opts, [(image, rows)], stage)
     if opts.soft:
         if not opts.quiet:
             click.echo(f"lesion probability map -> {path}{qc_note}")
         return None
-    with timed(opts.on_stage(), "table"):
-        rows = lesion_table(mask)
     total = sum(r.volume_mm3 for r in rows)
     click.echo(f"lesions: {len(rows)}, total volume {total:.1f} mm3 -> {path}{qc_note}")
     return rows
@@ -437,15 +576,24 @@ def models_cmd():
         click.echo(m.describe())
 
 
-def _binary(seg, opts: Options):
-    """A mask image for the QC outline: the mask itself, or a soft map at --threshold (default 0.5)."""
+def _binary(seg, opts: Options, src):
+    """A mask image for the QC outline, on `src`'s 3D grid: the mask itself, or a soft map at --threshold
+    (default 0.5)."""
     import numpy as np
 
     from .io import image_like
 
     threshold = opts.threshold if opts.soft and opts.threshold is not None else 0.5
-    data = np.asarray(seg.dataobj, np.float32)
-    return image_like((data >= threshold).astype(np.uint8), seg)
+    data = np.asarray(seg.dataobj, np.float32).reshape(src.shape)
+    return image_like((data >= threshold).astype(np.uint8), src)
+
+
+def _voxel_mm3(img) -> float:
+    """One voxel's volume from the header (a 2D image's slice thickness counts as given, or 1 mm)."""
+    import numpy as np
+
+    zooms = [float(z) for z in img.header["pixdim"][1:4]]
+    return float(np.prod([abs(z) if np.isfinite(z) and z != 0 else 1.0 for z in zooms]))
 
 
 def _start(image, opts: Options, suffix):
@@ -467,16 +615,17 @@ def _source(image, opts: Options):
     return src, resolve_contrast(image, opts.contrast), None
 
 
-def _write_qc(src, overlays, output: Path, opts: Options, track=None) -> Path:
-    """The QC picture of `src` (a path or the image read by _source) beside `output`, once that is written."""
-    from .qc import qc_path, write_qc
+def _write_qc(src, overlays, output: Path, opts: Options, track=None, stage=None) -> Path:
+    """The QC picture of `src` (the image read by _source) beside `output`, staged with it."""
+    from .qc import mosaic, png_bytes, qc_path
 
     with timed(opts.on_stage(), "qc"):
-        return write_qc(src, overlays, qc_path(output), track=track)
+        return stage.bytes(png_bytes(mosaic(src, overlays, track=track)), qc_path(output))
 
 
-def _write_csv(path: Path, header, rows):
-    """Atomic CSV write (temporary file beside the target, then rename)."""
+def _write_csv(path: Path, header, rows, stage=None):
+    """Atomic CSV write (temporary file beside the target, then rename), staged with an image's other outputs
+    when `stage` is given."""
     import io as _io
 
     from .io import write_bytes_atomic
@@ -485,7 +634,10 @@ def _write_csv(path: Path, header, rows):
     w = csv.writer(buf)
     w.writerow(header)
     w.writerows(rows)
-    write_bytes_atomic(buf.getvalue().encode("utf-8"), path)
+    if stage is not None:
+        stage.bytes(buf.getvalue().encode("utf-8"), path)
+    else:
+        write_bytes_atomic(buf.getvalue().encode("utf-8"), path)
 
 
 # what the training extra installs; the training modules import them only inside their functions, so a

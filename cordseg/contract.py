@@ -16,6 +16,10 @@ Keys (all values are strings in the file):
     cordseg_normalisation_params the scheme's constants, comma-separated
     cordseg_size_multiple        spatial sizes the network accepts are multiples of this (default 1)
     cordseg_min_lesion_contrast  lesion models: least lesion/cord intensity ratio reported (default 0: none)
+    cordseg_lesion_grow_to       lesion models: lesions grown from the threshold down to this probability
+                                 (hysteresis; default 0: none)
+    cordseg_lesion_fill          lesion models: lesions grown inside the cord to this share of their own
+                                 contrast (0.5: the half-maximum edge; default 0: none)
     cordseg_warning              a caveat shown to users
     cordseg_second_look_mm       centerline models: window of the second CNN1 pass (default 56; 0: none)
     cordseg_centerline_slice_mm  centerline models: CNN1 sees slices no thinner than this (default 2)
@@ -58,6 +62,8 @@ class ModelContract:
     normalisation_params: str | None = None
     size_multiple: int = 1
     min_lesion_contrast: float = 0.0
+    lesion_grow_to: float = 0.0
+    lesion_fill: float = 0.0
     warning: str | None = None
     second_look_mm: float = SECOND_LOOK_MM
     centerline_slice_mm: float = CENTERLINE_SLICE_MM
@@ -112,6 +118,10 @@ class ModelContract:
             meta["cordseg_size_multiple"] = str(self.size_multiple)
         if self.min_lesion_contrast:
             meta["cordseg_min_lesion_contrast"] = _g(self.min_lesion_contrast)
+        if self.lesion_grow_to:
+            meta["cordseg_lesion_grow_to"] = _g(self.lesion_grow_to)
+        if self.lesion_fill:
+            meta["cordseg_lesion_fill"] = _g(self.lesion_fill)
         if self.warning:
             meta["cordseg_warning"] = self.warning
         if self.second_look_mm != SECOND_LOOK_MM:
@@ -168,6 +178,10 @@ def _check(c: ModelContract):
         v = getattr(c, attr)
         if not (_finite(v) and v >= 0):
             raise _Invalid(attr)
+    if not (_finite(c.lesion_grow_to) and 0.0 <= c.lesion_grow_to < max(c.threshold, 1e-9)):
+        raise _Invalid("lesion_grow_to")
+    if not (_finite(c.lesion_fill) and 0.0 <= c.lesion_fill < 1.0):
+        raise _Invalid("lesion_fill")
 
 
 def _contrasts(text: str) -> tuple:
@@ -194,6 +208,8 @@ _PARSERS = {
     "cordseg_normalisation_params": ("normalisation_params", lambda t: t or None),
     "cordseg_size_multiple": ("size_multiple", int),
     "cordseg_min_lesion_contrast": ("min_lesion_contrast", float),
+    "cordseg_lesion_grow_to": ("lesion_grow_to", float),
+    "cordseg_lesion_fill": ("lesion_fill", float),
     "cordseg_warning": ("warning", lambda t: t or None),
     "cordseg_second_look_mm": ("second_look_mm", float),
     "cordseg_centerline_slice_mm": ("centerline_slice_mm", float),
@@ -209,6 +225,8 @@ _EXPECTED = {
     "normalisation_params": "finite numbers, comma-separated; required by published_* schemes",
     "size_multiple": "a whole number >= 1",
     "min_lesion_contrast": "a number >= 0",
+    "lesion_grow_to": "a number >= 0 and below the threshold",
+    "lesion_fill": "a number >= 0 and below 1",
     "warning": "text",
     "second_look_mm": "a number >= 0 (0: no second look)",
     "centerline_slice_mm": "a number >= 0",

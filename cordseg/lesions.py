@@ -111,10 +111,10 @@ def screen_lesions(mask: np.ndarray, image: np.ndarray, cord: np.ndarray, min_co
     return np.where(np.isin(labels, drop), 0, mask).astype(mask.dtype), len(drop)
 
 
-def screen(mask: np.ndarray, cl, sc_model, min_contrast: float, progress=None, on_stage=None) -> np.ndarray:
-    """Screen a thresholded lesion mask on `cl`'s RPI grid: the cord is segmented with `sc_model` only along
-    the stretches of centerline that hold lesions (a patch depth apart or more: separate runs), which keeps
-    screening cheap next to the lesion network's own pass. Stage events of the cord runs: screening.cord.*"""
+def cord_along_lesions(mask: np.ndarray, cl, sc_model, progress=None, on_stage=None) -> np.ndarray:
+    """The cord on `cl`'s RPI grid, segmented with `sc_model` only along the stretches of centerline that hold
+    lesions (a patch depth apart or more: separate runs), which keeps screening cheap next to the lesion
+    network's own pass. Stage events of the cord runs: screening.cord.*"""
     from . import centerline as _centerline
     from . import segmentation as _segmentation
 
@@ -129,7 +129,13 @@ def screen(mask: np.ndarray, cl, sc_model, min_contrast: float, progress=None, o
         stretch = _centerline.Centerline(cl.z[on], cl.x[on], cl.y[on], rpi)
         prob = _segmentation.soft_segmentation(stretch, sc_model, progress, stage="cord", on_stage=parts)
         cord |= _segmentation.keep_largest_component((prob >= sc_model.threshold).astype(np.uint8))
-    return screen_lesions(mask, rpi.data, cord, min_contrast)[0]
+    return cord
+
+
+def screen(mask: np.ndarray, cl, sc_model, min_contrast: float, progress=None, on_stage=None) -> np.ndarray:
+    """Screen a thresholded lesion mask on `cl`'s RPI grid against the cord along its lesions."""
+    cord = cord_along_lesions(mask, cl, sc_model, progress, on_stage)
+    return screen_lesions(mask, cl.rpi.data, cord, min_contrast)[0]
 
 
 @dataclass

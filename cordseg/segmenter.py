@@ -22,8 +22,9 @@ from . import lesions as _lesions
 from . import segmentation as _segmentation
 from .errors import CordsegWarning, InputError, ModelError, NoCordError
 from .inference import Model, find_model
-from .inputs import check_min_contrast, check_smoothness, check_threads, check_threshold, resolve_contrast
-from .io import image_like, load_image, same_grid
+from .inputs import (check_callable, check_min_contrast, check_model_path, check_smoothness, check_threads,
+                     check_threshold, resolve_contrast, typed_errors)
+from .io import image_like, input_shape, load_image, same_grid
 from .orientation import to_rpi
 from .stages import OnStage, timed
 
@@ -45,6 +46,10 @@ class Segmenter:
                  on_stage: OnStage | None = None):
         check_threads(threads)
         check_smoothness(smoothness)
+        for name, path in (("centerline_model", centerline_model), ("cord_model", cord_model),
+                           ("lesion_model", lesion_model)):
+            check_model_path(path, name)
+        check_callable(on_stage, "on_stage")
         self.contrast = None if contrast is None else resolve_contrast(None, contrast)
         self.paths = {"centerline": centerline_model, "sc": cord_model, "lesion": lesion_model}
         self.threads = threads
@@ -69,15 +74,17 @@ class Segmenter:
         return self._models[key]
 
     # --- the three answers ---
+    @typed_errors
     def centerline(self, img, *, contrast=None, volume=None, progress=None):
         """(centerline mask image on the input grid, one voxel per slice; Centerline).
 
         img: a path or a nibabel image. contrast: this image's (default: the Segmenter's, else read from the
         file name). volume: the volume of a 4D image to use (0-based). progress: called with (stage,
         fraction done)."""
-        image, contrast = self._load(img, volume, contrast)
+        image, contrast = self._load(img, volume, contrast, progress)
         return self._centerline(image, contrast, progress)
 
+    @typed_errors
     def cord(self, img, *, soft=False, threshold=None, centerline=None, contrast=None, volume=None, progress=None):
         """Spinal cord mask (uint8) or, with soft=True, its probability map (float32), on the input grid.
 
@@ -85,9 +92,10 @@ class Segmenter:
         same session; marked voxels on a few slices are interpolated between) or the Centerline that
         .centerline() returned for this image. Other arguments: as for .centerline()."""
         check_threshold(threshold)
-        image, contrast = self._load(img, volume, contrast)
+        image, contrast = self._load(img, volume, contrast, progress)
         return self._cord(image, contrast, soft, threshold, centerline, progress)
 
+    @typed_errors
     def lesions(self, img, *, soft=False, threshold=None, min_contrast=None, centerline=None, contrast=None,
                 volume=None, progress=None):
         """MS lesion mask (uint8) or probability map (float32) in the cord, on the input grid.
@@ -98,11 +106,12 @@ class Segmenter:
         centerline. The soft map is the network's output, unscreened. centerline: as for .cord()."""
         check_min_contrast(min_contrast)
         check_threshold(threshold)
-        image, contrast = self._load(img, volume, contrast)
+        image, contrast = self._load(img, volume, contrast, progress)
         return self._lesions(image, contrast, soft, threshold, min_contrast, centerline, progress)
 
     # --- on an image already read (the one-call wrappers read it themselves) ---
-    def _load(self, img, volume, contrast=None):
+    def _load(self, img, volume, contrast=None, progress=None):
+        check_callable(progress)
         with timed(self.on_stage, "load"):
             image = load_image(img, volume=volume)
         return image, resolve_contrast(img, self.contrast if contrast is None else contrast)
@@ -112,8 +121,9 @@ class Segmenter:
             return to_rpi(image)
 
     def _output(self, data, image, dtype=np.uint8):
+        """`data` (on `image`'s 3D grid) as an image of the input's own shape (2D stays 2D, 4D stays 4D)."""
         with timed(self.on_stage, "output"):
-            return image_like(np.asarray(data, dtype), image)
+            return image_like(np.asarray(data, dtype).reshape(input_shape(image)), image)
 
     def _centerline(self, image, contrast, progress):
         rpi = self._rpi(image)
@@ -122,9 +132,12 @@ class Segmenter:
 
     def _detect(self, rpi, contrast, progress):
         model = self.model("centerline", contrast)
+        _check_working_grid(rpi, model)
         with timed(self.on_stage, "centerline"):
-            return _centerline.detect(rpi, model, smoothness=self.smoothness, progress=progress,
-                                      on_stage=self.on_stage)
+            cl = _centerline.detect(rpi, model, smoothness=self.smoothness, progress=progress,
+                                    on_stage=self.on_stage)
+        _check_cord_extent(cl, rpi)
+        return cl
 
     def _soft_map(self, task, image, contrast, centerline, progress):
         """(RPI view, probability map, CNN2 model, centerline) for `task` "sc" or "lesion"."""
@@ -150,22 +163,89 @@ class Segmenter:
                               f"cord threshold {thr:g})")
         return self._output(rpi.to_native(mask), image)
 
-    def _lesions(self, image, contrast, soft, threshold, min_contrast, centerline, progress):
+    def _lesions(self, image, contrast, soft, threshold, min_contrast, centerline, progress, table=False):
         rpi, prob, model, cl = self._soft_map("lesion", image, contrast, centerline, progress)
         if soft:
             return self._output(rpi.to_native(prob), image, np.float32)
         thr = model.threshold if threshold is None else float(threshold)
-        mask = (prob >= thr).astype(np.uint8)
+        c = model.contract
+        with timed(self.on_stage, "mask"):
+            mask = (prob >= thr).astype(np.uint8)
+            if 0 < c.lesion_grow_to < thr:  # cores grown to the map's lower contour (whole lesions)
+                mask = _lesions.grow_lesions(mask, prob, c.lesion_grow_to)
         least = model.min_lesion_contrast if min_contrast is None else float(min_contrast)
-        if least > 0 and mask.any():
+        cord = None
+        if (least > 0 or c.lesion_fill or table) and mask.any():
             try:
                 sc = self.model("sc", contrast)
             except ModelError as err:
                 warnings.warn(f"lesion screening skipped: {err}", CordsegWarning, stacklevel=3)
             else:
                 with timed(self.on_stage, "screening"):
-                    mask = _lesions.screen(mask, cl, sc, least, progress, on_stage=self.on_stage)
-        return self._output(rpi.to_native(mask), image)
+                    cord = _lesions.cord_along_lesions(mask, cl, sc, progress, on_stage=self.on_stage)
+                    if least > 0:
+                        mask = _lesions.screen_lesions(mask, rpi.data, cord, least)[0]
+                    if c.lesion_fill and mask.any():
+                        mask = _lesions.fill_to_edge(mask, rpi.data, cord, c.lesion_fill)
+        if not mask.any():
+            self._require_cord(contrast, cl)
+        out = self._output(rpi.to_native(mask), image)
+        if not table:
+            return out
+        with timed(self.on_stage, "table"):
+            rows = _lesions.lesion_table(out, prob=rpi.to_native(prob), image=np.asanyarray(image.dataobj),
+                                         cord=None if cord is None else rpi.to_native(cord))
+        return out, rows
+
+    def _require_cord(self, contrast, cl):
+        """Zero lesions must mean a cord without lesions: NoCordError when the cord model finds no cord along
+        the centerline (skipped when no cord model is installed for the contrast)."""
+        try:
+            sc = self.model("sc", contrast)
+        except ModelError:
+            return
+        with timed(self.on_stage, "cord check"):
+            prob = _segmentation.soft_segmentation(cl, sc, None, stage="cord", on_stage=self.on_stage)
+        if not (prob >= sc.threshold).any():
+            raise NoCordError("no spinal cord found (the centerline was found, but no voxel reached the cord "
+                              f"threshold {sc.threshold:g}, so no lesion could be looked for)")
+
+    @typed_errors
+    def lesion_table(self, img, *, threshold=None, min_contrast=None, centerline=None, contrast=None, volume=None,
+                     progress=None):
+        """(lesion mask image as .lesions() returns it, [cordseg.lesions.Lesion]): each lesion with its volume,
+        place, slices, mean and maximum probability and brightness over the lesion-free cord."""
+        check_min_contrast(min_contrast)
+        check_threshold(threshold)
+        image, contrast = self._load(img, volume, contrast, progress)
+        return self._lesions(image, contrast, False, threshold, min_contrast, centerline, progress, table=True)
+
+
+MAX_WORKING_VOXELS = 2**25  # the image on CNN1's grid: 128 MB as float32, a few copies of it at once
+MIN_CORD_MM = 10.0  # a cord seen over less than this, in an image that spans much more, is a stray blob
+
+
+def _check_working_grid(rpi, model):
+    """Refuse, before resampling, an image whose grid at the model's voxel size would not fit in memory."""
+    from .resampling import resampled_shape
+
+    target = _centerline.model_grid(rpi, model, model.contract.centerline_slice_mm)
+    shape = resampled_shape(rpi.shape, rpi.zooms, target)
+    n = int(np.prod(shape, dtype=np.int64))
+    if n > MAX_WORKING_VOXELS:
+        raise InputError(f"resampled to the centerline model's {'x'.join(f'{z:g}' for z in target)} mm voxels, "
+                         f"the image would have {'x'.join(map(str, shape))} voxels ({n:,}; at most "
+                         f"{MAX_WORKING_VOXELS:,}); crop it around the spinal cord")
+
+
+def _check_cord_extent(cl, rpi):
+    """NoCordError for a centerline too short to be a cord: CNN1 answers a bright blob of noise on a slice or
+    two; a cord runs along the image (or, in a thin slab, across most of it)."""
+    dz = float(rpi.zooms[2])
+    length, span = len(cl.z) * dz, rpi.shape[2] * dz
+    if length < MIN_CORD_MM and length < 0.5 * span:
+        raise NoCordError(f"no spinal cord found (only a {length:.0f} mm stretch of the {span:.0f} mm the image "
+                          "spans looked like cord)")
 
 
 def given_centerline(centerline, rpi):

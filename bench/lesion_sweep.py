@@ -1,0 +1,127 @@
+"""Choose the lesion model's threshold and post-processing on the choosing set: the networks run once per case,
+then every setting is scored from the kept maps.
+
+    python bench/lesion_sweep.py --set choose [--model F.onnx] [--out sweep.json]
+
+Per case it keeps the lesion map, the cord (cord model along the whole centerline: a superset of what the
+runtime's screening segments, so a setting scores here as it does in `cordseg lesion` up to the screening
+cord's ends) and the image, on the runtime's RPI grid; a setting is threshold -> hysteresis growth ->
+screening (touch the cord, min contrast) -> growth to the half-maximum edge, scored on the native grid with
+bench/lesion_eval.py's rules. Only the choosing set should be swept; the reporting set is for the chosen one.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench import lesion_eval, lesion_sets  # noqa: E402
+
+
+def prepare(cases, model=None, log=print):
+    """[(case, rpi, prob, cord)] with one Segmenter per contrast."""
+    import cordseg
+    from cordseg import segmentation
+    from cordseg.io import load_image
+
+    segs, out = {}, []
+    for case in cases:
+        t0 = time.perf_counter()
+        seg = segs.setdefault(case["contrast"], cordseg.Segmenter(case["contrast"], lesion_model=model))
+        image = load_image(case["image"])
+        try:
+            rpi, prob, _, cl = seg._soft_map("lesion", image, case["contrast"], None, None)
+        except cordseg.CordsegError as err:
+            log(f"  {case['case']}: {err}")
+            out.append((case, None, None, None))
+            continue
+        _, cprob, sc, _ = seg._soft_map("sc", image, case["contrast"], cl, None)
+        cord = segmentation.keep_largest_component((cprob >= sc.threshold).astype(np.uint8))
+        out.append((case, rpi, prob, cord))
+        log(f"  {case['case']}: {time.perf_counter() - t0:.1f} s")
+    return out
+
+
+def apply(rpi, prob, cord, thr, grow, least, fill):
+    from cordseg import lesions
+
+    mask = (prob >= thr).astype(np.uint8)
+    if grow:
+        mask = lesions.grow_lesions(mask, prob, grow)
+    if least and mask.any():
+        mask = lesions.screen_lesions(mask, rpi.data, cord, least)[0]
+    if fill and mask.any():
+        mask = lesions.fill_to_edge(mask, rpi.data, cord, fill)
+    return rpi.to_native(mask) > 0
+
+
+def score(prepared, setting):
+    import nibabel as nib
+
+    rows, free = [], []
+    for case, rpi, prob, cord in prepared:
+        if case["kind"] not in ("lesion", "free"):
+            continue
+        if rpi is None:
+            mask = np.zeros(nib.load(case["image"]).shape[:3], bool)
+        else:
+            mask = apply(rpi, prob, cord, *setting)
+        if case["kind"] == "lesion":
+            s = lesion_eval.score_case(mask, np.asarray(nib.load(case["labels"]).dataobj))
+            truth = {t["label"]: t for t in case["lesions"]}
+            for p in s["lesions"]:
+                p["ratio"] = truth[p["label"]]["ratio"]
+            rows.append(s)
+        else:
+            free.append(lesion_eval._components(mask)[1])
+    p = lesion_eval.pooled(rows)
+    faint = [les for r in rows for les in r["lesions"] if les["ratio"] < 1.4]
+    p["faint_found25"] = f"{sum(les['found25'] for les in faint)}/{len(faint)}"
+    p["false_lesions_free"] = int(sum(free))
+    p["free_scans_with_fp"] = int(sum(n > 0 for n in free))
+    p["mean_dice"] = float(np.mean([r["dice"] for r in rows]))
+    return p
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--set", default="choose", choices=["choose", "report"])
+    ap.add_argument("--model", help="lesion model (default: the installed one)")
+    ap.add_argument("--thresholds", default="0.3,0.4,0.5,0.6")
+    ap.add_argument("--grow", default="0,0.2,0.3")
+    ap.add_argument("--min-contrast", default="0,1.1,1.15,1.2")
+    ap.add_argument("--fill", default="0,0.5")
+    ap.add_argument("--out")
+    a = ap.parse_args(argv)
+    index = lesion_sets.build(a.set)
+    cases = json.loads(Path(index).read_text())["cases"]
+    prepared = prepare([c for c in cases if c["kind"] in ("lesion", "free")], a.model)
+    grid = list(itertools.product(*[[float(v) for v in s.split(",")]
+                                    for s in (a.thresholds, a.grow, a.min_contrast, a.fill)]))
+    results = []
+    print("| thr | grow | min contrast | fill | median Dice | mean Dice | sens 25% | prec 25% | faint found "
+          "| F1 10% | FP on free scans |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for setting in grid:
+        if setting[1] and setting[1] >= setting[0]:
+            continue
+        p = score(prepared, setting)
+        results.append(dict(setting=setting, **p))
+        print(f"| {setting[0]:g} | {setting[1]:g} | {setting[2]:g} | {setting[3]:g} | {p['median_dice']:.3f} | "
+              f"{p['mean_dice']:.3f} | {p['found25']}/{p['n_ref']} = {p['sensitivity25']:.2f} | "
+              f"{p['tp_pred25']}/{p['n_pred']} = {p['precision25']:.2f} | {p['faint_found25']} | "
+              f"{p['f1_10']:.3f} | {p['false_lesions_free']} on {p['free_scans_with_fp']} |", flush=True)
+    if a.out:
+        Path(a.out).write_text(json.dumps(results, indent=1, default=float))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
