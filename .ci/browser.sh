@@ -18,4 +18,4 @@ if ! have_browser; then
 fi
 
 python -c "import selenium" 2>/dev/null || python -m pip install -q selenium
-have_browser && chromium --version && chromedriver --version || true
+have_browser && chromium --version 2>/dev/null && chromedriver --version || true

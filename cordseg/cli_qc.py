@@ -9,12 +9,12 @@ import click
 
 from .errors import CordsegError, CordsegWarning
 
-_HELP = """Write a QC report of a study's results: REPORT/index.html and its pictures.
+_HELP = """Write a QC report of a study's results: index.html and its pictures, in the -o folder.
 
 \b
 DERIVATIVES is the folder the study command wrote (masks named <image>_label-SC_seg.nii.gz,
 _label-lesion_seg, _label-centerline_seg, each with a JSON sidecar naming its source image;
-results.tsv when there). The page needs no network: open REPORT/index.html in a browser.
+results.tsv when there). The page needs no network: open index.html in a browser.
 
 \b
 One row per image (sortable, filterable); Up/Down pages through them, each shown as a

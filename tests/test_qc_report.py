@@ -303,6 +303,7 @@ return Array.from(document.querySelectorAll('#viewer img')).filter(
                shown: img.getBoundingClientRect().width}));"""
 
 
+@pytest.mark.slow
 def test_browser_navigation_pictures_and_outline(study, report, browser, tmp_path):
     driver = browser
     driver.get(report.as_uri())
@@ -388,6 +389,7 @@ def _study_reader():
     return read_selection, None
 
 
+@pytest.mark.slow
 def test_browser_marks_survive_a_reload_and_export(study, report, browser):
     driver = browser
     driver.get(report.as_uri())
