@@ -631,7 +631,8 @@ def write_report(derivatives_dir, out_dir, *, progress=None, workers: int | None
                      "picture": done.get("picture"), "error": error})
     resolved = str(deriv.resolve())
     raw = _raw_root(deriv)
-    data = {"title": f"cordseg QC: {_dataset_name(raw) or deriv.resolve().name}", "derivatives": resolved,
+    name = _dataset_name(raw) or (raw.name if raw is not None else deriv.resolve().name)
+    data = {"title": f"cordseg QC: {name}", "derivatives": resolved,
             "raw": str(raw) if raw is not None else "", "version": __version__,
             "generated": time.strftime("%Y-%m-%d %H:%M:%S"), "pixel_mm": PIXEL_MM,
             "report_id": hashlib.sha1(resolved.encode("utf-8")).hexdigest()[:12],

@@ -194,7 +194,7 @@ def test_pictures_at_four_pixels_per_mm_with_both_outlines_on_lesion_results(stu
         if "lesion" in row["masks"]:
             assert (outline == qc.LABELS["lesion"]).any() and (strip_outline == qc.LABELS["lesion"]).any()
             assert pic["lesion_slices"] and set(pic["lesion_slices"]) <= set(pic["slices"])
-        # outline pixels are few and lie on the cord's edge, where the grey picture changes
+        # outlines, not filled masks: few pixels
         assert 0 < (outline > 0).mean() < 0.1
 
 
@@ -436,6 +436,18 @@ def test_browser_marks_survive_a_reload_and_export(study, report, browser):
     assert text.splitlines()[1:] == hidden.splitlines()[1:]  # the same export (the first line is a time)
     listed = re.findall(r"^  - (.+)$", text, re.M)
     assert sorted(listed) == sorted([order[0], order[2]]) and "# fail: cord leaks into CSF: C3 # edge" in text
+
+    # `u`: the next unmarked image (the fourth, whose mark was taken off), from the first
+    driver.find_element("css selector", f"#rows tr[data-image='{order[0]}']").click()
+    _keys(driver, "u")
+    assert _current(driver) == order[3]
+
+    # the exported TSV loads back into a browser that has no marks
+    driver.execute_script("window.localStorage.clear();")
+    driver.refresh()
+    assert not any(marks_in_table().values())
+    driver.find_element("id", "load-file").send_keys(str(tsv))
+    _wait(lambda: marks_in_table() == table, what=lambda: f"the loaded marks (table: {marks_in_table()})")
 
     read_selection, missing = _study_reader()
     if read_selection is None:
