@@ -399,7 +399,7 @@ def _discover(deriv: Path, skip: Path | None) -> list[_Entry]:
         groups.setdefault((path.parent, m["stem"]), {}).setdefault(label, []).append((m["desc"] or "", path))
     entries = []
     for (folder, stem), by_label in groups.items():
-        # a mask without desc- first, then by name (desc-softseg before desc-rater3...)
+        # a mask without desc- first, then the first by its desc- label
         masks = {label: sorted(found)[0][1] for label, found in by_label.items()}
         rel_dir = folder.relative_to(deriv).as_posix()
         source, rel = None, None
