@@ -33,7 +33,7 @@ Run it again to carry on: outputs whose sidecar matches the current models
 
 \b
 cordseg study bids/ --jobs 2
-cordseg study bids/ -o results/ --tasks sc --participant-label 01 02
+cordseg study bids/ -o results/ --tasks sc --participant-label 01,02
 cordseg study bids/ --exclude qc_exclude.yml --qc
 cordseg study bids/ --dask tcp://scheduler:8786 --threads 2
 """
@@ -74,7 +74,7 @@ def _labels(values):
 @click.option("--tasks", default="sc,lesion", show_default=True,
               help="Comma-separated, from centerline, sc, lesion.")
 @click.option("--participant-label", "participants", multiple=True, metavar="LABEL",
-              help="Only these subjects (01 or sub-01; repeat, or separate by spaces or commas).")
+              help="Only these subjects (01 or sub-01; repeat the option, or separate them by commas).")
 @click.option("--include", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="Only the subjects/sessions/images listed (plain text or YAML).")
 @click.option("--exclude", type=click.Path(path_type=Path, dir_okay=False), default=None,
