@@ -322,6 +322,36 @@ def report(res: dict, command: str) -> str:
     return "\n".join(lines)
 
 
+def compact(results_by_name: dict) -> str:
+    """One table of headline, band and lesion-free figures, a column per run (name -> evaluate() result)."""
+    names = list(results_by_name)
+    rows = []
+    for sub_name, sub in (("all", None), ("never-seen", lambda r: r["never_seen"])):
+        ss = {n: summary(results_by_name[n]["cases"], sub) for n in names}
+        rows.append((f"{sub_name}: median Dice", [_f(ss[n]["median_dice"]) for n in names]))
+        rows.append((f"{sub_name}: sensitivity (>25%)",
+                     [f"{ss[n]['found25']}/{ss[n]['n_ref']} = {_f(ss[n]['sensitivity25'])}" for n in names]))
+        rows.append((f"{sub_name}: precision (>25%)",
+                     [f"{ss[n]['tp_pred25']}/{ss[n]['n_pred']} = {_f(ss[n]['precision25'])}" for n in names]))
+        rows.append((f"{sub_name}: F1 (>=10%)", [_f(ss[n]["f1_10"]) for n in names]))
+        rows.append((f"{sub_name}: lesion-free cases with a false lesion",
+                     [f"{ss[n]['free_with_false']} of {ss[n]['free']} ({ss[n]['false_lesions']} lesions, "
+                      f"{ss[n]['false_mm3']:.0f} mm3)" for n in names]))
+    for lo, hi, band in RATIO_BANDS + SIZE_BANDS:
+        cells = []
+        for n in names:
+            les = lesion_rows(results_by_name[n]["cases"])
+            key = "ratio" if band.startswith("ratio") else "volume_mm3"
+            g = [p for p in les if lo <= p[key] < hi]
+            cells.append(f"{sum(p['found25'] for p in g)}/{len(g)} (covered {np.median([p['covered_share'] for p in g]):.2f})"
+                         if g else "-")
+        rows.append((f"found (>25%), {band} (median covered share)", cells))
+    rows.append(("median s per scan", [_f(summary(results_by_name[n]["cases"])["seconds"], ".1f") for n in names]))
+    lines = ["| | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    lines += [f"| {label} | " + " | ".join(cells) + " |" for label, cells in rows]
+    return "\n".join(lines)
+
+
 def _band_line(lines, name, les, sel):
     g = [p for p in les if sel(p)]
     ns = [p for p in g if p["never_seen"]]
@@ -349,7 +379,9 @@ def _strict(obj):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--set", choices=sorted(lesion_sets.SETS), required=True)
+    p.add_argument("--set", choices=sorted(lesion_sets.SETS))
+    p.add_argument("--compact", nargs="+", metavar="NAME=JSON",
+                   help="print one compact table from earlier --json outputs (no run)")
     p.add_argument("--model", action="append", default=[], metavar="[ROLE=]ONNX",
                    help="lesion=F.onnx (or F.onnx), centerline=F.onnx, cord=F.onnx (the screening's cord model)")
     p.add_argument("--threshold", type=float)
@@ -364,6 +396,12 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=lesion_sets.DEFAULT_OUT)
     p.add_argument("--anchors", type=Path, default=ANCHORS)
     a = p.parse_args(argv)
+    if a.compact:
+        runs = dict(x.split("=", 1) for x in a.compact)
+        print(compact({n: json.loads(Path(f).read_text()) for n, f in runs.items()}))
+        return 0
+    if not a.set:
+        p.error("--set is required")
     a.models = {}
     for m in a.model:
         role, path = m.split("=", 1) if "=" in m else ("lesion", m)
