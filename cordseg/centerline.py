@@ -29,6 +29,7 @@ from .stages import timed
 
 DEFAULT_SMOOTHNESS = 1.0  # OptiC's lambda, per mm^2 of displacement over mm of slice thickness
 SLICE_BATCH = 8
+BATCH_PIXELS = 8 * 256 * 256  # at most this many pixels per CNN1 call (about 0.4 GB of activations)
 # Two per-model settings live in the model contract (cordseg.contract), with these defaults:
 # CENTERLINE_SLICE_MM: CNN1 need not see every thin slice: the centerline is smooth along z, so slices thinner
 # than this are resampled to it for the heatmap (a 1 mm sagittal volume: half the CNN1 work), and the
@@ -97,8 +98,9 @@ def _predict_slices(slices: np.ndarray, model: Model, progress, span) -> np.ndar
     n, nx, ny = slices.shape
     padded = np.pad(slices, ((0, 0), (0, (-nx) % m), (0, (-ny) % m)), mode="edge")
     heat = np.empty((n, nx, ny), np.float32)
-    for start in range(0, n, SLICE_BATCH):
-        stop = min(n, start + SLICE_BATCH)
+    batch = max(1, min(SLICE_BATCH, BATCH_PIXELS // padded[0].size))  # the network's memory grows with pixels
+    for start in range(0, n, batch):
+        stop = min(n, start + batch)
         heat[start:stop] = model.predict(padded[start:stop], flip_average=True)[:, :nx, :ny]
         if progress:
             progress("centerline", span[0] + (span[1] - span[0]) * stop / n)

@@ -323,9 +323,11 @@ def _check_outputs(opts: Options, suffix):
                                   "output name or folder")
             if key in written:
                 other, other_image = written[key]
-                whose = "" if other_image == image else f" of {other_image}"
-                raise OutputError(f"{path}: the {what} of {image} and the {other}{whose} would be the same file; "
-                                  "give them distinct names or run them separately")
+                if other_image != image:
+                    raise OutputError(f"{other_image} and {image} would both write {path} (the {other} of one, the "
+                                      f"{what} of the other); give them distinct names or run them separately")
+                raise OutputError(f"{path}: the {what} and the {other} of {image} would be the same file; choose "
+                                  "another name")
         for key in file_key(path):
             written[key] = (what, image)
 

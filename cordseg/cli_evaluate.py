@@ -60,9 +60,9 @@ def evaluate(pred, ref, extra_pairs, kind, as_json):
                 text = json.dumps({"pairs": rows, "summary": summary}, indent=2, allow_nan=False)
             else:
                 text = format_table(rows, summary)
-    except CordsegError as exc:
+    except CordsegError as exc:  # one line, as every command reports its errors
         message = " ".join(str(exc).split())
-        click.echo(f"cordseg evaluate: error: {message}", err=True)
+        click.echo(f"cordseg: error: {message}", err=True)
         sys.exit(2)
     click.echo(text)
 
@@ -75,7 +75,7 @@ def _collect_pairs(pred, ref, extra_pairs) -> list:
                 raise click.UsageError("PRED is a folder, so REF must be a folder too (or be left out).")
             found, unmatched = discover_pairs(pred, ref)
             for f in unmatched:
-                click.echo(f"cordseg evaluate: note: no counterpart for {f}, skipped", err=True)
+                click.echo(f"cordseg: note: no counterpart for {f}, skipped", err=True)
             pairs.extend(found)
         elif ref is None:
             raise click.UsageError("missing REF: give PRED REF, a folder, or --pair PRED REF.")

@@ -191,6 +191,7 @@ class Model:
                 import onnxruntime as ort
             except ImportError:  # pragma: no cover - a hard dependency
                 raise ModelError("onnxruntime is not installed") from None
+            ort.set_default_logger_severity(3)  # its environment's own lines (thread affinity...) too: errors only
             opts = ort.SessionOptions()
             if self.threads:
                 opts.intra_op_num_threads = int(self.threads)

@@ -22,7 +22,7 @@ import numpy as np
 
 from .errors import CordsegWarning, InputError, OutputError
 
-__all__ = ["load_image", "save_like", "default_output_path", "nifti_stem", "staged_outputs", "same_file"]
+__all__ = ["load_image", "save_like", "default_output_path", "nifti_stem", "staged_outputs", "same_file", "file_key"]
 
 _NIFTI_SUFFIXES = (".nii.gz", ".nii")
 _FORM_CODES = {0: "unknown", 1: "scanner", 2: "aligned", 3: "talairach", 4: "mni", 5: "template"}
@@ -119,7 +119,7 @@ def _load_image(src, volume):
     header.set_data_dtype(np.float32)
     header.set_slope_inter(None, None)  # data already scaled
     # outputs take the input's own shape back (a 2D slice stays 2D, a one-volume 4D stays 4D)
-    kept = tuple(int(n) for n in img.shape)
+    kept = tuple(int(n) for n in input_shape(img))  # (an image read here before keeps its file's shape)
     out = type(img)(data, affine, header, extra={"cordseg_shape": kept if np.prod(kept) == data.size else shape})
     # The header's own forms were kept (or repaired) above; make sure nibabel
     # did not replace them because of float round-off in its comparison.
@@ -246,8 +246,9 @@ def _check_data_size(img, path: Path, size: int, name: str) -> None:
     else:
         held = size
     if held < need:
+        unpacked = " once uncompressed" if _nifti_suffix(path) == ".nii.gz" else ""
         raise InputError(f"{name}: the file is truncated: the header claims {_size(need)} of header and voxels, "
-                         f"the file holds {_size(held)}{' once uncompressed' if _nifti_suffix(path) == '.nii.gz' else ''}.")
+                         f"the file holds {_size(held)}{unpacked}.")
 
 
 def _gzip_size_at_least(path: Path, need: int, chunk: int = 1 << 20) -> int:
@@ -733,6 +734,22 @@ def same_file(a, b) -> bool:
         return os.path.realpath(a) == os.path.realpath(b)
     except (OSError, ValueError, RuntimeError):
         return os.path.abspath(a) == os.path.abspath(b)
+
+
+def file_key(path) -> list:
+    """Keys under which `path` is the same file as another: its (device, inode) when it exists, and its
+    resolved path (for files still to be written). Never raises."""
+    keys = []
+    try:
+        st = os.stat(path)
+        keys.append(("inode", st.st_dev, st.st_ino))
+    except (OSError, ValueError):
+        pass
+    try:
+        keys.append(("path", os.path.normcase(os.path.realpath(path))))
+    except (OSError, ValueError, RuntimeError):
+        keys.append(("path", os.path.normcase(os.path.abspath(path))))
+    return keys
 
 
 def check_output_name(path) -> Path:

@@ -305,7 +305,7 @@ def test_cli_errors_are_one_line_exit_2(tmp_path):
         assert res.exit_code == 2
         assert res.stdout == ""
         assert len(res.stderr.strip().splitlines()) == 1
-        assert res.stderr.startswith("cordseg evaluate: error:")
+        assert res.stderr.startswith("cordseg: error:")
         assert "Traceback" not in res.stderr
     assert "do not overlap" in run([pred, ref]).stderr
     res = run([ref])  # REF missing: usage error, also exit 2
