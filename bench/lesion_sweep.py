@@ -25,15 +25,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench import lesion_eval, lesion_sets  # noqa: E402
 
 
-def prepare(cases, model=None, log=print):
-    """[(case, rpi, prob, cord)] with one Segmenter per contrast."""
+def prepare(cases, model=None, log=print, cache=None):
+    """[(case, rpi, prob, cord)] with one Segmenter per contrast (maps kept in `cache`, a folder, if given)."""
     import cordseg
     from cordseg import segmentation
     from cordseg.io import load_image
+    from cordseg.orientation import to_rpi
 
     segs, out = {}, []
     for case in cases:
         t0 = time.perf_counter()
+        kept = None if cache is None else Path(cache) / f"{case['case']}.npz"
+        if kept is not None and kept.exists():
+            with np.load(kept) as z:
+                rpi = to_rpi(load_image(case["image"]))
+                out.append((case, rpi, z["prob"], z["cord"]) if z["prob"].size else (case, None, None, None))
+            continue
         seg = segs.setdefault(case["contrast"], cordseg.Segmenter(case["contrast"], lesion_model=model))
         image = load_image(case["image"])
         try:
@@ -41,10 +48,14 @@ def prepare(cases, model=None, log=print):
         except cordseg.CordsegError as err:
             log(f"  {case['case']}: {err}")
             out.append((case, None, None, None))
+            if kept is not None:
+                np.savez(kept, prob=np.zeros(0), cord=np.zeros(0))
             continue
         _, cprob, sc, _ = seg._soft_map("sc", image, case["contrast"], cl, None)
         cord = segmentation.keep_largest_component((cprob >= sc.threshold).astype(np.uint8))
         out.append((case, rpi, prob, cord))
+        if kept is not None:
+            np.savez_compressed(kept, prob=prob.astype(np.float16), cord=cord)
         log(f"  {case['case']}: {time.perf_counter() - t0:.1f} s")
     return out
 
@@ -58,7 +69,7 @@ def apply(rpi, prob, cord, thr, grow, least, fill):
     if least and mask.any():
         mask = lesions.screen_lesions(mask, rpi.data, cord, least)[0]
     if fill and mask.any():
-        mask = lesions.fill_to_edge(mask, rpi.data, cord, fill)
+        mask = lesions.fill_to_edge(mask, rpi.data, cord, fill, rpi.zooms)
     return rpi.to_native(mask) > 0
 
 
@@ -94,15 +105,18 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--set", default="choose", choices=["choose", "report"])
     ap.add_argument("--model", help="lesion model (default: the installed one)")
-    ap.add_argument("--thresholds", default="0.3,0.4,0.5,0.6")
-    ap.add_argument("--grow", default="0,0.2,0.3")
-    ap.add_argument("--min-contrast", default="0,1.1,1.15,1.2")
-    ap.add_argument("--fill", default="0,0.5")
+    ap.add_argument("--thresholds", default="0.3,0.4,0.5")
+    ap.add_argument("--grow", default="0,0.25")
+    ap.add_argument("--min-contrast", default="1.1,1.15,1.2")
+    ap.add_argument("--fill", default="0")
     ap.add_argument("--out")
+    ap.add_argument("--cache", help="keep each case's maps here and reuse them (one folder per model)")
     a = ap.parse_args(argv)
+    if a.cache:
+        Path(a.cache).mkdir(parents=True, exist_ok=True)
     index = lesion_sets.build(a.set)
     cases = json.loads(Path(index).read_text())["cases"]
-    prepared = prepare([c for c in cases if c["kind"] in ("lesion", "free")], a.model)
+    prepared = prepare([c for c in cases if c["kind"] in ("lesion", "free")], a.model, cache=a.cache)
     grid = list(itertools.product(*[[float(v) for v in s.split(",")]
                                     for s in (a.thresholds, a.grow, a.min_contrast, a.fill)]))
     results = []

@@ -71,18 +71,21 @@ def grow_lesions(mask: np.ndarray, prob: np.ndarray, low: float) -> np.ndarray:
 
 
 def fill_to_edge(mask: np.ndarray, image: np.ndarray, cord: np.ndarray, fraction: float = 0.5,
-                 reach: int = 2) -> np.ndarray:
-    """Each lesion grown, within `reach` voxels and inside `cord`, over the voxels brighter than
-    `fraction` of the way from the lesion-free cord's median to the lesion's own median: its outline at
-    that share of its contrast (0.5: the half-maximum edge), whatever the network's map says there."""
+                 zooms=(1.0, 1.0, 1.0), reach_mm: float = 1.5) -> np.ndarray:
+    """Each lesion grown, within `reach_mm` of it (per axis: no growth across slices thicker than that) and
+    inside `cord`, over the voxels brighter than `fraction` of the way from the lesion-free cord's median to
+    the lesion's own median: its outline at that share of its contrast (0.5: the half-maximum edge)."""
     labels, _ = label_lesions(mask)
     if labels.max() == 0:
+        return mask
+    steps = [int(np.floor(reach_mm / float(z) + 1e-6)) for z in zooms]
+    if not any(steps):
         return mask
     cord = cord.astype(bool)
     healthy = cord & ~mask.astype(bool)
     out = mask.astype(bool).copy()
     for i, sl in enumerate(ndi.find_objects(labels), start=1):
-        box = tuple(slice(max(0, s.start - reach), s.stop + reach) for s in sl)
+        box = tuple(slice(max(0, s.start - n), s.stop + n) for s, n in zip(sl, steps))
         own = labels[box] == i
         zs = slice(box[2].start, box[2].stop)
         ref = image[:, :, zs][healthy[:, :, zs]]
@@ -92,7 +95,12 @@ def fill_to_edge(mask: np.ndarray, image: np.ndarray, cord: np.ndarray, fraction
         level = base + fraction * (float(np.median(image[box][own])) - base)
         if level <= base:
             continue
-        near = ndi.binary_dilation(own, _CUBE, iterations=reach) & cord[box] & (image[box] >= level)
+        near = own
+        for axis, n in enumerate(steps):
+            if n:
+                line = np.ones([3 if a == axis else 1 for a in range(3)], bool)
+                near = ndi.binary_dilation(near, line, iterations=n)
+        near &= cord[box] & (image[box] >= level)
         grown, _ = ndi.label(near | own, _CUBE)
         keep = np.unique(grown[own])
         out[box] |= np.isin(grown, keep[keep > 0])

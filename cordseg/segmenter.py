@@ -186,7 +186,7 @@ class Segmenter:
                     if least > 0:
                         mask = _lesions.screen_lesions(mask, rpi.data, cord, least)[0]
                     if c.lesion_fill and mask.any():
-                        mask = _lesions.fill_to_edge(mask, rpi.data, cord, c.lesion_fill)
+                        mask = _lesions.fill_to_edge(mask, rpi.data, cord, c.lesion_fill, rpi.zooms)
         if not mask.any():
             self._require_cord(contrast, cl)
         out = self._output(rpi.to_native(mask), image)

@@ -28,7 +28,7 @@ def test_fill_to_edge_reaches_the_half_maximum_outline():
     image = np.where(cord, 100.0, 20.0)
     image[lesion] = 140.0  # lesion 1.4x the cord
     core = (d <= 0.3).astype(np.uint8)
-    out = fill_to_edge(core, image, cord, fraction=0.5, reach=3)
+    out = fill_to_edge(core, image, cord, fraction=0.5, reach_mm=3)
     assert np.array_equal(out.astype(bool), lesion | core.astype(bool))
     # no growth beyond the cord, and nothing where the image is not brighter
     flat = np.where(cord, 100.0, 20.0)
@@ -42,5 +42,16 @@ def test_fill_to_edge_keeps_lesions_apart_from_bright_cord_elsewhere():
     image[d <= 1.0] = 150.0
     image[2:28, 2:28, 18:20] = np.where(cord[2:28, 2:28, 18:20], 150.0, 20.0)  # bright, but 3+ voxels away
     core = (d <= 1.0).astype(np.uint8)
-    out = fill_to_edge(core, image, cord, fraction=0.5, reach=2)
+    out = fill_to_edge(core, image, cord, fraction=0.5, reach_mm=2)
     assert not out[:, :, 18:].any()
+
+
+def test_fill_to_edge_does_not_cross_thick_slices():
+    d = _blob()
+    cord = _blob(r=(8, 8, 30)) <= 1.0
+    image = np.where(cord, 100.0, 20.0)
+    image[d <= 1.0] = 150.0
+    core = ((d <= 1.0) & (np.arange(20) == 10)[None, None, :]).astype(np.uint8)
+    out = fill_to_edge(core, image, cord, fraction=0.5, zooms=(0.5, 0.5, 5.0), reach_mm=1.5)
+    assert not out[:, :, :10].any() and not out[:, :, 11:].any()
+    assert out[:, :, 10].sum() == (d[:, :, 10] <= 1.0).sum()  # in-plane, the whole section
