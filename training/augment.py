@@ -55,7 +55,8 @@ def _warp(arrays, rng, shape, centre, *, max_rot=20.0, max_tilt=10.0, elastic=Tr
     coords = [x, y] + ([grid[2]] if ndim == 3 else [])
     if ndim == 3 and max_tilt:
         t = np.deg2rad(rng.uniform(-max_tilt, max_tilt))
-        coords[1], coords[2] = coords[1] * np.cos(t) - coords[2] * np.sin(t), coords[1] * np.sin(t) + coords[2] * np.cos(t)
+        c, s = np.cos(t), np.sin(t)
+        coords[1], coords[2] = coords[1] * c - coords[2] * s, coords[1] * s + coords[2] * c
     if elastic:
         for c, d in zip(coords, elastic_field(rng, shape)):
             c += d
