@@ -194,6 +194,9 @@ def evaluate(a, log=print) -> dict:
     index = lesion_sets.build(a.set, a.data, a.out)
     meta = json.loads(Path(index).read_text())
     cases = [c for c in meta["cases"] if a.only is None or a.only in c["case"]]
+    if a.shard:
+        i, n = (int(v) for v in a.shard.split("/"))
+        cases = cases[i - 1::n]
     pub = import_published(a.out / "published", a.anchors, log) if a.published else None
     results = []
     for case in cases:
@@ -322,6 +325,15 @@ def report(res: dict, command: str) -> str:
     return "\n".join(lines)
 
 
+def load_runs(paths: str) -> dict:
+    """Earlier --json outputs (comma-separated shards of one run) joined into one result."""
+    runs = [json.loads(Path(f).read_text()) for f in paths.split(",")]
+    out = dict(runs[0])
+    out["cases"] = [c for r in runs for c in r["cases"]]
+    out["command"] = " + ".join(r.get("command", "?") for r in runs)
+    return out
+
+
 def compact(results_by_name: dict) -> str:
     """One table of headline, band and lesion-free figures, a column per run (name -> evaluate() result)."""
     names = list(results_by_name)
@@ -392,13 +404,21 @@ def main(argv=None) -> int:
     p.add_argument("--no-soft", action="store_true", help="skip the soft map (no peak-probability diagnostics; "
                    "halves the time)")
     p.add_argument("--only", help="only cases whose id contains this text")
+    p.add_argument("--shard", metavar="I/N", help="only every N-th case starting at the I-th (1-based), to run "
+                   "a set in N processes; join the JSONs with --compact NAME=A.json,B.json or --report")
+    p.add_argument("--report", metavar="JSON[,JSON...]", help="print the full report of earlier --json "
+                   "output(s) (shards joined; no run)")
     p.add_argument("--data", type=Path, default=lesion_sets.DEFAULT_DATA)
     p.add_argument("--out", type=Path, default=lesion_sets.DEFAULT_OUT)
     p.add_argument("--anchors", type=Path, default=ANCHORS)
     a = p.parse_args(argv)
     if a.compact:
         runs = dict(x.split("=", 1) for x in a.compact)
-        print(compact({n: json.loads(Path(f).read_text()) for n, f in runs.items()}))
+        print(compact({n: load_runs(f) for n, f in runs.items()}))
+        return 0
+    if a.report:
+        res = load_runs(a.report)
+        print(report(res, res.get("command", "?")))
         return 0
     if not a.set:
         p.error("--set is required")
