@@ -96,6 +96,7 @@ def test_centerline_follows_the_phantom(case):
     assert float(err.max()) <= CENTERLINE_MAX_BAR, f"worst slice {err.max():.2f} mm"
 
 
+@pytest.mark.slow
 def test_centerline_mask_is_one_voxel_per_slice(case):
     mask, cl, image = case["mask"], case["cl"], case["image"]
     assert_on_grid(mask, image)

@@ -220,6 +220,7 @@ def test_pure_noise_image(tmp_path, out_dir, phantom):
         assert_clean_error(result, out_dir, "no spinal cord found")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", COMMANDS)
 def test_two_thick_slices(shared_data, out_dir, command):
     path = shared_data / "bad_input" / "two_slices_5mm_T2star.nii.gz"  # 45x45x2, 4.98x4.98x37.5 mm

@@ -206,6 +206,7 @@ def test_lesion_csv_with_the_shipped_model(tmp_path, t2w):
     assert sum(float(r[1]) for r in rows) == pytest.approx(float(match[2]), abs=0.1)
 
 
+@pytest.mark.slow
 def test_lesion_min_contrast_option(tmp_path, t2w):
     result, stdout, stderr = invoke("lesion", t2w, "-o", tmp_path, "--min-contrast", "0", "-q")
     assert result.exit_code == 0, stderr

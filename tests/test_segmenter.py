@@ -82,6 +82,7 @@ def test_contrast_read_from_each_name(tmp_path, phantom, sessions):
     seg.cord(unnamed, contrast="t2")
 
 
+@pytest.mark.slow
 def test_stage_events_account_for_the_run(phantom):
     events = []
     seg = cordseg.Segmenter("t2", on_stage=events.append)
