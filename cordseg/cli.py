@@ -150,7 +150,9 @@ def _reported(image=None):
     names the input the lines concern (unless they name it already)."""
 
     def prefix(message):
-        return "" if image is None or str(image) in message else f"{image}: "
+        if image is None or str(image) in message or Path(str(image)).name in message:
+            return ""
+        return f"{image}: "
 
     error, code = None, EXIT_ERROR
     with warnings.catch_warnings(record=True) as caught:
@@ -279,8 +281,9 @@ def _for_each(opts: Options, one):
     One image: an error ends the command. Several (their outputs checked first): every failure is one line
     naming its image and the others go on; the exit status is 2 when any failed. Ctrl-C stops the batch."""
     images = opts.images
-    if len(images) == 1:
-        one(images[0])
+    if len(images) == 1:  # its lines name the image too (an out-of-memory line says which scan it was)
+        with _reported(images[0]):
+            one(images[0])
         return
     failed = []
     for image in images:
