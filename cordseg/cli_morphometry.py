@@ -55,8 +55,11 @@ def morphometry(seg, image, perslice, slices, levels, vert, perlevel, no_angle, 
             target = None
             if out is not None:
                 target = _m.csv_path_beside(Path(out) / seg.name) if out.is_dir() else out
-                if target.resolve() == seg.resolve():
-                    raise CordsegError(f"{target}: refusing to overwrite the input mask.")
+                from .io import same_file
+
+                for given in (seg, image, levels):  # no output on any input (links and hard links included)
+                    if given is not None and same_file(target, given):
+                        raise CordsegError(f"{target}: refusing to overwrite the input {given}.")
             table = _m.morphometry(seg, image, perslice=perslice, slices=slices, levels=levels, vert=vert,
                                    perlevel=perlevel, angle_correction=not no_angle)
             if target is not None:

@@ -107,6 +107,16 @@ def test_outputs_never_land_on_the_given_centerline_nor_on_each_other(tmp_path, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_T2w.nii.gz", "cl.csv", "cl.nii.gz"]
 
 
+def test_morphometry_output_never_overwrites_its_inputs(tmp_path, scan, phantom):
+    seg = tmp_path / "a_T2w_seg.nii.gz"
+    nib.save(phantom.cord, seg)
+    before = {p: digest(p) for p in (scan, seg)}
+    for args in ((seg, "--image", scan, "-o", scan), (seg, "-o", seg)):
+        code, _, stderr = invoke("morphometry", *args)
+        assert code == 2 and "refusing to overwrite" in stderr, stderr
+    assert {p: digest(p) for p in (scan, seg)} == before
+
+
 # --------------------------------------------------------------------------- 4: signals
 
 
