@@ -93,6 +93,9 @@ def _signals():
             signal.signal(sig, old)
 
 
+_INTERRUPTED_CODES = frozenset(128 + int(sig) for sig in _SIGNALS) | {EXIT_INTERRUPTED}
+
+
 def _interrupted(exc: BaseException) -> tuple[str, int]:
     signum = getattr(exc, "signum", signal.SIGINT)
     return _SIGNAL_WORDS.get(signum, "interrupted"), 128 + int(signum)
@@ -291,7 +294,7 @@ def _for_each(opts: Options, one):
             with _reported(image):
                 one(image)
         except _Reported as done:
-            if done.code == EXIT_INTERRUPTED:
+            if done.code in _INTERRUPTED_CODES:  # Ctrl-C, SIGTERM, SIGHUP: the batch stops
                 raise
             failed.append(image)
     if failed:

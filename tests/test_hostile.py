@@ -155,6 +155,17 @@ def test_a_signal_during_the_write_leaves_nothing(tmp_path, scan, sig, code, tar
     assert list(out.iterdir()) == []  # no temporary file, and no mask without its CSV
 
 
+def test_sigterm_stops_a_batch(tmp_path, scan):
+    second = tmp_path / "b_T2w.nii.gz"
+    second.write_bytes(scan.read_bytes())
+    out = tmp_path / "out"
+    out.mkdir()
+    proc = subprocess.run([sys.executable, "-c", SCRIPT.format(sig="SIGTERM", target="mask"), "sc", str(scan),
+                           str(second), "-o", str(out), "-q"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 143 and proc.stderr.count("\n") == 1, proc.stderr
+    assert list(out.iterdir()) == []
+
+
 def test_ctrl_c_before_the_command_starts_prints_one_line(tmp_path):
     """Run as the `cordseg` program, an interruption right after the imports (before main) is one line."""
     script = tmp_path / "cordseg"
