@@ -193,7 +193,8 @@ class Segmenter:
         if not table:
             return out
         with timed(self.on_stage, "table"):
-            rows = _lesions.lesion_table(out, prob=rpi.to_native(prob), image=np.asanyarray(image.dataobj),
+            on_grid = image_like(rpi.to_native(mask).astype(np.uint8), image)  # 3D, as the maps (out may be 2D/4D)
+            rows = _lesions.lesion_table(on_grid, prob=rpi.to_native(prob), image=np.asanyarray(image.dataobj),
                                          cord=None if cord is None else rpi.to_native(cord))
         return out, rows
 

@@ -376,9 +376,9 @@ def test_2d_and_one_volume_4d_inputs_keep_their_shape(tmp_path):
         img.header.set_qform(affine, 1)
         img.header.set_sform(affine, 1)
         nib.save(img, tmp_path / name)
-        for command in ("centerline", "sc"):
+        for command, extra in (("centerline", ()), ("sc", ()), ("lesion", ("--csv", tmp_path / "t.csv"))):
             out = tmp_path / f"{command}_{name}"
-            code, _, stderr = invoke(command, tmp_path / name, "-o", out, "-q", "--qc")
+            code, _, stderr = invoke(command, tmp_path / name, "-o", out, "-q", "--qc", *extra)
             assert code == 0, stderr
             assert nib.load(out).shape == array.shape, (name, command)
         api = cordseg.segment_cord(tmp_path / name)
