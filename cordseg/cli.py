@@ -231,9 +231,13 @@ class _Main(click.Group):
         except click.exceptions.Exit as done:  # pragma: no cover - click returns it with standalone_mode=False
             code = done.exit_code
         except click.UsageError as exc:
-            hint = f" (see {exc.ctx.command_path} -h)" if exc.ctx is not None else ""
-            click.echo(f"cordseg: error: {' '.join(exc.format_message().split())}{hint}", err=True)
-            code = EXIT_ERROR
+            if type(exc).__name__ == "NoArgsIsHelpError":  # `cordseg` alone (click >= 8.2): the help, as before
+                click.echo(exc.ctx.get_help())
+                code = 0
+            else:
+                hint = f" (see {exc.ctx.command_path} -h)" if exc.ctx is not None else ""
+                click.echo(f"cordseg: error: {' '.join(exc.format_message().split())}{hint}", err=True)
+                code = EXIT_ERROR
         except click.ClickException as exc:
             click.echo(f"cordseg: error: {' '.join(exc.format_message().split())}", err=True)
             code = exc.exit_code

@@ -358,6 +358,11 @@ def test_usage_errors_are_one_line(args):
     assert stderr.startswith("cordseg: error: ") and stderr.count("\n") == 1, stderr
 
 
+def test_cordseg_alone_prints_its_help():
+    code, stdout, stderr = invoke()
+    assert code == 0 and "Commands:" in stdout and stderr == ""
+
+
 def test_evaluate_errors_use_cordseg_prefix(tmp_path, scan):
     code, _, stderr = invoke("evaluate", scan, tmp_path / "missing.nii.gz")
     assert code == 2 and stderr.startswith("cordseg: error: ") and stderr.count("\n") == 1, stderr
