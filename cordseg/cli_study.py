@@ -10,7 +10,6 @@ import click
 from .errors import CordsegError, CordsegWarning
 
 EXIT_ERROR = 2
-EXIT_INTERRUPTED = 130
 
 _HELP = """Segment every image of a BIDS dataset and write BIDS derivatives and one table.
 
@@ -124,9 +123,11 @@ def study(bids_dir, out, tasks, participants, include, exclude, jobs, dask, thre
             error = " ".join(str(exc).split())
         except MemoryError:
             error = "out of memory"
-        except KeyboardInterrupt:
-            error, code = ("interrupted; the images done so far are in the table; run the same command to "
-                           "carry on"), EXIT_INTERRUPTED
+        except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM / SIGHUP turned into one by the cordseg group
+            signum = int(getattr(exc, "signum", 2))
+            words = {1: "hung up (SIGHUP)", 15: "terminated (SIGTERM)"}.get(signum, "interrupted")
+            error = f"{words}; the images done so far are in the table; run the same command to carry on"
+            code = 128 + signum
     for w in caught:
         if issubclass(w.category, CordsegWarning):
             click.echo(f"cordseg: warning: {w.message}", err=True)

@@ -320,7 +320,11 @@ _POOL_CACHE: dict | None = None
 def _init_pool_worker():
     global _POOL_CACHE
     _POOL_CACHE = {}
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it stops the pool
+    # Ctrl-C, and SIGTERM sent to the whole job, are the parent's to handle: it stops the pool, each worker
+    # finishes the image in hand (whole files) and leaves; a SIGKILL that follows leaves at most temporary
+    # files, which the next run removes
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 class SegmenterPlugin:
@@ -507,7 +511,17 @@ def process_image(job: ImageJob, cache: dict | None = None) -> dict:
 
 
 def _max_rss_mb() -> float | None:
-    """The worker process's peak resident memory so far (MB), where the platform says."""
+    """The worker process's peak resident memory so far (MB), where the platform says.
+
+    Linux: VmHWM of this process's own memory map (getrusage's ru_maxrss survives exec, so a worker that a
+    big process started would report its parent's peak)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
     try:
         import resource
     except ImportError:  # Windows
@@ -868,14 +882,12 @@ def _run_serial(todo, table: _Table) -> None:
 
 
 def _pool_context():
+    """Spawned workers: each imports the runtime itself (a second or two, once per worker). Not forkserver:
+    a SIGTERM sent to the whole job kills the fork server, whose pipes are how the pool watches its
+    workers, and the pool would take them all for dead while they still run."""
     import multiprocessing as mp
 
-    if "forkserver" not in mp.get_all_start_methods():
-        return mp.get_context("spawn")
-    # workers fork from a server that has imported the heavy modules once (no ONNX session, no threads yet)
-    ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["cordseg.study", "cordseg.segmenter", "cordseg.morphometry", "onnxruntime"])
-    return ctx
+    return mp.get_context("spawn")
 
 
 def _failed(plan: _Plan, reason: str) -> dict:
@@ -913,7 +925,9 @@ def _run_pool(todo, jobs: int, table: _Table) -> None:
                 table.add(pending.pop(key), result)
             ex.shutdown(wait=True)
         except BaseException:
-            ex.shutdown(wait=False, cancel_futures=True)
+            # the images not started are dropped; the workers finish the ones in hand (whole files, seconds)
+            # and leave: a worker left behind would hold the queues open and never exit
+            ex.shutdown(wait=True, cancel_futures=True)
             raise
         if broken:
             for key in list(pending):

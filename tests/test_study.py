@@ -502,3 +502,40 @@ def test_real_scans_with_the_shipped_models(tmp_path, shared_data, monkeypatch):
     side = json.loads((out / "sub-t2/anat/sub-t2_T2w_label-SC_seg.json").read_text())
     from cordseg.inference import find_model
     assert side["GeneratedBy"][0]["ModelSHA256"] == sha256(find_model("sc", "t2").path)
+
+
+# --------------------------------------------------------------------------- signals, as a batch system sends them
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("whom", ["group", "parent"])
+def test_sigterm_leaves_whole_files_and_the_next_run_carries_on(tmp_path, models, whom):
+    import glob
+    import subprocess
+
+    exe = shutil.which("cordseg")
+    if exe is None:
+        pytest.skip("the cordseg program is not installed")
+    root = tmp_path / "bids"
+    for i in range(24):
+        put(root, f"sub-{i:02d}/anat/sub-{i:02d}_T2w.nii.gz", make_phantom((64, 64, 24), ZOOMS, seed=i).image)
+    out = root / "derivatives" / "cordseg"
+    proc = subprocess.Popen([exe, "study", str(root), "--jobs", "2", "--tasks", "sc,lesion", "-q"],
+                            start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+    while len(glob.glob(str(out / "sub-*/anat/*_seg.json"))) < 6 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if whom == "group":
+        os.killpg(proc.pid, signal.SIGTERM)
+    else:
+        proc.send_signal(signal.SIGTERM)
+    text = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 143, text
+    assert "terminated (SIGTERM)" in text and "Traceback" not in text
+    assert not [p for p in out.rglob(".*") if p.name != ".bidsignore"]  # no temporary file, no lock
+    masks = sorted(out.rglob("*_seg.nii.gz"))
+    for mask in masks:
+        nib.load(str(mask)).get_fdata()  # whole files
+    result = run_study(root, tasks="sc,lesion")
+    assert all(r["status"] == "ok" for r in result.rows)
+    assert sum(r["reused"] == "sc,lesion" for r in result.rows) >= 3
