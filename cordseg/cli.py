@@ -360,7 +360,9 @@ def _check_outputs(opts: Options, suffix):
 
 
 def _writable_folder(path):
-    folder = Path(path).resolve().parent
+    from .io import check_output_name
+
+    folder = Path(os.path.realpath(check_output_name(path))).parent
     if not folder.is_dir() or not os.access(folder, os.W_OK):
         raise OutputError(f"cannot write {path}: folder {folder} does not exist or is not writable")
 

@@ -252,9 +252,12 @@ def test_symlink_loops_and_long_names_are_one_line(tmp_path, scan):
     loop_a.symlink_to(loop_b)
     loop_b.symlink_to(loop_a)
     long_in = tmp_path / ("x" * 300 + "_T2w.nii.gz")
-    for args in ((loop_a, "-o", tmp_path / "o.nii.gz"), (scan, "-o", loop_a), (long_in, "-o", tmp_path),
-                 (scan, "-o", tmp_path / ("y" * 300 + ".nii.gz"))):
-        code, stdout, stderr = invoke("sc", *args)
+    for command, args in (("sc", (loop_a, "-o", tmp_path / "o.nii.gz")), ("sc", (scan, "-o", loop_a)),
+                          ("sc", (long_in, "-o", tmp_path)), ("sc", (scan, "-o", tmp_path / ("y" * 300 + ".nii.gz"))),
+                          ("lesion", (scan, "-o", tmp_path, "--csv", loop_a)),
+                          ("lesion", (scan, "-o", tmp_path, "--csv", tmp_path / ("z" * 300 + ".csv"))),
+                          ("sc", (scan, "-o", tmp_path, "--centerline", loop_a))):
+        code, stdout, stderr = invoke(command, *args)
         assert code == 2 and stderr.startswith("cordseg: error:") and len(stderr.splitlines()) == 1, stderr
     assert leftovers(tmp_path) == []
 
