@@ -484,6 +484,7 @@ def save_like(data, reference_img, path, *, dtype=np.uint8) -> Path:
 
 def _checked_output(data, reference_img, path: Path, dtype):
     """(data cast to `dtype`, the name's NIfTI suffix), or OutputError before anything is written."""
+    check_output_name(path)
     ref_shape = tuple(int(n) for n in reference_img.shape)
     arr = np.asanyarray(data)
     if arr.shape != ref_shape:
