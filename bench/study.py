@@ -132,7 +132,7 @@ def main(argv=None):
                 overhead["Dask LocalCluster (2 workers)"] = dask_overhead(client)
     print()
     print("| set-up | scans | wall s | s per scan in a worker | CPU s per scan | scans/min "
-          "| peak RSS per worker (MB) |")
+          "| peak memory per worker (MB) |")
     print("|---|---|---|---|---|---|---|")
     for r in results:
         mem = ", ".join(f"{v:.0f}" for v in r["peak"].values())
