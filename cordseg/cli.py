@@ -51,7 +51,8 @@ import click  # noqa: E402
 
 from . import __version__  # noqa: E402
 from .contract import CONTRASTS  # noqa: E402
-from .errors import CordsegError, CordsegWarning, InputError, ModelError, OutputError  # noqa: E402
+from .errors import (CordsegError, CordsegWarning, InputError, ModelError, OutputError,  # noqa: E402
+                     ResourceError)
 from .stages import timed  # noqa: E402
 
 EXIT_ERROR = 2
@@ -288,9 +289,12 @@ def _for_each(opts: Options, one):
     One image: an error ends the command. Several (their outputs checked first): every failure is one line
     naming its image and the others go on; the exit status is 2 when any failed. Ctrl-C stops the batch."""
     images = opts.images
-    if len(images) == 1:  # its lines name the image too (an out-of-memory line says which scan it was)
-        with _reported(images[0]):
+    if len(images) == 1:
+        try:
             one(images[0])
+        except (MemoryError, ResourceError) as exc:  # say which scan needed more than there was
+            said = str(exc) if isinstance(exc, ResourceError) else "out of memory"
+            raise ResourceError(said if str(images[0]) in said else f"{images[0]}: {said}") from None
         return
     failed = []
     for image in images:

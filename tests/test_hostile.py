@@ -339,6 +339,17 @@ def test_bad_api_arguments_raise_cordseg_errors(scan, call):
         call(scan)
 
 
+def test_out_of_memory_names_the_scan_on_the_command_line(tmp_path, scan, monkeypatch):
+    import cordseg.segmenter as segmenter
+
+    def no_memory(*a, **k):
+        raise MemoryError
+
+    monkeypatch.setattr(segmenter._centerline, "detect", no_memory)
+    code, _, stderr = invoke("sc", scan, "-o", tmp_path / "o.nii.gz")
+    assert code == 2 and stderr.count("\n") == 1 and str(scan) in stderr and "out of memory" in stderr, stderr
+
+
 def test_out_of_memory_is_a_cordseg_error(scan, monkeypatch):
     import cordseg.segmenter as segmenter
 
