@@ -70,15 +70,16 @@ class Interrupted(KeyboardInterrupt):
 
 @contextmanager
 def _signals():
-    """For the command's duration (main thread only): SIGINT, SIGTERM and SIGHUP raise Interrupted. Later
-    signals are ignored while the first one unwinds, so the clean-up itself is not cut short."""
+    """For the command's duration (main thread only): SIGINT, SIGTERM and SIGHUP raise Interrupted, which
+    unwinds through every clean-up. Once one has, the handlers from before are back: a second signal acts
+    as it would without cordseg (a second Ctrl-C or kill ends a run that is slow to stop)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def handler(signum, frame):
-        for sig in _SIGNALS:
-            signal.signal(sig, signal.SIG_IGN)
+        for sig, old in previous.items():
+            signal.signal(sig, old)
         raise Interrupted(signum)
 
     previous = {}
