@@ -8,7 +8,10 @@ without cord are left out when their cost outweighs what they add). Rewards are 
 thick and thin slices weigh alike; OptiC's penalty is per mm of displacement squared over slice thickness.
 
 CNN1 runs twice: on whole slices, then on a window around the first curve on every slice (SECOND_LOOK_MM),
-and OptiC's path through the second heatmap is the answer.
+and OptiC's path through the second heatmap is the answer. The first pass only places the windows: on slices
+much wider than a window (a whole neck) it looks at slices FIRST_PASS_MM apart and without the mirror image (a
+quarter to an eighth of a full pass); where the windows span whole slices it is skipped, since they then do
+not depend on it.
 """
 from __future__ import annotations
 
@@ -18,9 +21,9 @@ import numpy as np
 from nibabel.affines import apply_affine
 from scipy import ndimage as ndi
 
-from .contract import CENTERLINE_SLICE_MM, SECOND_LOOK_MM  # noqa: F401 (defaults, kept importable here)
+from .contract import CENTERLINE_SLICE_MM, FIRST_PASS_MM, SECOND_LOOK_MM  # noqa: F401 (defaults, kept importable here)
 from .errors import InputError, ModelError, NoCordError
-from .inference import Model
+from .inference import Model, release_memory
 from .normalization import normalize_with
 from .optic import optimal_path
 from .orientation import Reoriented
@@ -29,7 +32,11 @@ from .stages import timed
 
 DEFAULT_SMOOTHNESS = 1.0  # OptiC's lambda, per mm^2 of displacement over mm of slice thickness
 SLICE_BATCH = 8
-BATCH_PIXELS = 8 * 256 * 256  # at most this many pixels per CNN1 call (about 0.4 GB of activations)
+BATCH_PIXELS = 384 * 384  # at most this many pixels per CNN1 call (about 0.1 GB of activations)
+# The cheap first pass (slices first_pass_mm apart, unmirrored) only on slices wider than this many windows:
+# it moves the windows by a voxel here and there, which moves the answer a little (on the labelled scans, up
+# to 0.02 mm^2 of centerline error either way); on smaller slices the full first pass costs little and stays.
+SPARSE_FIRST_PASS_WINDOWS = 24
 # Two per-model settings live in the model contract (cordseg.contract), with these defaults:
 # CENTERLINE_SLICE_MM: CNN1 need not see every thin slice: the centerline is smooth along z, so slices thinner
 # than this are resampled to it for the heatmap (a 1 mm sagittal volume: half the CNN1 work), and the
@@ -92,36 +99,50 @@ def _model_volume(rpi: Reoriented, model: Model) -> tuple[np.ndarray, tuple]:
     return resample(rpi.data, rpi.zooms, target, order=1), resampled_zooms(rpi.shape, rpi.zooms, target)
 
 
-def _predict_slices(slices: np.ndarray, model: Model, progress, span) -> np.ndarray:
-    """CNN1 on (n, nx, ny) normalised slices, padded to the model's size multiple; progress over `span`."""
+def _predict_slices(slices: np.ndarray, model: Model, progress, span, mirror: bool = True) -> np.ndarray:
+    """CNN1 on (n, nx, ny) normalised slices, padded to the model's size multiple; progress over `span`.
+    mirror: average with the left-right mirror image's answer (twice the work)."""
     m = max(1, model.size_multiple)
     n, nx, ny = slices.shape
-    padded = np.pad(slices, ((0, 0), (0, (-nx) % m), (0, (-ny) % m)), mode="edge")
+    pad = ((0, 0), (0, (-nx) % m), (0, (-ny) % m))
     heat = np.empty((n, nx, ny), np.float32)
-    batch = max(1, min(SLICE_BATCH, BATCH_PIXELS // padded[0].size))  # the network's memory grows with pixels
+    # the network's memory grows with pixels; padding a batch at a time keeps no padded copy of all slices
+    batch = max(1, min(SLICE_BATCH, BATCH_PIXELS // ((nx + pad[1][1]) * (ny + pad[2][1]))))
     for start in range(0, n, batch):
         stop = min(n, start + batch)
-        heat[start:stop] = model.predict(padded[start:stop], flip_average=True)[:, :nx, :ny]
+        part = np.pad(slices[start:stop], pad, mode="edge")
+        heat[start:stop] = model.predict(part, flip_average=mirror)[:, :nx, :ny]
         if progress:
             progress("centerline", span[0] + (span[1] - span[0]) * stop / n)
     return heat
 
 
-def _whole_slices(vol: np.ndarray, model: Model, progress, span) -> np.ndarray:
+def _whole_slices(vol: np.ndarray, model: Model, progress, span, mirror: bool = True) -> np.ndarray:
     """CNN1 on every whole slice of `vol` (the image on CNN1's grid)."""
     vol = normalize_with(model.normalisation, vol, model.normalisation_params)
-    return np.moveaxis(_predict_slices(np.moveaxis(vol, 2, 0), model, progress, span), 0, 2)
+    return np.moveaxis(_predict_slices(np.moveaxis(vol, 2, 0), model, progress, span, mirror), 0, 2)
+
+
+def _window_size(shape, zooms, model: Model, window_mm: float) -> list:
+    """In-plane size of the second look's windows on CNN1's grid (whole slices where they are narrower)."""
+    m = max(1, model.size_multiple)
+    return [min(n, int(np.ceil(window_mm / z / m)) * m) for n, z in zip(shape[:2], zooms[:2])]
+
+
+def _window_corners(shape, zooms, rpi: Reoriented, size, around: "Centerline") -> list:
+    """Per slice of CNN1's grid, the low corner (x, y arrays) of the window centred on `around`."""
+    nx, ny, nz = shape
+    z_rpi = (np.arange(nz) + 0.5) * zooms[2] / rpi.zooms[2] - 0.5
+    centre = [(c + 0.5) * r / z - 0.5 for c, r, z in zip(around.at(z_rpi), rpi.zooms[:2], zooms[:2])]
+    return [np.clip(np.rint(c - w / 2), 0, n - w).astype(int) for c, w, n in zip(centre, size, (nx, ny))]
 
 
 def _windows(vol: np.ndarray, zooms, rpi: Reoriented, model: Model, around: "Centerline", window_mm: float,
              progress, span) -> np.ndarray:
     """CNN1 on a `window_mm` square of every slice of `vol`, centred on `around`; zero elsewhere."""
     nx, ny, nz = vol.shape
-    m = max(1, model.size_multiple)
-    size = [min(n, int(np.ceil(window_mm / z / m)) * m) for n, z in zip((nx, ny), zooms[:2])]
-    z_rpi = (np.arange(nz) + 0.5) * zooms[2] / rpi.zooms[2] - 0.5
-    centre = [(c + 0.5) * r / z - 0.5 for c, r, z in zip(around.at(z_rpi), rpi.zooms[:2], zooms[:2])]
-    lo = [np.clip(np.rint(c - w / 2), 0, n - w).astype(int) for c, w, n in zip(centre, size, (nx, ny))]
+    size = _window_size(vol.shape, zooms, model, window_mm)
+    lo = _window_corners(vol.shape, zooms, rpi, size, around)
     windows = np.stack([vol[lo[0][z]:lo[0][z] + size[0], lo[1][z]:lo[1][z] + size[1], z] for z in range(nz)])
     windows = np.moveaxis(normalize_with(model.normalisation, np.moveaxis(windows, 0, 2),
                                          model.normalisation_params), 2, 0)
@@ -181,8 +202,10 @@ def refine(heat: np.ndarray, threshold: float, xs, ys, zs) -> tuple[np.ndarray, 
     return fx, fy
 
 
-def _trace(heat: np.ndarray, zooms, rpi: Reoriented, model: Model, smoothness: float) -> Centerline | None:
-    """OptiC's path through a heatmap, as sub-voxel centres on every RPI slice it spans (None: no cord)."""
+def _trace(heat: np.ndarray, zooms, rpi: Reoriented, model: Model, smoothness: float,
+           offset=(0, 0)) -> Centerline | None:
+    """OptiC's path through a heatmap, as sub-voxel centres on every RPI slice it spans (None: no cord).
+    offset: where heat's first voxel lies in-plane on CNN1's grid (heat may be a box of it)."""
     if not (heat >= model.threshold).any():
         return None
     path = optimal_path(reward(heat, zooms, model.threshold), zooms, smoothness)
@@ -190,6 +213,7 @@ def _trace(heat: np.ndarray, zooms, rpi: Reoriented, model: Model, smoothness: f
         return None
     zs = path.z
     fx, fy = refine(heat, model.threshold, path.x, path.y, zs)
+    fx, fy = fx + offset[0], fy + offset[1]
     # model grid -> RPI grid (extent-preserving voxel-centre mapping, as in resampling)
     scale = [z_m / z_r for z_m, z_r in zip(zooms, rpi.zooms)]
     x_r = (fx + 0.5) * scale[0] - 0.5
@@ -212,24 +236,71 @@ def detect(rpi: Reoriented, model: Model, *, smoothness: float = DEFAULT_SMOOTHN
 
     Two passes: whole slices, then (unless `window_mm` is None or 0) a window of `window_mm` around the first
     curve on every slice, whose answer is kept (default: the model's second_look_mm, 56 mm unless its file
-    says otherwise). on_stage: stage events (cordseg.stages) for the parts, centerline.*"""
+    says otherwise). The first pass only places the windows: on slices wider than SPARSE_FIRST_PASS_WINDOWS
+    windows it runs on slices the model's first_pass_mm apart, without the mirror image; where the windows
+    span whole slices, not at all. on_stage: stage
+    events (cordseg.stages) for the parts, centerline.*"""
     if window_mm is _MODEL:
         window_mm = model.contract.second_look_mm
     with timed(on_stage, "centerline.resample"):
         vol, zooms = _model_volume(rpi, model)  # resampled once, for both passes
-    with timed(on_stage, "centerline.cnn1"):
-        heat = _whole_slices(vol, model, progress, (0.0, 0.5 if window_mm else 1.0))
+    if not window_mm:
+        with timed(on_stage, "centerline.cnn1"):
+            heat = _whole_slices(vol, model, progress, (0.0, 1.0))
+        with timed(on_stage, "centerline.optic"):
+            first = _trace(heat, zooms, rpi, model, smoothness)
+        if first is None:
+            raise NoCordError("no spinal cord found")
+        return first
+    size = _window_size(vol.shape, zooms, model, window_mm)
+    whole = tuple(size) == vol.shape[:2]
+    if whole:  # windows are whole slices wherever the first curve runs: a first pass would change nothing
+        first = Centerline(np.zeros(1, int), np.zeros(1), np.zeros(1), rpi)
+    else:
+        sparse = vol.shape[0] * vol.shape[1] > SPARSE_FIRST_PASS_WINDOWS * size[0] * size[1]
+        first = _first_pass(vol, zooms, rpi, model, smoothness, progress, on_stage, sparse)
+    release_memory()
+    with timed(on_stage, "centerline.second_look"):
+        lo = _window_corners(vol.shape, zooms, rpi, size, first)
+        heat = _windows(vol, zooms, rpi, model, first, window_mm, progress, (0.5, 1.0))
+    # OptiC within the windows' bounding box (and one voxel of margin, so that depths inside the cord are
+    # measured as on the whole slice): outside it the heat is zero and the reward no higher than on the box's
+    # edge, so the optimum is the same, at a fraction of the work
+    box = [(max(0, int(c.min()) - 1), min(n, int(c.max()) + w + 1)) for c, w, n in zip(lo, size, vol.shape)]
     with timed(on_stage, "centerline.optic"):
-        first = _trace(heat, zooms, rpi, model, smoothness)
+        second = _trace(heat[box[0][0]:box[0][1], box[1][0]:box[1][1]], zooms, rpi, model, smoothness,
+                        offset=(box[0][0], box[1][0]))
+    if second is None:
+        if whole:
+            raise NoCordError("no spinal cord found")
+        return first
+    return second
+
+
+def _first_pass(vol, zooms, rpi, model, smoothness, progress, on_stage, sparse=True) -> Centerline:
+    """The first curve: CNN1 on whole slices; with `sparse`, about first_pass_mm apart and unmirrored, and
+    on every slice, mirrored, only when that finds nothing; NoCordError when no pass finds a cord."""
+    first = None
+    if sparse:
+        step_mm = model.contract.first_pass_mm
+        few, fzooms = vol, zooms
+        if step_mm > zooms[2] and vol.shape[2] > 1:
+            with timed(on_stage, "centerline.resample"):
+                target = (zooms[0], zooms[1], step_mm)
+                few = resample(vol, zooms, target, order=0)  # whole slices, not blends of two
+                fzooms = resampled_zooms(vol.shape, zooms, target)
+        with timed(on_stage, "centerline.cnn1"):
+            heat = _whole_slices(few, model, progress, (0.0, 0.5), mirror=False)
+        with timed(on_stage, "centerline.optic"):
+            first = _trace(heat, fzooms, rpi, model, smoothness)
+    if first is None:
+        with timed(on_stage, "centerline.cnn1"):
+            heat = _whole_slices(vol, model, progress, (0.0, 0.5))
+        with timed(on_stage, "centerline.optic"):
+            first = _trace(heat, zooms, rpi, model, smoothness)
     if first is None:
         raise NoCordError("no spinal cord found")
-    if not window_mm:
-        return first
-    with timed(on_stage, "centerline.second_look"):
-        heat = _windows(vol, zooms, rpi, model, first, window_mm, progress, (0.5, 1.0))
-    with timed(on_stage, "centerline.optic"):
-        second = _trace(heat, zooms, rpi, model, smoothness)
-    return first if second is None else second
+    return first
 
 
 def from_mask(rpi: Reoriented, mask_data: np.ndarray, mask_affine: np.ndarray) -> Centerline:

@@ -23,6 +23,8 @@ Keys (all values are strings in the file):
     cordseg_warning              a caveat shown to users
     cordseg_second_look_mm       centerline models: window of the second CNN1 pass (default 56; 0: none)
     cordseg_centerline_slice_mm  centerline models: CNN1 sees slices no thinner than this (default 2)
+    cordseg_first_pass_mm        centerline models: CNN1's first pass, which only places the second look's
+                                 windows, sees slices this far apart (default 8; 0: every slice)
   and free text the runtime only shows: cordseg_version, cordseg_training, cordseg_steps, cordseg_source.
 """
 from __future__ import annotations
@@ -41,6 +43,7 @@ REQUIRED_KEYS = ("cordseg_task", "cordseg_contrast", "cordseg_layout", "cordseg_
 # Per-model settings of CNN1's two passes (see cordseg.centerline); files without the keys get these.
 SECOND_LOOK_MM = 56.0
 CENTERLINE_SLICE_MM = 2.0
+FIRST_PASS_MM = 8.0
 
 
 def _g(value: float) -> str:
@@ -67,6 +70,7 @@ class ModelContract:
     warning: str | None = None
     second_look_mm: float = SECOND_LOOK_MM
     centerline_slice_mm: float = CENTERLINE_SLICE_MM
+    first_pass_mm: float = FIRST_PASS_MM
     info: dict = field(default_factory=dict, hash=False)
 
     def __post_init__(self):
@@ -128,6 +132,8 @@ class ModelContract:
             meta["cordseg_second_look_mm"] = _g(self.second_look_mm)
         if self.centerline_slice_mm != CENTERLINE_SLICE_MM:
             meta["cordseg_centerline_slice_mm"] = _g(self.centerline_slice_mm)
+        if self.first_pass_mm != FIRST_PASS_MM:
+            meta["cordseg_first_pass_mm"] = _g(self.first_pass_mm)
         meta.update({PREFIX + k: str(v) for k, v in self.info.items()})
         return meta
 
@@ -174,7 +180,7 @@ def _check(c: ModelContract):
         raise _Invalid("threshold")
     if isinstance(c.size_multiple, bool) or not isinstance(c.size_multiple, int) or c.size_multiple < 1:
         raise _Invalid("size_multiple")
-    for attr in ("min_lesion_contrast", "second_look_mm", "centerline_slice_mm"):
+    for attr in ("min_lesion_contrast", "second_look_mm", "centerline_slice_mm", "first_pass_mm"):
         v = getattr(c, attr)
         if not (_finite(v) and v >= 0):
             raise _Invalid(attr)
@@ -213,6 +219,7 @@ _PARSERS = {
     "cordseg_warning": ("warning", lambda t: t or None),
     "cordseg_second_look_mm": ("second_look_mm", float),
     "cordseg_centerline_slice_mm": ("centerline_slice_mm", float),
+    "cordseg_first_pass_mm": ("first_pass_mm", float),
 }
 _EXPECTED = {
     "task": f"one of {', '.join(TASKS)}",
@@ -230,4 +237,5 @@ _EXPECTED = {
     "warning": "text",
     "second_look_mm": "a number >= 0 (0: no second look)",
     "centerline_slice_mm": "a number >= 0",
+    "first_pass_mm": "a number >= 0 (0: every slice)",
 }

@@ -12,12 +12,12 @@ from scipy import ndimage as ndi
 
 from .centerline import Centerline, model_grid
 from .errors import ModelError
-from .inference import Model
+from .inference import Model, release_memory
 from .normalization import normalize_with
 from .resampling import resample, resample_to_shape, resampled_zooms
 from .stages import timed
 
-PATCH_BATCH = 4
+PATCH_BATCH = 1  # one patch per network call: its activations (tens of MB each) bound the peak memory
 SLICE_LEVEL_TOLERANCE = 1.25  # level_slices leaves slices within this factor of the box's median alone
 SLICE_LEVEL_MAX_GAIN = 10.0  # and scales none by more than this
 
@@ -132,6 +132,7 @@ def soft_segmentation(cl: Centerline, model: Model, progress=None, stage="segmen
             probs[start:start + PATCH_BATCH] = model.predict(patches[start:start + PATCH_BATCH], flip_average=True)
             if progress:
                 progress(stage, min(1.0, (start + PATCH_BATCH) / len(patches)))
+    release_memory()
     acc = np.zeros(vol.shape, np.float32)
     wsum = np.zeros(vol.shape, np.float32)
     weights = _blend_weights(patch)
@@ -154,8 +155,14 @@ def soft_segmentation(cl: Centerline, model: Model, progress=None, stage="segmen
 
 def keep_largest_component(mask: np.ndarray) -> np.ndarray:
     """The cord is one connected object: drop islands a patch may have produced away from it."""
-    labels, n = ndi.label(mask, structure=np.ones((3, 3, 3)))
+    nz = np.nonzero(mask)  # labelled in the mask's bounding box only: the cord is a thin part of the volume
+    if not nz[0].size:
+        return mask
+    box = tuple(slice(int(i.min()), int(i.max()) + 1) for i in nz)
+    labels, n = ndi.label(mask[box], structure=np.ones((3, 3, 3)))
     if n <= 1:
         return mask
-    sizes = ndi.sum(mask, labels, index=np.arange(1, n + 1))
-    return (labels == 1 + int(np.argmax(sizes))).astype(mask.dtype)
+    sizes = ndi.sum(mask[box], labels, index=np.arange(1, n + 1))
+    out = np.zeros_like(mask)
+    out[box] = (labels == 1 + int(np.argmax(sizes))).astype(mask.dtype)
+    return out
