@@ -132,7 +132,7 @@ def import_published(out_dir: Path, anchors: Path = ANCHORS, log=print) -> dict:
                 raise SystemExit(f"{h5} not found")
             t0 = time.perf_counter()
             env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=str(REPO))
-            proc = subprocess.run([sys.executable, "-m", "training.keras_import", str(h5), "--task", task,
+            proc = subprocess.run([sys.executable, "-m", "cordseg.training.keras_import", str(h5), "--task", task,
                                    "--contrast", contrast, "-o", str(onnx_path)], cwd=str(REPO), env=env,
                                   capture_output=True, text=True)
             if proc.returncode != 0 or not onnx_path.is_file():
@@ -355,8 +355,8 @@ def compact(results_by_name: dict) -> str:
             les = lesion_rows(results_by_name[n]["cases"])
             key = "ratio" if band.startswith("ratio") else "volume_mm3"
             g = [p for p in les if lo <= p[key] < hi]
-            cells.append(f"{sum(p['found25'] for p in g)}/{len(g)} (covered {np.median([p['covered_share'] for p in g]):.2f})"
-                         if g else "-")
+            share = np.median([p["covered_share"] for p in g]) if g else 0.0
+            cells.append(f"{sum(p['found25'] for p in g)}/{len(g)} (covered {share:.2f})" if g else "-")
         rows.append((f"found (>25%), {band} (median covered share)", cells))
     rows.append(("median s per scan", [_f(summary(results_by_name[n]["cases"])["seconds"], ".1f") for n in names]))
     lines = ["| | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]

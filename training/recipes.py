@@ -36,6 +36,8 @@ class Soup:
     start_share: float = 0.0  # weight of the starting weights themselves in the mean (the rest: the snapshots)
 
 
+STAGE5_STOP = 500  # the lesion recipe's last stage: where the shipped run was stopped
+
 RECIPES = {
     "centerline": [
         Stage("PAM50", dict(steps=1500, batch_size=32, learning_rate=2e-3, max_minutes=11.3),
@@ -77,6 +79,14 @@ RECIPES = {
              ((700,),) * 4,
              "shipped runs: one GPU, 4 workers each, four networks at once, 2.2 minutes; the result weighs the "
              "starting weights 1/2 and each branch 1/8", start_share=0.5),
+        Stage("all", dict(steps=600, batch_size=4, learning_rate=2e-4, seed=71, snapshot_every=100,
+                          lesion_style="hard", real_backgrounds=True),
+              "shipped run: two CPU cores, 1 worker, 24 minutes, from stage 3's weights as recovered from its ONNX "
+              "file (training/onnx_weights.py); half of the patches carved from real lesion-free scans"),
+        Stage("all", dict(steps=1500, stop_at=STAGE5_STOP, batch_size=4, learning_rate=2e-4, seed=72,
+                          snapshot_every=250, lesion_style="hard", real_backgrounds=True),
+              "shipped run: two CPU cores shared with other jobs, 1 worker; stopped at the snapshot chosen on the "
+              "lesion choosing set"),
     ],
 }
 

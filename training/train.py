@@ -24,7 +24,7 @@ def default_labelmaps() -> Path:
 def run(task, out, *, steps=None, batch_size=None, learning_rate=None, labelmaps=None, seed=0, log=print,
         workers=0, max_minutes=None, network=None, init_weights=None, data=None, real_fraction=0.5,
         contrasts=None, patch_shape=None, pos_weight=None, snapshot_every=1000, lesion_style=None,
-        cauda_equina=False, stop_at=None):
+        cauda_equina=False, stop_at=None, real_backgrounds=False, real_share=0.5):
     from . import losses, synth, tasks
     from .loop import train
 
@@ -47,6 +47,13 @@ def run(task, out, *, steps=None, batch_size=None, learning_rate=None, labelmaps
     if data:
         log(f"{len(real)} labelled real volumes from {data}; real fraction {real_fraction if real else 0}")
     sampler = tasks.Sampler(cfg, anatomy, real, real_fraction)
+    if real_backgrounds:  # lesions carved into real lesion-free scans (training/carve.py), mixed in
+        from . import carve
+        from .export import shared_data_dir
+
+        backgrounds = carve.training_backgrounds(shared_data_dir(), Path(out) / "masks")
+        log(f"{len(backgrounds)} real lesion-free backgrounds; real share {real_share}")
+        sampler = carve.CarveSampler(sampler, backgrounds, real_share=real_share)
     def build():
         model = tasks.build_model(cfg)
         if init_weights:  # fine-tuning: start from a previous run's (EMA) weights
@@ -92,9 +99,13 @@ def main(argv=None):
     p.add_argument("--export", help="after training, export the final weights to this ONNX file")
     p.add_argument("--patch-shape", help="training patch, e.g. 32x32x32 (CNN2 is fully convolutional; the "
                    "exported model keeps the task's run-time patch)")
-    p.add_argument("--lesion-style", choices=["shipped", "faint"], help="lesion task: how synthetic lesions are "
-                   "drawn (training/synth.py LESION_STYLES; faint: smaller and fainter lesions, more lesion-free "
-                   "patches, axial slices up to 17 mm)")
+    p.add_argument("--real-backgrounds", action="store_true", help="lesion task: mix in lesions carved into "
+                   "real lesion-free scans (training/carve.py; subjects unf01 and sub-01 of ../shared/data)")
+    p.add_argument("--real-share", type=float, default=0.5, help="share of --real-backgrounds patches")
+    p.add_argument("--lesion-style", choices=["shipped", "faint", "hard"],
+                   help="lesion task: how synthetic lesions are drawn (training/synth.py LESION_STYLES; faint: "
+                   "smaller and fainter lesions, more lesion-free patches, axial slices up to 17 mm; hard: also "
+                   "bright grey matter, strong shading, lesions down to 1.1x the cord)")
     p.add_argument("--cauda-equina", nargs="?", const="strands", choices=["strands", "bundle"], default=None,
                    help="add a dural sac with nerve roots below the template's conus (synth.add_cauda_equina) and "
                    "draw a share of its slices around the conus, so that the model learns where the cord ends; "
@@ -117,6 +128,7 @@ def main(argv=None):
         contrasts=a.contrast.split(",") if a.contrast else None,
         patch_shape=[int(v) for v in a.patch_shape.split("x")] if a.patch_shape else None, pos_weight=a.pos_weight,
         snapshot_every=a.snapshot_every, lesion_style=a.lesion_style, cauda_equina=a.cauda_equina, stop_at=a.stop_at,
+        real_backgrounds=a.real_backgrounds, real_share=a.real_share,
         network={"base_filters": a.base_filters} if a.base_filters else None)
     if a.export:
         from .loop import last_snapshot, snapshot_step
