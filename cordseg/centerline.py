@@ -33,6 +33,7 @@ from .stages import timed
 DEFAULT_SMOOTHNESS = 1.0  # OptiC's lambda, per mm^2 of displacement over mm of slice thickness
 SLICE_BATCH = 8
 BATCH_PIXELS = 384 * 384  # at most this many pixels per CNN1 call (about 0.1 GB of activations)
+STRIP_HALO = 32  # context pixels on each inner side of a strip of an over-sized slice (sparse first pass only)
 # The cheap first pass (slices first_pass_mm apart, unmirrored) only on slices wider than this many windows:
 # it moves the windows by a voxel here and there, which moves the answer a little (on the labelled scans, up
 # to 0.02 mm^2 of centerline error either way); on smaller slices the full first pass costs little and stays.
@@ -117,10 +118,37 @@ def _predict_slices(slices: np.ndarray, model: Model, progress, span, mirror: bo
     return heat
 
 
+def _predict_strips(slices: np.ndarray, model: Model, progress, span) -> np.ndarray:
+    """Unmirrored CNN1 on (n, nx, ny) normalised slices of more than BATCH_PIXELS pixels, in strips along x
+    with STRIP_HALO pixels of context on their inner sides, so that one call's memory does not grow with the
+    field of view. Near a seam the heatmap may differ slightly from the whole slice's: for the sparse first
+    pass only, whose answer only places the windows."""
+    m = max(1, model.size_multiple)
+    n, nx, ny = slices.shape
+    k = -(-nx * ny // BATCH_PIXELS)
+    core = -(-nx // k)
+    heat = np.empty((n, nx, ny), np.float32)
+    for z in range(n):
+        for x0 in range(0, nx, core):
+            x1 = min(nx, x0 + core)
+            a0 = max(0, (x0 - STRIP_HALO) // m * m)  # strips start on the poolings' grid
+            a1 = min(nx, x1 + STRIP_HALO)
+            part = slices[z:z + 1, a0:a1]
+            part = np.pad(part, ((0, 0), (0, (-(a1 - a0)) % m), (0, (-ny) % m)), mode="edge")
+            heat[z, x0:x1] = model.predict(part)[0, x0 - a0:x1 - a0, :ny]
+        if progress:
+            progress("centerline", span[0] + (span[1] - span[0]) * (z + 1) / n)
+    return heat
+
+
 def _whole_slices(vol: np.ndarray, model: Model, progress, span, mirror: bool = True) -> np.ndarray:
-    """CNN1 on every whole slice of `vol` (the image on CNN1's grid)."""
+    """CNN1 on every whole slice of `vol` (the image on CNN1's grid); unmirrored, slices of more than
+    BATCH_PIXELS pixels go in strips (_predict_strips)."""
     vol = normalize_with(model.normalisation, vol, model.normalisation_params)
-    return np.moveaxis(_predict_slices(np.moveaxis(vol, 2, 0), model, progress, span, mirror), 0, 2)
+    slices = np.moveaxis(vol, 2, 0)
+    if not mirror and vol.shape[0] * vol.shape[1] > BATCH_PIXELS:
+        return np.moveaxis(_predict_strips(slices, model, progress, span), 0, 2)
+    return np.moveaxis(_predict_slices(slices, model, progress, span, mirror), 0, 2)
 
 
 def _window_size(shape, zooms, model: Model, window_mm: float) -> list:
@@ -260,7 +288,8 @@ def detect(rpi: Reoriented, model: Model, *, smoothness: float = DEFAULT_SMOOTHN
         sparse = vol.shape[0] * vol.shape[1] > SPARSE_FIRST_PASS_WINDOWS * size[0] * size[1]
         first = _first_pass(vol, zooms, rpi, model, smoothness, progress, on_stage, sparse)
     release_memory()
-    with timed(on_stage, "centerline.second_look"):
+    # where the windows are whole slices this is the only CNN1 pass: a first one, by its stage name
+    with timed(on_stage, "centerline.cnn1" if whole else "centerline.second_look"):
         lo = _window_corners(vol.shape, zooms, rpi, size, first)
         heat = _windows(vol, zooms, rpi, model, first, window_mm, progress, (0.5, 1.0))
     # OptiC within the windows' bounding box (and one voxel of margin, so that depths inside the cord are

@@ -89,7 +89,7 @@ def test_stage_events_account_for_the_run(phantom):
     seg.lesions(phantom.image, min_contrast=1.1)
     names = [e.stage for e in events]
     assert all(isinstance(e, StageEvent) and e.seconds >= 0 and e.cpu_seconds >= 0 for e in events)
-    for stage in ("load", "reorient", "models", "centerline", "centerline.cnn1", "centerline.second_look",
+    for stage in ("load", "reorient", "models", "centerline", "centerline.cnn1",  # one pass: windows = slices
                   "centerline.optic", "lesions", "lesions.cnn2", "lesions.resample", "output"):
         assert stage in names, names
     top = sum(e.seconds for e in events if "." not in e.stage)

@@ -191,3 +191,16 @@ def test_largest_component_in_the_bounding_box_is_the_whole_volume_answer():
     expected = (labels == 1 + int(np.argmax(sizes))).astype(np.uint8)
     np.testing.assert_array_equal(keep_largest_component(mask), expected)
     assert not keep_largest_component(np.zeros_like(mask)).any()
+
+
+def test_oversized_slices_go_in_strips_that_add_up_to_the_slice(identity, monkeypatch):
+    """The sparse first pass on slices over BATCH_PIXELS: strips along x, each call within the bound (plus its
+    halo), stitched back in place (an identity network shows any misplaced row)."""
+    monkeypatch.setattr(centerline, "BATCH_PIXELS", 100 * 100)
+    model = identity()
+    rec = recorded(model, monkeypatch)
+    slices = np.random.default_rng(1).random((3, 150, 98)).astype(np.float32)
+    heat = centerline._predict_strips(slices, model, None, (0, 1))
+    np.testing.assert_array_equal(heat, slices)
+    assert len(rec.calls) == 3 * 2 and all(not flip for _, flip in rec.calls)
+    assert all(s[1] <= 75 + 2 * centerline.STRIP_HALO + 4 and s[2] == 100 for s, _ in rec.calls)
