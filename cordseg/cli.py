@@ -270,6 +270,7 @@ class Options:
     centerline_file: str | None = None
     csv_file: str | None = None
     qc: bool = False
+    csa: bool = False
 
     def on_stage(self):
         """The stage-event hook the caller passed to main() as obj={"on_stage": fn}, or None."""
@@ -356,6 +357,8 @@ def _check_outputs(opts: Options, suffix):
         claim(target, "output", image)
         if suffix == "_centerline":
             claim(target.with_name(nifti_stem(target) + ".csv"), "centerline CSV", image)
+        if opts.csa:
+            claim(target.with_name(nifti_stem(target) + "_csa.csv"), "CSA table", image)
         if opts.qc:
             from .qc import qc_path
 
@@ -476,6 +479,8 @@ def _centerline_one(image, opts: Options, seg):
 @click.option("--model", type=click.Path(dir_okay=False), help="a CNN2 cord ONNX model file to use")
 @_given_centerline_option
 @_qc_option
+@click.option("--csa", is_flag=True, help="also write <output stem>_csa.csv, the cross-sectional area and shape "
+              "of every cord slice (cordseg morphometry --perslice), and print the mean area")
 def sc(**params):
     """Spinal cord segmentation -> <stem>_seg.nii.gz. Several images: -o is a folder."""
     from .inputs import check_threshold
@@ -492,15 +497,34 @@ def _sc_one(image, opts: Options, seg):
     mask = seg.cord(src, contrast=contrast, soft=opts.soft, threshold=opts.threshold,
                     centerline=opts.centerline_file, volume=volume, progress=rep)
     rep.done()
+    csa = None
+    if opts.csa:  # measured on what is written: the mask, or the soft map's partial-volume areas
+        from .morphometry import morphometry
+
+        with timed(opts.on_stage(), "csa"):
+            name = image if isinstance(image, (str, Path)) else None
+            csa = morphometry(mask, name, perslice=True), morphometry(mask, name).mean_area
     with _outputs() as stage:
         _save(mask, path, opts, stage)
         qc_file = _write_qc(src, {"cord": _binary(mask, opts, src)}, path, opts, stage=stage) if opts.qc else None
+        if csa is not None:
+            from .io import nifti_stem
+
+            _write_csv(path.with_name(nifti_stem(path) + "_csa.csv"), list(csa[0].columns),
+                       [[_cell(r.get(c)) for c in csa[0].columns] for r in csa[0].rows], stage)
     if not opts.quiet:
         import numpy as np
 
         vox = _voxel_mm3(mask)
         n = int((np.asarray(mask.dataobj) >= 0.5).sum())
-        click.echo(f"cord: {n * vox:.0f} mm3 -> {path}" + (f" (QC: {qc_file})" if opts.qc else ""))
+        click.echo(f"cord: {n * vox:.0f} mm3 -> {path}" + (f", mean CSA {csa[1]:.1f} mm2" if csa else "")
+                   + (f" (QC: {qc_file})" if opts.qc else ""))
+
+
+def _cell(v):
+    if v is None:
+        return ""
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
 @main.command()

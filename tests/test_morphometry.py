@@ -451,3 +451,28 @@ def test_package_attribute_is_callable_like_the_function():
     img, true = tube((40, 40, 10), (0.5, 0.5, 1.0), semi_axes=(3.0, 2.5))
     assert cordseg.morphometry is module  # what importing a submodule leaves on the package
     assert module(img).mean_area == morphometry(img).mean_area
+
+
+def test_sc_csa_writes_the_per_slice_table_beside_the_mask(tmp_path):
+    """cordseg sc --csa: the per-slice table beside the mask, and the mean printed, as cordseg morphometry
+    gives them for the mask written."""
+    import csv
+
+    import nibabel as nib
+    from click.testing import CliRunner
+
+    from cordseg.cli import main
+    from cordseg.phantom import make_phantom
+
+    path = tmp_path / "sub-01_T2w.nii.gz"
+    nib.save(make_phantom().image, path)
+    res = CliRunner().invoke(main, ["sc", str(path), "-o", str(tmp_path), "--csa"])
+    assert res.exit_code == 0, res.output
+    mask = tmp_path / "sub-01_T2w_seg.nii.gz"
+    table = tmp_path / "sub-01_T2w_seg_csa.csv"
+    with open(table, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    expected = morphometry(str(mask), perslice=True)
+    assert [r["Slice (I->S)"] for r in rows] == [str(r["Slice (I->S)"]) for r in expected.rows]
+    mean = morphometry(str(mask)).mean_area
+    assert f"mean CSA {mean:.1f} mm2" in res.output
