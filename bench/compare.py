@@ -28,7 +28,6 @@ import argparse
 import json
 import math
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -117,14 +116,10 @@ def import_published(anchors: Path, out_dir: Path) -> dict:
             print(f"  {stem}: {h5} missing, skipped", file=sys.stderr)
             continue
         if not onnx_path.is_file():
+            from bench.lesion_eval import import_keras
+
             t0 = time.perf_counter()
-            env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=str(REPO))
-            proc = subprocess.run([sys.executable, "-m", "cordseg.training.keras_import", str(h5), "--task", task,
-                                   "--contrast", contrast, "-o", str(onnx_path)], cwd=str(REPO), env=env,
-                                  capture_output=True, text=True)
-            if proc.returncode != 0 or not onnx_path.is_file():
-                raise SystemExit(f"import of {h5.name} failed: {proc.stderr.strip()[-800:]}")
-            line = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
+            line = import_keras(h5, onnx_path, task, contrast)
             print(f"  imported {h5.name} ({time.perf_counter() - t0:.0f} s): {line.split(': ', 1)[-1]}",
                   file=sys.stderr)
         paths[stem] = onnx_path

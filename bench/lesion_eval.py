@@ -131,15 +131,22 @@ def import_published(out_dir: Path, anchors: Path = ANCHORS, log=print) -> dict:
             if not h5.is_file():
                 raise SystemExit(f"{h5} not found")
             t0 = time.perf_counter()
-            env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=str(REPO))
-            proc = subprocess.run([sys.executable, "-m", "cordseg.training.keras_import", str(h5), "--task", task,
-                                   "--contrast", contrast, "-o", str(onnx_path)], cwd=str(REPO), env=env,
-                                  capture_output=True, text=True)
-            if proc.returncode != 0 or not onnx_path.is_file():
-                raise SystemExit(f"import of {h5.name} failed: {proc.stderr.strip()[-800:]}")
+            import_keras(h5, onnx_path, task, contrast)
             log(f"imported {h5.name} in {time.perf_counter() - t0:.0f} s")
         paths[stem] = onnx_path
     return paths
+
+
+def import_keras(h5: Path, onnx_path: Path, task: str, contrast: str) -> str:
+    """One published Keras model as a cordseg ONNX model, in a child process (the training extra's importer);
+    returns the importer's last line."""
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=str(REPO))
+    proc = subprocess.run([sys.executable, "-m", "cordseg.training.keras_import", str(h5), "--task", task,
+                           "--contrast", contrast, "-o", str(onnx_path)], cwd=str(REPO), env=env,
+                          capture_output=True, text=True)
+    if proc.returncode != 0 or not onnx_path.is_file():
+        raise SystemExit(f"import of {h5.name} failed: {proc.stderr.strip()[-800:]}")
+    return proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
 
 
 def parse_value(text: str):

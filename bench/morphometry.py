@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -37,15 +38,11 @@ from cordseg.io import load_image
 from cordseg.morphometry import morphometry, tube_phantom
 from cordseg.orientation import to_rpi
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.accuracy import CORD_CASES  # noqa: E402
+
 SEMI = (5.5, 4.0)
-CASES = [  # image, contrast, reference cord mask
-    ("sct_testing/t2/t2.nii.gz", "t2", "sct_testing/t2/t2_seg-manual.nii.gz"),
-    ("sct_testing/t2/t2_fake_lesion.nii.gz", "t2", "sct_testing/t2/t2_fake_lesion_sc_seg.nii.gz"),
-    ("sct_testing/t1/t1w.nii.gz", "t1", "sct_testing/t1/t1w_seg-manual.nii.gz"),
-    ("sct_testing/mt/mt0.nii.gz", "t2s", "sct_testing/mt/mt0_seg.nii.gz"),
-    ("unf01/sub-unf01_T1w.nii.gz", "t1", "unf01/sub-unf01_T1w_seg-manual.nii.gz"),
-    ("unf01/sub-unf01_T2w.nii.gz", "t2", "unf01/sub-unf01_T2w_seg-manual.nii.gz"),
-]
+CASES = CORD_CASES  # image, contrast, reference cord mask: the labelled scans of bench/accuracy.py
 RANGE_MM = 15.0
 
 
