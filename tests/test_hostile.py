@@ -385,6 +385,7 @@ def test_evaluate_errors_use_cordseg_prefix(tmp_path, scan):
 # --------------------------------------------------------------------------- 12: shapes kept
 
 
+@pytest.mark.slow
 def test_2d_and_one_volume_4d_inputs_keep_their_shape(tmp_path):
     axial = make_phantom((40, 40, 20), axcodes=("L", "A", "S"), seed=5)  # slices along the third axis
     data = np.asarray(axial.image.dataobj, np.float32)

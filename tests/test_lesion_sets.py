@@ -49,6 +49,7 @@ def _insert(proc, bands, seed=1, **kw):
 PROCS = ["tube", "field"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("proc", PROCS)
 def test_lesions_inside_cord_with_volume_and_ratio(proc):
     img, cord, new, labels, truths = _insert(proc, [0, 1, 0])
@@ -194,6 +195,7 @@ def test_parse_value():
 
 
 @pytest.mark.realdata
+@pytest.mark.slow
 @pytest.mark.parametrize("proc", PROCS)
 def test_insertion_on_thick_mt0(shared_data, proc):
     img = nib.load(str(shared_data / "sct_testing/mt/mt0.nii.gz"))
