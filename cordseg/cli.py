@@ -590,12 +590,21 @@ def _lesion_one(image, opts: Options, seg):
         mask, rows = seg.lesions(src, soft=True, **kw), None
     else:  # each lesion's probability and brightness come with the mask, for the table
         mask, rows = seg.lesion_table(src, **kw)
+    layers = {}
+    if opts.qc:  # the lesions shown inside the cord's outline (the cord model along the same centerline)
+        from .errors import NoCordError
+
+        try:
+            layers["cord"] = _binary(seg.cord(src, contrast=contrast, centerline=given, volume=volume), opts, src)
+        except (NoCordError, ModelError):
+            pass
     rep.done()
     qc_note = ""
     with _outputs() as stage:
         _save(mask, path, opts, stage)
         if opts.qc:
-            qc_note = f" (QC: {_write_qc(src, {'lesion': _binary(mask, opts, src)}, path, opts, track, stage)})"
+            layers["lesion"] = _binary(mask, opts, src)
+            qc_note = f" (QC: {_write_qc(src, layers, path, opts, track, stage)})"
         if opts.csv_file and len(opts.images) == 1 and rows is not None:  # the table goes with its mask
             _write_lesion_csv(opts, [(image, rows)], stage)
     if opts.soft:

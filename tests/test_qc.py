@@ -145,6 +145,8 @@ def test_cli_qc_pictures(tmp_path):
         assert picture.shape[0] > 0 and picture.shape[1] > 0
         colour = {"sc": "cord", "lesion": "lesion", "centerline": "centerline"}[command]
         assert (picture == qc.COLOURS[colour]).all(axis=2).sum() > 0, command
+        if command == "lesion":  # the lesions are shown inside the cord's outline
+            assert (picture == qc.COLOURS["cord"]).all(axis=2).sum() > 0
     result = runner.invoke(main, ["sc", str(src), "-o", str(tmp_path / "plain.nii.gz"), "-q"])
     assert result.exit_code == 0 and not (tmp_path / "plain_qc.png").exists()
 
