@@ -75,7 +75,7 @@ def segment_lesions(img, contrast=None, soft=False, *, threshold=None, min_contr
     for segment_cord).
 
     The mask keeps only lesions that touch the cord and whose mean intensity is at least `min_contrast`
-    times the median of the lesion-free cord on their slices (None: the lesion model's own value, 1.1 for
+    times the median of the lesion-free cord on their slices (None: the lesion model's own value, 1.2 for
     the shipped one; 0: no screening, every voxel at the threshold). The cord is segmented with `cord_model`
     (default: the installed cord model for the contrast) along the same centerline. The soft map is the
     network's output, unscreened. threads: as for detect_centerline."""

@@ -101,7 +101,7 @@ class Segmenter:
         """MS lesion mask (uint8) or probability map (float32) in the cord, on the input grid.
 
         The mask keeps only lesions that touch the cord and whose mean intensity is at least `min_contrast`
-        times the median of the lesion-free cord on their slices (None: the lesion model's own value, 1.1 for
+        times the median of the lesion-free cord on their slices (None: the lesion model's own value, 1.2 for
         the shipped one; 0: no screening). The cord is segmented with the cord model along the same
         centerline. The soft map is the network's output, unscreened. centerline: as for .cord()."""
         check_min_contrast(min_contrast)
