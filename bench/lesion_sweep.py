@@ -25,6 +25,31 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench import lesion_eval, lesion_sets  # noqa: E402
 
 
+def flip_tta(axes: str):
+    """A Model.predict that averages the lesion network over every combination of flips along `axes` ("x":
+    left-right, as the runtime's mirror; "y": antero-posterior; "z": along the cord), for measuring
+    test-time augmentation beyond the mirror."""
+    import itertools
+
+    from cordseg.inference import Model
+
+    plain = Model.predict
+    dims = [" xyz".index(a) for a in axes]
+
+    def predict(self, batch, *, flip_average=False):
+        if not flip_average or self.task != "lesion":
+            return plain(self, batch, flip_average=flip_average)
+        outs = []
+        for k in range(len(dims) + 1):
+            for combo in itertools.combinations(dims, k):
+                flipped = np.ascontiguousarray(np.flip(batch, combo)) if combo else batch
+                y = plain(self, flipped)
+                outs.append(np.flip(y, combo) if combo else y)
+        return np.mean(outs, axis=0)
+
+    return predict
+
+
 def prepare(cases, model=None, log=print, cache=None):
     """[(case, rpi, prob, cord)] with one Segmenter per contrast (maps kept in `cache`, a folder, if given)."""
     import cordseg
@@ -111,7 +136,13 @@ def main(argv=None) -> int:
     ap.add_argument("--fill", default="0")
     ap.add_argument("--out")
     ap.add_argument("--cache", help="keep each case's maps here and reuse them (one folder per model)")
+    ap.add_argument("--tta", default="", help="lesion network averaged over flips along these axes (e.g. xz; "
+                    "the runtime uses x, the mirror)")
     a = ap.parse_args(argv)
+    if a.tta:
+        from cordseg.inference import Model
+
+        Model.predict = flip_tta(a.tta)
     if a.cache:
         Path(a.cache).mkdir(parents=True, exist_ok=True)
     index = lesion_sets.build(a.set)
