@@ -286,6 +286,16 @@ def _current(driver) -> str:
         "const tr = document.querySelector('#rows tr.current'); return tr ? tr.dataset.image : null;")
 
 
+def _stable(read):
+    """read(), or None while the rows it reads are being redrawn."""
+    from selenium.common.exceptions import StaleElementReferenceException
+
+    try:
+        return read()
+    except StaleElementReferenceException:
+        return None
+
+
 def _wait(condition, timeout=15.0, what="the page"):
     end = time.monotonic() + timeout
     while time.monotonic() < end:
@@ -413,8 +423,11 @@ def test_browser_marks_survive_a_reload_and_export(study, report, browser):
     table = marks_in_table()
     assert {k: v for k, v in table.items() if v} == {k: v[0] for k, v in expected.items()}
 
-    driver.refresh()  # local storage keeps them
-    assert marks_in_table() == table
+    # local storage keeps them: Chromium commits a page's local storage to its browser process in batches,
+    # so a reload within a moment of the last key press (no person is that fast) could find the older state
+    time.sleep(2.0)
+    driver.refresh()
+    _wait(lambda: _stable(marks_in_table) == table, what=lambda: f"the kept marks (table: {marks_in_table()})")
     _keys(driver, "\ue015")
     assert driver.find_element("id", "badge").text.lower() == "pass"
 
@@ -444,6 +457,7 @@ def test_browser_marks_survive_a_reload_and_export(study, report, browser):
 
     # the exported TSV loads back into a browser that has no marks
     driver.execute_script("window.localStorage.clear();")
+    time.sleep(2.0)  # the clearing committed first (see above)
     driver.refresh()
     assert not any(marks_in_table().values())
     driver.find_element("id", "load-file").send_keys(str(tsv))
