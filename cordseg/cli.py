@@ -165,7 +165,7 @@ def _reported(image=None):
         try:
             yield
         except CordsegError as exc:
-            error = str(exc)
+            error = " ".join(str(exc).split())  # one line, whatever the message holds
         except MemoryError:
             error = "out of memory"
         except KeyboardInterrupt as exc:
@@ -176,6 +176,17 @@ def _reported(image=None):
     if error is not None:
         click.echo(f"cordseg: error: {prefix(error)}{error}", err=True)
         raise _Reported(code)
+
+
+@contextmanager
+def one_line_errors():
+    """_reported for a command object run on its own (the lazily loaded commands' modules), ending with the
+    exit status; under the cordseg group the group's own _reported sees nothing more."""
+    try:
+        with _reported():
+            yield
+    except _Reported as done:
+        sys.exit(done.code)
 
 
 class _LazyCommand(click.Command):

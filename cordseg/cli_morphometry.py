@@ -1,13 +1,12 @@
 """`cordseg morphometry`: cross-sectional area and shape of the cord from a mask, as a table."""
 from __future__ import annotations
 
-import sys
-import warnings
 from pathlib import Path
 
 import click
 
-from .errors import CordsegError, CordsegWarning
+from .cli import one_line_errors
+from .errors import CordsegError
 
 _HELP = """Cord cross-sectional area (CSA) and shape from a cord mask (binary or soft).
 
@@ -48,32 +47,19 @@ cordseg morphometry t2_seg.nii.gz --perslice -o out/     # out/t2_seg_csa.csv
 def morphometry(seg, image, perslice, slices, levels, vert, perlevel, no_angle, out, quiet):
     from . import morphometry as _m
 
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", CordsegWarning)
-        error = None
-        try:
-            target = None
-            if out is not None:
-                target = _m.csv_path_beside(Path(out) / seg.name) if out.is_dir() else out
-                from .io import same_file
+    with one_line_errors():
+        target = None
+        if out is not None:
+            target = _m.csv_path_beside(Path(out) / seg.name) if out.is_dir() else out
+            from .io import same_file
 
-                for given in (seg, image, levels):  # no output on any input (links and hard links included)
-                    if given is not None and same_file(target, given):
-                        raise CordsegError(f"{target}: refusing to overwrite the input {given}.")
-            table = _m.morphometry(seg, image, perslice=perslice, slices=slices, levels=levels, vert=vert,
-                                   perlevel=perlevel, angle_correction=not no_angle)
-            if target is not None:
-                table.to_csv(target)
-        except CordsegError as exc:
-            error = " ".join(str(exc).split())
-        except MemoryError:
-            error = "out of memory"
-    for w in caught:
-        if issubclass(w.category, CordsegWarning):
-            click.echo(f"cordseg: warning: {w.message}", err=True)
-    if error is not None:
-        click.echo(f"cordseg: error: {error}", err=True)
-        sys.exit(2)
+            for given in (seg, image, levels):  # no output on any input (links and hard links included)
+                if given is not None and same_file(target, given):
+                    raise CordsegError(f"{target}: refusing to overwrite the input {given}.")
+        table = _m.morphometry(seg, image, perslice=perslice, slices=slices, levels=levels, vert=vert,
+                               perlevel=perlevel, angle_correction=not no_angle)
+        if target is not None:
+            table.to_csv(target)
     for note in table.notes:
         click.echo(f"cordseg: note: {note}", err=True)
     if not quiet:

@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import sys
-import warnings
 from pathlib import Path
 
 import click
 
-from .errors import CordsegError, CordsegWarning
+from .cli import one_line_errors
 
 _HELP = """Write a QC report of a study's results: index.html and its pictures, in the -o folder.
 
@@ -39,19 +38,8 @@ def qc(derivatives, out, jobs, quiet):
     from .qc import write_report
 
     out = out if out is not None else derivatives / "qc"
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", CordsegWarning)
-        error = None
-        try:
-            index = write_report(derivatives, out, progress=None if quiet else _Progress(), workers=jobs)
-        except CordsegError as exc:
-            error = str(exc)
-        for w in caught:
-            if issubclass(w.category, CordsegWarning):
-                click.echo(f"cordseg: warning: {w.message}", err=True)
-    if error is not None:
-        click.echo(f"cordseg: error: {error}", err=True)
-        sys.exit(2)
+    with one_line_errors():
+        index = write_report(derivatives, out, progress=None if quiet else _Progress(), workers=jobs)
     if not quiet:
         click.echo(f"QC report -> {index}")
 
