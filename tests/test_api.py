@@ -1,6 +1,6 @@
 """The Python API on synthetic phantoms through the real shipped models, plus the pieces around it.
 
-Bars were set from measurement (values in the comments, shipped models of commit 2e2a83e + the lead's
+Bars were set from measurement (values in the comments, shipped models of commit 2e2a83e and the
 working tree on 2026-11-26) with a margin; raise them when the models improve, never lower them without a
 reason written here.
 """

@@ -509,7 +509,7 @@ def import_keras(h5_path, out_path, *, task: str, contrast: str, atol: float = A
 
 
 # ----------------------------------------------------------------------------------------------------
-# command line (registered by the lead as `cordseg import-keras`)
+# command line (registered as `cordseg import-keras`)
 
 def _missing_train_extra() -> str | None:
     try:
