@@ -386,13 +386,30 @@ def _writable_folder(path):
         raise OutputError(f"cannot write {path}: folder {folder} does not exist or is not writable")
 
 
+class _Volume(click.ParamType):
+    name = "INDEX|mean"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int) or value == "mean":
+            return value
+        try:
+            return int(value)
+        except ValueError:
+            self.fail(f"{value!r} is neither a volume index (0-based) nor 'mean'", param, ctx)
+
+
+VOLUME = _Volume()
+
+
 def _common(f):
     f = click.option("-v", "--verbose", is_flag=True, help="print each stage's time")(f)
     f = click.option("--threads", type=click.IntRange(min=1), default=None, envvar="CORDSEG_THREADS",
                      show_envvar=True, help="CPU threads for the networks (default: one per physical core; "
                      "set it to the cores a cluster job was given)")(f)
     f = click.option("-q", "--quiet", is_flag=True, help="no progress bar")(f)
-    f = click.option("--volume", type=int, default=None, help="volume of a 4D image to use (0-based)")(f)
+    f = click.option("--volume", type=VOLUME, default=None, help="volume of a 4D image to use (0-based), or "
+                     "'mean': the mean of its volumes (a diffusion series: of its diffusion-weighted volumes, "
+                     "b > 50 from the .bval beside it, else the volumes not brighter than 1.5x the median one)")(f)
     f = click.option("-o", "--output", "out", type=click.Path(), default=None,
                      help="output file, or an existing folder (default: current folder)")(f)
     f = click.option("-c", "--contrast", type=click.Choice(CONTRASTS, case_sensitive=False),

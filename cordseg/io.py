@@ -72,8 +72,10 @@ def load_image(src, *, volume: int | None = None) -> nib.Nifti1Image:
     """Read and validate one 3D image.
 
     `src` is a path (str / os.PathLike) or a nibabel image. `volume` is the
-    0-based index of the volume to take from a 4D image; a 4D image with
-    several volumes and no `volume` is refused (the message gives the count).
+    0-based index of the volume to take from a 4D image, or "mean" for the mean
+    of its volumes (see mean_volumes: a diffusion series gives its mean
+    diffusion-weighted image); a 4D image with several volumes and no `volume`
+    is refused (the message gives the count).
     A 2D image is taken as a single axial slice (a third axis of length 1).
 
     Returns a NIfTI image (Nifti2 stays Nifti2) whose data is float32 with
@@ -112,7 +114,10 @@ def _load_image(src, volume):
     header = img.header.copy()
     affine = _checked_affine(header, name)
     _check_extent(shape, affine, name)
-    data = _read_data(img, name, vol_index)
+    if vol_index == "mean":
+        data, used = _mean_data(img, name, src)
+    else:
+        data, used = _read_data(img, name, vol_index), None
     data = data.reshape(shape)
     data = _finite(data, name)
 
@@ -120,7 +125,10 @@ def _load_image(src, volume):
     header.set_slope_inter(None, None)  # data already scaled
     # outputs take the input's own shape back (a 2D slice stays 2D, a one-volume 4D stays 4D)
     kept = tuple(int(n) for n in input_shape(img))  # (an image read here before keeps its file's shape)
-    out = type(img)(data, affine, header, extra={"cordseg_shape": kept if np.prod(kept) == data.size else shape})
+    extra = {"cordseg_shape": kept if np.prod(kept) == data.size else shape}
+    if used is not None:
+        extra["cordseg_volumes"] = used
+    out = type(img)(data, affine, header, extra=extra)
     # The header's own forms were kept (or repaired) above; make sure nibabel
     # did not replace them because of float round-off in its comparison.
     _copy_forms(header, out.header)
@@ -323,9 +331,13 @@ def _check_shape(img, name: str, volume):
                 f"{name}: has {len(shape)} dimensions (shape {'x'.join(map(str, shape))}); a 3D image is needed."
             )
         shape = shape[:4]
+    if volume == "mean":
+        if len(shape) == 4:
+            return shape[:3], "mean"
+        return (shape + (1,), None) if len(shape) == 2 else (shape, None)  # a 3D image is its own mean
     if volume is not None:
         if isinstance(volume, bool) or not isinstance(volume, (int, np.integer)):
-            raise InputError(f"{name}: the volume index must be an integer, not {volume!r}.")
+            raise InputError(f"{name}: the volume index must be an integer or 'mean', not {volume!r}.")
         volume = int(volume)
     if len(shape) == 4:
         n_vol = shape[3]
@@ -334,7 +346,7 @@ def _check_shape(img, name: str, volume):
                 return shape[:3], 0
             raise InputError(
                 f"{name}: is a 4D image with {n_vol} volumes; choose one with the volume option "
-                f"(0-based, 0 to {n_vol - 1})."
+                f"(0-based, 0 to {n_vol - 1}, or 'mean')."
             )
         if not 0 <= volume < n_vol:
             raise InputError(
@@ -440,6 +452,50 @@ def _read_data(img, name: str, vol_index) -> np.ndarray:
             return np.array(data, dtype=np.float32)
     except MemoryError:
         raise InputError(f"{name}: not enough memory to read the image data.") from None
+
+
+# Without b-values, the volumes of a diffusion series brighter than this times the median volume are its
+# b = 0 images (about twice as bright as the diffusion-weighted ones); other series' volumes are alike.
+B0_BRIGHTNESS = 1.5
+
+
+def mean_volumes(means, bvals=None) -> tuple[np.ndarray, str]:
+    """Which volumes of a 4D series enter its mean, and why: (boolean mask, one-line description).
+
+    With b-values (one per volume), those above 50 s/mm² (the diffusion-weighted images); else the volumes
+    whose mean brightness is at most B0_BRIGHTNESS times the median volume's (a diffusion series' b = 0
+    images are left out, every volume of a series without such outliers is kept)."""
+    means = np.asarray(means, float)
+    n = means.size
+    if bvals is not None and len(bvals) == n and (np.asarray(bvals) > 50).any():
+        keep = np.asarray(bvals) > 50
+        return keep, f"mean of the {int(keep.sum())} of {n} volumes with b > 50 (from the .bval file)"
+    keep = means <= B0_BRIGHTNESS * np.median(means)
+    if keep.all():
+        return keep, f"mean of all {n} volumes"
+    return keep, (f"mean of {int(keep.sum())} of {n} volumes (the {n - int(keep.sum())} more than "
+                  f"{B0_BRIGHTNESS:g} times brighter than the median volume taken for b = 0 images)")
+
+
+def _read_bvals(src, n):
+    """The b-values in the .bval file beside `src` (a path), or None."""
+    if not isinstance(src, (str, os.PathLike)):
+        return None
+    path = Path(src).with_name(nifti_stem(src) + ".bval")
+    try:
+        values = np.array(path.read_text().split(), float)
+    except (OSError, ValueError):
+        return None
+    return values if values.size == n else None
+
+
+def _mean_data(img, name, src):
+    """(the mean of a 4D image's chosen volumes, what was averaged)."""
+    data = _read_data(img, name, None)
+    data = data.reshape(data.shape[:4])
+    finite = np.where(np.isfinite(data), data, 0.0)
+    keep, used = mean_volumes(finite.mean(axis=(0, 1, 2)), _read_bvals(src, data.shape[3]))
+    return finite[..., keep].mean(axis=3, dtype=np.float64).astype(np.float32), used
 
 
 def _finite(data: np.ndarray, name: str) -> np.ndarray:

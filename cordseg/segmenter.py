@@ -79,8 +79,8 @@ class Segmenter:
         """(centerline mask image on the input grid, one voxel per slice; Centerline).
 
         img: a path or a nibabel image. contrast: this image's (default: the Segmenter's, else read from the
-        file name). volume: the volume of a 4D image to use (0-based). progress: called with (stage,
-        fraction done)."""
+        file name). volume: the volume of a 4D image to use (0-based, or "mean": io.load_image). progress:
+        called with (stage, fraction done)."""
         image, contrast = self._load(img, volume, contrast, progress)
         return self._centerline(image, contrast, progress)
 

@@ -376,29 +376,16 @@ def _one_line(exc: BaseException) -> str:
 
 def _load_source(image: BidsImage, notes: list):
     """The image to segment: the file itself; for a 4D dwi series, the mean of its diffusion-weighted
-    volumes (b > 50 from the .bval beside it, else all volumes), on the series' 3D grid."""
-    import nibabel as nib
+    volumes (io.mean_volumes), on the series' 3D grid."""
+    from .io import load_image
 
-    from .io import image_like, load_image
-
-    if image.contrast == "dwi":
-        first = load_image(image.path, volume=0)  # checks type and header (raises InputError)
-        shape = nib.load(image.path).shape
-        if len(shape) == 4 and shape[3] > 1:
-            data = np.asanyarray(nib.load(image.path).dataobj, dtype=np.float32)
-            keep = np.ones(shape[3], bool)
-            bval = Path(image.path).with_name(nifti_stem(image.path) + ".bval")
-            if bval.is_file():
-                try:
-                    values = np.array(bval.read_text().split(), float)
-                    if values.size == shape[3] and (values > 50).any():
-                        keep = values > 50
-                except ValueError:
-                    pass
-            notes.append(f"mean of {int(keep.sum())} of {shape[3]} volumes")
-            return image_like(np.nan_to_num(data[..., keep].mean(axis=3)).astype(np.float32), first)
-        return first
-    return load_image(image.path)
+    if image.contrast != "dwi":
+        return load_image(image.path)
+    src = load_image(image.path, volume="mean")
+    used = (getattr(src, "extra", None) or {}).get("cordseg_volumes")
+    if used:
+        notes.append(used)
+    return src
 
 
 def _cord_metrics(mask_img, notes: list) -> dict:

@@ -130,6 +130,28 @@ def test_4d_volume_is_zero_based(tmp_path):
         load_image(path, volume=-1)
 
 
+def test_4d_mean_leaves_out_bright_b0_volumes_without_bvals(tmp_path):
+    data = np.stack([np.full((5, 6, 7), v, np.float32) for v in (100, 40, 44, 42, 95)], axis=-1)
+    img = load_image(write(tmp_path / "dwi.nii.gz", data), volume="mean")
+    assert img.shape == (5, 6, 7) and np.allclose(img.get_fdata(), 42.0)
+    assert "mean of 3 of 5 volumes" in img.extra["cordseg_volumes"]
+    alike = np.stack([np.full((5, 6, 7), v, np.float32) for v in (10, 11, 12)], axis=-1)  # e.g. fMRI
+    assert np.allclose(load_image(write(tmp_path / "bold.nii.gz", alike), volume="mean").get_fdata(), 11.0)
+
+
+def test_4d_mean_follows_the_bval_file(tmp_path):
+    data = np.stack([np.full((5, 6, 7), v, np.float32) for v in (10, 20, 30, 40)], axis=-1)
+    path = write(tmp_path / "sub-01_dwi.nii.gz", data)
+    (tmp_path / "sub-01_dwi.bval").write_text("0 1000 1000 0\n")
+    img = load_image(path, volume="mean")
+    assert np.allclose(img.get_fdata(), 25.0) and "2 of 4 volumes with b > 50" in img.extra["cordseg_volumes"]
+    (tmp_path / "sub-01_dwi.bval").write_text("0 1000\n")  # not one value per volume: brightness decides
+    assert np.allclose(load_image(path, volume="mean").get_fdata(), 20.0)  # 40 > 1.5 x the median 25
+    assert load_image(write(tmp_path / "t2.nii.gz", data[..., 0]), volume="mean").shape == (5, 6, 7)
+    with pytest.raises(InputError, match="an integer or 'mean'"):
+        load_image(path, volume="median")
+
+
 def test_4d_single_volume_squeezed(tmp_path):
     data = np.arange(5 * 6 * 7, dtype=np.float32).reshape(5, 6, 7, 1)
     img = load_image(write(tmp_path / "one.nii.gz", data))

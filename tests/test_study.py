@@ -431,7 +431,7 @@ def test_dwi_series_is_averaged_over_its_weighted_volumes(tmp_path, models):
     result = run_study(root, tasks="centerline,sc")
     (row,) = result.rows
     assert row["status"] == "ok" and row["tasks"] == "centerline" and "no sc model for dwi" in row["reason"]
-    assert "mean of 3 of 4 volumes" in row["notes"]
+    assert "mean of the 3 of 4 volumes with b > 50" in row["notes"]
     mask = nib.load(str(root / "derivatives/cordseg/sub-01/dwi/sub-01_dwi_label-centerline_seg.nii.gz"))
     assert mask.shape == base.shape and np.allclose(mask.affine, ph.image.affine)  # the series' 3D grid
 

@@ -7,7 +7,7 @@ mean and spread of its convolution's output on calibration patches, with gamma a
 inference output is unchanged. Training-mode batch statistics then start close to the moving ones, instead of
 rescaling every channel at the first step.
 
-    python -m cordseg.training.onnx_weights models/cordseg_lesion.onnx out.weights.h5
+    python -m cordseg.training.onnx_weights models/cordseg_lesion.onnx out.weights.h5  (or cordseg_sc.onnx)
 """
 from __future__ import annotations
 
@@ -108,10 +108,10 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("onnx")
     p.add_argument("out", help="*.weights.h5")
-    p.add_argument("--task", default="lesion")
+    p.add_argument("--task", help="the task whose patches calibrate the batch norms (default: the model's own)")
     p.add_argument("--n", type=int, default=8, help="calibration patches")
     a = p.parse_args(argv)
-    x = calibration_patches(a.task, a.n)
+    x = calibration_patches(a.task or _contract(a.onnx)["cordseg_task"], a.n)
     model = keras_from_onnx(a.onnx, x)
     err = parity(model, a.onnx, x[:2])
     if err > 1e-3:

@@ -388,10 +388,13 @@ CONTRAST_PRIORS = {
     # matches the tissue around it (the full-field MTS scans here)
     "gre": {WM: (0.35, 0.6), GM: (0.35, 0.65), CSF: (0.1, 0.45), BONE: (0.25, 0.7), "lesion": (1.3, 2.0)},
 }
+# Mean diffusion-weighted images (cord models only, not among the lesion families): the cord is the brightest
+# tissue; the CSF (fast diffusion), fat-suppressed and short-T2 tissue around it fall to a dark, noisy floor.
+DWI_PRIOR = {WM: (0.6, 1.0), GM: (0.6, 1.0), CSF: (0.02, 0.25), BONE: (0.02, 0.3), "other": (0.02, 0.4)}
 
 
 def synth_intensity(labels, rng, spacing, *, lesion=None, contrast=None, air=None, lesion_contrast=1.0,
-                    gm_bright=0.0):
+                    gm_bright=0.0, dwi=False):
     """Random-contrast image of a label volume. `contrast` picks a prior family or None for any.
 
     `lesion_contrast` below 1 makes some lesions fainter: their difference from the cord is scaled by a
@@ -408,6 +411,10 @@ def synth_intensity(labels, rng, spacing, *, lesion=None, contrast=None, air=Non
         lesion_gain = rng.uniform(*prior["lesion"])
     if lesion_contrast < 1.0:  # drawn only then, so that the shipped recipe's random stream is unchanged
         lesion_gain = 1.0 + (lesion_gain - 1.0) * rng.uniform(lesion_contrast, 1.0)
+    if dwi:  # drawn only then, so that the other recipes' random streams are unchanged
+        means[:] = rng.uniform(*DWI_PRIOR["other"], MAX_LABEL + 1)
+        for lab in (WM, GM, CSF, BONE):
+            means[lab] = rng.uniform(*DWI_PRIOR[lab])
     if rng.random() < 0.5:  # often grey and white matter are not distinguishable
         means[GM] = means[WM]
     if gm_bright and family in ("t2s", "gre") and rng.random() < gm_bright:  # drawn only then (stream kept)
@@ -416,7 +423,7 @@ def synth_intensity(labels, rng, spacing, *, lesion=None, contrast=None, air=Non
     # The cord must differ from the CSF around it, or there is nothing to see; but only a little on some
     # scans (full-field gradient echo), so the smallest gap allowed varies.
     min_gap = rng.uniform(0.06, 0.15)
-    if abs(means[WM] - means[CSF]) < min_gap:
+    if abs(means[WM] - means[CSF]) < min_gap and not dwi:
         means[CSF] = np.clip(means[WM] + np.sign(rng.random() - 0.5) * rng.uniform(min_gap, 0.5), 0, 1)
     image = means[labels]
     # texture: smooth per-voxel multiplicative variation
@@ -590,14 +597,18 @@ def shade_along(image, rng, axis=2):
 
 
 def patch_sample(anatomy, rng, *, shape=(64, 64, 48), spacing=(0.5, 0.5, 1.0), lesions=False,
-                 center_sigma_mm=1.5, p_sagittal=0.25, style: LesionStyle = LESION_STYLES["shipped"]):
+                 center_sigma_mm=1.5, p_sagittal=0.25, style: LesionStyle = LESION_STYLES["shipped"], p_dwi=0.0,
+                 p_conus=0.0):
     """One 3D patch for CNN2 centred near the cord: (image, cord target, lesion target).
 
-    A share `p_sagittal` is acquired sagittally (thick slices left-right), the rest axially."""
+    A share `p_sagittal` is acquired sagittally (thick slices left-right), the rest axially. A share `p_dwi`
+    (cord patches only) looks like a mean diffusion-weighted image: DWI_PRIOR's contrast, axial slices of
+    3-17.5 mm, 0.8-2 mm in plane, more noise. A share `p_conus` is centred within 50-60 mm of the conus's tip
+    (with an anatomy that has the dural sac and roots below it: there the cord target is empty)."""
     fine = np.array([spacing[0], spacing[1], min(spacing[2], ANATOMY_ZOOM)])
     zup = int(round(spacing[2] / fine[2]))
     fshape = (shape[0], shape[1], shape[2] * zup)
-    z = _template_z(anatomy, rng, 0.0)
+    z = _template_z(anatomy, rng, 0.0, p_conus)
     offset = rng.normal(0, center_sigma_mm, 2)
     labels = sample_label_grid(anatomy, rng, fshape, fine, z, offset_mm=offset, max_tilt=20.0, max_inplane=20.0)
     if rng.random() < 0.5:
@@ -610,8 +621,9 @@ def patch_sample(anatomy, rng, *, shape=(64, 64, 48), spacing=(0.5, 0.5, 1.0), l
     contrast = None
     if lesions:  # lesion contrast follows a plausible T1/T2/T2* family
         contrast = str(rng.choice(list(CONTRAST_PRIORS)))
+    dwi = bool(p_dwi) and not lesions and rng.random() < p_dwi  # drawn only then (other streams kept)
     image = synth_intensity(labels, rng, fine, lesion=lesion, contrast=contrast, lesion_contrast=style.contrast,
-                            gm_bright=style.gm_bright)
+                            gm_bright=style.gm_bright, dwi=dwi)
     if style.shading and rng.random() < style.shading:
         from cordseg.segmentation import level_slices  # what the runtime leaves of the shading
 
@@ -620,8 +632,11 @@ def patch_sample(anatomy, rng, *, shape=(64, 64, 48), spacing=(0.5, 0.5, 1.0), l
     slice_axis = 0 if rng.random() < p_sagittal else 2
     if style.max_axial_thickness_mm > 6.0 and slice_axis == 2 and rng.random() < 0.3:
         thickness = float(rng.uniform(6.0, style.max_axial_thickness_mm))
-    image = degrade(image, rng, fine, thickness_mm=thickness, inplane_mm=rng.uniform(0.5, 1.2),
-                    slice_axis=slice_axis)
+    inplane = rng.uniform(0.5, 1.2)
+    if dwi:  # echo-planar diffusion: coarse in plane, thick axial slices, low signal-to-noise
+        thickness, slice_axis, inplane = float(rng.uniform(3.0, 17.5)), 2, float(rng.uniform(0.8, 2.0))
+        image = image + rng.normal(0, rng.uniform(0.02, 0.1), image.shape).astype(np.float32)
+    image = degrade(image, rng, fine, thickness_mm=thickness, inplane_mm=inplane, slice_axis=slice_axis)
 
     def pool(a):
         return a.reshape(shape[0], shape[1], shape[2], zup).mean(axis=3)

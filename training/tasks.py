@@ -29,7 +29,9 @@ class TaskConfig:
     network: dict = field(default_factory=dict)
     contrasts: tuple = CONTRASTS
     lesion_style: str = "shipped"  # synth.LESION_STYLES: how lesion patches are drawn
-    p_conus: float = 0.0  # centerline: share of template slices drawn around the conus
+    p_conus: float = 0.0  # share of template slices (CNN1) or patches (CNN2) drawn around the conus
+    p_sagittal: float = 0.25  # CNN2: share of patches acquired sagittally (thick slices left-right)
+    p_dwi: float = 0.0  # CNN2-SC: share of patches drawn as mean diffusion-weighted images
 
 
 # Reported lesions must be this much brighter than the lesion-free cord on their slices (t2/t2s lesions
@@ -108,6 +110,7 @@ class Sampler:
                                         p_outside=p_outside, p_conus=cfg.p_conus)
         img, cord, lesion = synth.patch_sample(self._anatomy(rng)[0], rng, shape=cfg.patch_shape,
                                                spacing=cfg.voxel_size, lesions=cfg.task == "lesion",
+                                               p_sagittal=cfg.p_sagittal, p_dwi=cfg.p_dwi, p_conus=cfg.p_conus,
                                                style=synth.LESION_STYLES[cfg.lesion_style])
         return img, (lesion if cfg.task == "lesion" else cord)
 

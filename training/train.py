@@ -24,7 +24,8 @@ def default_labelmaps() -> Path:
 def run(task, out, *, steps=None, batch_size=None, learning_rate=None, labelmaps=None, seed=0, log=print,
         workers=0, max_minutes=None, network=None, init_weights=None, data=None, real_fraction=0.5,
         contrasts=None, patch_shape=None, pos_weight=None, snapshot_every=1000, lesion_style=None,
-        cauda_equina=False, stop_at=None, real_backgrounds=False, real_share=0.5):
+        cauda_equina=False, stop_at=None, real_backgrounds=False, real_share=0.5, sagittal_share=None,
+        dwi_share=0.0):
     from . import losses, synth, tasks
     from .loop import train
 
@@ -39,6 +40,12 @@ def run(task, out, *, steps=None, batch_size=None, learning_rate=None, labelmaps
         cfg.lesion_style = lesion_style
     if patch_shape:  # CNN2 is fully convolutional: it may train on smaller patches than it runs on
         cfg.patch_shape = tuple(patch_shape)
+    if sagittal_share is not None:
+        cfg.p_sagittal = sagittal_share
+    if dwi_share:
+        if task != "sc":
+            raise ValueError("--dwi-share is for the cord task (sc)")
+        cfg.p_dwi = dwi_share
     if cauda_equina:  # the template's dural sac and nerve roots below the conus, and slices drawn around it
         cfg.p_conus = CONUS_SHARE
     anatomy = synth.load_anatomies(labelmaps or default_labelmaps(),
@@ -102,6 +109,10 @@ def main(argv=None):
     p.add_argument("--real-backgrounds", action="store_true", help="lesion task: mix in lesions carved into "
                    "real lesion-free scans (training/carve.py; subjects unf01 and sub-01 of ../shared/data)")
     p.add_argument("--real-share", type=float, default=0.5, help="share of --real-backgrounds patches")
+    p.add_argument("--sagittal-share", type=float, help="CNN2: share of synthetic patches acquired sagittally, "
+                   "with thick left-right slices (default 0.25)")
+    p.add_argument("--dwi-share", type=float, default=0.0, help="sc: share of synthetic patches drawn as mean "
+                   "diffusion-weighted images (synth.DWI_PRIOR)")
     p.add_argument("--lesion-style", choices=["shipped", "faint", "hard"],
                    help="lesion task: how synthetic lesions are drawn (training/synth.py LESION_STYLES; faint: "
                    "smaller and fainter lesions, more lesion-free patches, axial slices up to 17 mm; hard: also "
@@ -128,8 +139,8 @@ def main(argv=None):
         contrasts=a.contrast.split(",") if a.contrast else None,
         patch_shape=[int(v) for v in a.patch_shape.split("x")] if a.patch_shape else None, pos_weight=a.pos_weight,
         snapshot_every=a.snapshot_every, lesion_style=a.lesion_style, cauda_equina=a.cauda_equina, stop_at=a.stop_at,
-        real_backgrounds=a.real_backgrounds, real_share=a.real_share,
-        network={"base_filters": a.base_filters} if a.base_filters else None)
+        real_backgrounds=a.real_backgrounds, real_share=a.real_share, sagittal_share=a.sagittal_share,
+        dwi_share=a.dwi_share, network={"base_filters": a.base_filters} if a.base_filters else None)
     if a.export:
         from .loop import last_snapshot, snapshot_step
 
