@@ -62,13 +62,13 @@ def draw_lumbar(cord, csf, bone, rng):
     # template stops a few mm under the conus), narrowing a little towards the floor
     ref_z = int(np.nonzero((lab == 2).any((0, 1)))[0].min()) + 6
     sac = ndi.binary_closing(np.isin(lab[:, :, ref_z], (1, 2)), iterations=2)
-    mirrored = lab[:, :, pad: 2 * pad][:, :, ::-1] == 3
+    above = lab.shape[2] - pad  # the vertebrae below the template mirror its lowest ones
     for z in range(ref_z):
         shrink = int(max(0, tip - z) / tip * 3)
         s = ndi.binary_erosion(sac, iterations=shrink) if shrink else sac
         sl = lab[:, :, z]
         if z < pad:
-            sl[mirrored[:, :, z]] = 3
+            sl[lab[:, :, pad + (pad - 1 - z) % above] == 3] = 3
         sl[s & (sl != 1)] = 2
     inner = ndi.binary_erosion(sac, iterations=3)
     pts = np.argwhere(inner)
@@ -79,7 +79,7 @@ def draw_lumbar(cord, csf, bone, rng):
     n_roots = int(rng.integers(24, 41))
     for k in range(n_roots + 1):
         filum = k == n_roots
-        z0 = tip if filum else int(tip + rng.uniform(0, 80))
+        z0 = tip if filum else min(int(tip + rng.uniform(0, 80)), lab.shape[2] - 1)
         surface = np.argwhere(cordv[:, :, z0] & ~ndi.binary_erosion(cordv[:, :, z0]))
         start = np.argwhere(cordv[:, :, tip]).mean(0) if filum or not len(surface) else \
             surface[rng.integers(len(surface))].astype(float)

@@ -504,3 +504,41 @@ def test_conus_slices_below_the_tip_have_no_cord_target():
     for _ in range(10):
         img, target = synth.heatmap_sample(anatomy, rng, size=32, p_conus=1.0)
         assert np.all(np.isfinite(img)) and set(np.unique(target)) <= {0.0, 1.0}
+
+
+def test_conus_patches_for_cnn2_are_drawn_around_the_tip():
+    """patch_sample(p_conus=1): centred within 50-60 mm of the tip; those wholly below it have no cord."""
+    labels = synth.add_cauda_equina(_anatomy_with_conus(nz=240), below_mm=60.0, n_roots=8)
+    anatomy = synth.Anatomy._with_centres(labels)
+    rng = np.random.default_rng(3)
+    empty = 0
+    for _ in range(12):
+        img, cord, _ = synth.patch_sample(anatomy, rng, shape=(24, 24, 16), p_conus=1.0, p_sagittal=0.0)
+        assert np.all(np.isfinite(img)) and img.shape == cord.shape == (24, 24, 16)
+        empty += not cord.any()
+    assert empty >= 2  # patches under the tip: roots and sac, no cord target
+
+
+def test_dwi_patches_show_a_bright_cord_on_dark_csf(anatomy):
+    rng = np.random.default_rng(0)
+    for _ in range(6):
+        labels = anatomy.labels[:, :, :20]
+        img = synth.synth_intensity(labels, rng, (0.5, 0.5, 0.5), dwi=True)
+        cord = img[np.isin(labels, (synth.WM, synth.GM))].mean()
+        assert cord > 2 * img[labels == synth.CSF].mean() and cord > img[labels == synth.BONE].mean()
+    img, cord, lesion = synth.patch_sample(anatomy, rng, shape=(24, 24, 16), p_dwi=1.0)
+    assert np.all(np.isfinite(img)) and cord.any() and not lesion.any()
+    # lesion patches never draw the DWI family (it is for cord models)
+    _, _, _ = synth.patch_sample(anatomy, np.random.default_rng(1), shape=(24, 24, 16), lesions=True, p_dwi=1.0)
+
+
+def test_sampler_passes_the_cnn2_shares(anatomy, monkeypatch):
+    from cordseg.training import tasks
+
+    seen = []
+    monkeypatch.setattr(synth, "patch_sample", lambda *a, **kw: seen.append(kw) or (
+        np.zeros((8, 8, 8), np.float32), np.zeros((8, 8, 8), np.float32), np.zeros((8, 8, 8), np.float32)))
+    cfg = dataclasses.replace(tasks.TASKS["sc"], patch_shape=(8, 8, 8), batch_size=1, p_sagittal=0.5, p_dwi=0.2,
+                              p_conus=0.1)
+    tasks.Sampler(cfg, anatomy)(np.random.default_rng(0))
+    assert seen[0]["p_sagittal"] == 0.5 and seen[0]["p_dwi"] == 0.2 and seen[0]["p_conus"] == 0.1

@@ -1,0 +1,67 @@
+"""The cord benches' own procedures, on inputs with known answers: thick slices made by slab averaging (with
+their header), the half-maximum DWI reference, and the simulated lumbar scan's conus."""
+import importlib.util
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+thick = _load("thick_slices")
+dwi = _load("dwi")
+
+
+def test_thicker_slices_are_slab_means_at_the_slab_centre():
+    aff = np.diag([0.8, 0.8, 1.0, 1.0])
+    aff[:3, 3] = (10.0, -5.0, 2.0)
+    data = np.arange(4 * 3 * 10, dtype=np.float32).reshape(4, 3, 10)
+    img = nib.Nifti1Image(data, aff)
+    assert thick.voxel_axis(img, "lr") == 0 and thick.voxel_axis(img, "si") == 2
+    out = thick.thicken(img, 2, 3)
+    assert out.shape == (4, 3, 3)  # the trailing partial block dropped
+    np.testing.assert_allclose(np.asarray(out.dataobj)[..., 1], data[..., 3:6].mean(axis=2))
+    np.testing.assert_allclose(out.header.get_zooms(), (0.8, 0.8, 3.0))
+    # the first slice's centre is the middle of native slices 0-2: native slice 1
+    np.testing.assert_allclose(out.affine @ [0, 0, 0, 1], img.affine @ [0, 0, 1, 1])
+    assert int(out.header["qform_code"]) == int(out.header["sform_code"]) == 1
+    mask = nib.Nifti1Image((data % 3 == 0).astype(np.uint8), aff)
+    kept = np.asarray(thick.thicken(mask, 2, 2, mask=True).dataobj)
+    assert set(np.unique(kept)) <= {0, 1}
+
+
+def test_half_maximum_reference_is_the_bright_disk():
+    zooms = (0.5, 0.5, 5.0)
+    x, y = np.meshgrid(np.arange(60) * 0.5, np.arange(60) * 0.5, indexing="ij")
+    disk = np.hypot(x - 15, y - 14) <= 3.5
+    data = np.repeat(np.where(disk, 300.0, 60.0)[:, :, None], 3, axis=2)
+    data[40, 40, :] = 900  # a bright speck away from the cord is not taken
+    ref = dwi.half_max_outline(data, zooms, {z: (30, 28) for z in range(3)})
+    assert np.array_equal(ref[:, :, 1] > 0, disk)
+
+
+@pytest.mark.slow
+def test_simulated_lumbar_scan_has_its_tip_where_the_labels_end():
+    from cordseg.datasets import shared_data
+
+    conus = _load("conus")
+    data = shared_data()
+    if not (data / "labelmaps/PAM50").is_dir():
+        pytest.skip("needs ../shared/data/labelmaps/PAM50")
+    cord, csf, bone = conus.load_template(data, above_mm=30.0)
+    lab, tip = conus.draw_lumbar(cord, csf, bone, np.random.default_rng(0))
+    assert not np.isin(lab[:, :, :tip], 1).any() and (lab[:, :, tip] == 1).any()
+    assert (lab[:, :, : tip - 10] == 4).any(axis=(0, 1)).all()  # roots on every slice under the conus
+    img, truth = conus.render(lab, np.random.default_rng(1), t1_like=False)
+    assert img.shape == truth.shape and abs(conus.lowest(truth) - tip / 2) <= 1.5
