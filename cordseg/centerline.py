@@ -38,6 +38,11 @@ STRIP_HALO = 32  # context pixels on each inner side of a strip of an over-sized
 # it moves the windows by a voxel here and there, which moves the answer a little (on the labelled scans, up
 # to 0.02 mm^2 of centerline error either way); on smaller slices the full first pass costs little and stays.
 SPARSE_FIRST_PASS_WINDOWS = 24
+# CNN1 learnt on 96 mm slices. A field of view much narrower than that along one axis (a sagittal scan of a
+# few thick slices, 20-25 mm across) is shown to it inside dark background up to this width (pixels of its
+# 1 mm grid; normalised 0: the slice's 1st percentile): edge-repeated it lost the cord on half of the slices of
+# t2_fake_lesion made 4 mm thick, and found it on all of them inside dark background (bench/thick_slices.py).
+MIN_FIELD_PX = 96
 # Two per-model settings live in the model contract (cordseg.contract), with these defaults:
 # CENTERLINE_SLICE_MM: CNN1 need not see every thin slice: the centerline is smooth along z, so slices thinner
 # than this are resampled to it for the heatmap (a 1 mm sagittal volume: half the CNN1 work), and the
@@ -100,11 +105,20 @@ def _model_volume(rpi: Reoriented, model: Model) -> tuple[np.ndarray, tuple]:
     return resample(rpi.data, rpi.zooms, target, order=1), resampled_zooms(rpi.shape, rpi.zooms, target)
 
 
-def _predict_slices(slices: np.ndarray, model: Model, progress, span, mirror: bool = True) -> np.ndarray:
+def _predict_slices(slices: np.ndarray, model: Model, progress, span, mirror: bool = True,
+                    field=(False, False)) -> np.ndarray:
     """CNN1 on (n, nx, ny) normalised slices, padded to the model's size multiple; progress over `span`.
-    mirror: average with the left-right mirror image's answer (twice the work)."""
+    mirror: average with the left-right mirror image's answer (twice the work). field: per in-plane axis,
+    whether the slices span the image's whole field of view there; such an axis narrower than MIN_FIELD_PX
+    is centred in dark background up to that width."""
     m = max(1, model.size_multiple)
     n, nx, ny = slices.shape
+    wide = [max(0, MIN_FIELD_PX - k) if whole else 0 for k, whole in zip((nx, ny), field)]
+    if any(wide):
+        lo = [w // 2 for w in wide]
+        part = np.pad(slices, ((0, 0), (lo[0], wide[0] - lo[0]), (lo[1], wide[1] - lo[1])), constant_values=0.0)
+        heat = _predict_slices(part, model, progress, span, mirror)
+        return heat[:, lo[0]:lo[0] + nx, lo[1]:lo[1] + ny]
     pad = ((0, 0), (0, (-nx) % m), (0, (-ny) % m))
     heat = np.empty((n, nx, ny), np.float32)
     # the network's memory grows with pixels; padding a batch at a time keeps no padded copy of all slices
@@ -148,7 +162,7 @@ def _whole_slices(vol: np.ndarray, model: Model, progress, span, mirror: bool = 
     slices = np.moveaxis(vol, 2, 0)
     if not mirror and vol.shape[0] * vol.shape[1] > BATCH_PIXELS:
         return np.moveaxis(_predict_strips(slices, model, progress, span), 0, 2)
-    return np.moveaxis(_predict_slices(slices, model, progress, span, mirror), 0, 2)
+    return np.moveaxis(_predict_slices(slices, model, progress, span, mirror, field=(True, True)), 0, 2)
 
 
 def _window_size(shape, zooms, model: Model, window_mm: float) -> list:
@@ -174,7 +188,7 @@ def _windows(vol: np.ndarray, zooms, rpi: Reoriented, model: Model, around: "Cen
     windows = np.stack([vol[lo[0][z]:lo[0][z] + size[0], lo[1][z]:lo[1][z] + size[1], z] for z in range(nz)])
     windows = np.moveaxis(normalize_with(model.normalisation, np.moveaxis(windows, 0, 2),
                                          model.normalisation_params), 2, 0)
-    probs = _predict_slices(windows, model, progress, span)
+    probs = _predict_slices(windows, model, progress, span, field=[w == n for w, n in zip(size, (nx, ny))])
     heat = np.zeros(vol.shape, np.float32)
     for z in range(nz):
         heat[lo[0][z]:lo[0][z] + size[0], lo[1][z]:lo[1][z] + size[1], z] = probs[z]
