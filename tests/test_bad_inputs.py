@@ -135,6 +135,18 @@ def test_4d_several_volumes(tmp_path, out_dir, phantom):
     assert np.asarray(out.dataobj).sum() >= 14  # cord on (nearly) every one of the 16 slices
 
 
+def test_4d_mean_volume(tmp_path, out_dir, phantom):
+    vol = np.asarray(phantom.image.dataobj)
+    path = save(tmp_path / "series_T2w.nii.gz", np.stack([vol * 3, vol * 0.9, vol * 1.1], axis=-1),
+                phantom.image.affine)
+    assert_ok(invoke("sc", path, "-o", out_dir, "--volume", "mean", "-q"))
+    out = nib.load(out_dir / "series_T2w_seg.nii.gz")
+    assert out.shape == vol.shape and np.asarray(out.dataobj).any()
+    np.testing.assert_array_equal(out.affine, phantom.image.affine)
+    (out_dir / "series_T2w_seg.nii.gz").unlink()
+    assert_clean_error(invoke("sc", path, "-o", out_dir, "--volume", "middle"), out_dir, "neither a volume")
+
+
 def test_4d_single_volume_is_taken_as_3d(tmp_path, out_dir, phantom):
     path = save(tmp_path / "one_T2w.nii.gz", np.asarray(phantom.image.dataobj)[..., None], phantom.image.affine)
     assert_ok(invoke("centerline", path, "-o", out_dir, "-q"))
