@@ -1,26 +1,12 @@
 """The cord benches' own procedures, on inputs with known answers: thick slices made by slab averaging (with
 their header), the half-maximum DWI reference, and the simulated lumbar scan's conus."""
-import importlib.util
-import sys
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "bench"
-
-
-def _load(name):
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-thick = _load("thick_slices")
-dwi = _load("dwi")
+from bench import dwi
+from bench import thick_slices as thick
 
 
 def test_thicker_slices_are_slab_means_at_the_slab_centre():
@@ -55,7 +41,7 @@ def test_half_maximum_reference_is_the_bright_disk():
 def test_simulated_lumbar_scan_has_its_tip_where_the_labels_end():
     from cordseg.datasets import shared_data
 
-    conus = _load("conus")
+    from bench import conus
     data = shared_data()
     if not (data / "labelmaps/PAM50").is_dir():
         pytest.skip("needs ../shared/data/labelmaps/PAM50")

@@ -29,7 +29,7 @@ IMAGES = {
     "sct_testing/t2/t2_fake_lesion.nii.gz": ("t2", "sc"),
     "sct_testing/t1/t1w.nii.gz": ("t1", "sc"),
     "sct_testing/mt/mt0.nii.gz": ("t2s", "sc"),
-    "sct_testing/dmri/dwi_mean.nii.gz": ("dwi", "centerline"),  # no cord model serves dwi
+    "sct_testing/dmri/dwi_mean.nii.gz": ("dwi", "sc"),
     "unf01/sub-unf01_T1w.nii.gz": ("t1", "sc"),
     "unf01/sub-unf01_T2w.nii.gz": ("t2", "sc"),
     # full field of view, large: the centerline command keeps the file's run time down (bench/ times sc)

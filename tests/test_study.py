@@ -430,10 +430,11 @@ def test_dwi_series_is_averaged_over_its_weighted_volumes(tmp_path, models):
     (root / "sub-01/dwi/sub-01_dwi.bval").write_text("0 800 800 800\n")
     result = run_study(root, tasks="centerline,sc")
     (row,) = result.rows
-    assert row["status"] == "ok" and row["tasks"] == "centerline" and "no sc model for dwi" in row["reason"]
+    assert row["status"] == "ok" and row["tasks"] == "centerline,sc"  # the shipped cord model serves dwi
     assert "mean of the 3 of 4 volumes with b > 50" in row["notes"]
-    mask = nib.load(str(root / "derivatives/cordseg/sub-01/dwi/sub-01_dwi_label-centerline_seg.nii.gz"))
-    assert mask.shape == base.shape and np.allclose(mask.affine, ph.image.affine)  # the series' 3D grid
+    for name in ("label-centerline_seg", "label-SC_seg"):
+        mask = nib.load(str(root / f"derivatives/cordseg/sub-01/dwi/sub-01_dwi_{name}.nii.gz"))
+        assert mask.shape == base.shape and np.allclose(mask.affine, ph.image.affine)  # the series' 3D grid
 
 
 # --------------------------------------------------------------------------- Dask

@@ -37,6 +37,8 @@ class Soup:
 
 
 STAGE5_STOP = 500  # the lesion recipe's last stage: where the shipped run was stopped
+SC_STAGE2_STOP = 400  # the cord recipe's second stage: the snapshot chosen on the choosing scans
+
 
 RECIPES = {
     "centerline": [
@@ -60,15 +62,11 @@ RECIPES = {
         Stage("PAM50", dict(steps=3000, batch_size=8, learning_rate=2e-3, max_minutes=11.3),
               "shipped run: stopped by its 11.3-minute limit at step 2,096 (one GPU, 5 workers), with the "
               "smallest cord/CSF intensity gap then fixed at 0.15 (now drawn from 0.06-0.15)"),
-        Stage("PAM50", dict(steps=800, batch_size=4, learning_rate=3e-4, seed=81, snapshot_every=100,
-                            sagittal_share=0.5),
-              "shipped run: two CPU cores, 1 worker, 22 minutes, from stage 1's weights as recovered from its ONNX "
-              "file (training/onnx_weights.py); today's generator (sagittal acquisitions, gradient-echo family), "
-              "half of the patches sagittal"),
-        Stage("PAM50", dict(steps=800, batch_size=4, learning_rate=2e-4, seed=82, snapshot_every=100,
-                            sagittal_share=0.5, dwi_share=0.2, cauda_equina="bundle"),
-              "shipped run: two CPU cores, 1 worker; a fifth of the patches drawn as mean diffusion-weighted "
-              "images, 12% around the conus with the dural sac and a clump of nerve roots below it"),
+        Stage("PAM50", dict(steps=800, stop_at=SC_STAGE2_STOP, batch_size=4, learning_rate=3e-4, seed=81,
+                            snapshot_every=100, sagittal_share=0.5),
+              "shipped run: two CPU cores, 1 worker, 22 minutes for 800 steps, from stage 1's weights as recovered "
+              "from its ONNX file (training/onnx_weights.py); today's generator (sagittal acquisitions, "
+              "gradient-echo family), half of the patches sagittal"),
     ],
     "lesion": [
         Stage("all", dict(steps=4000, batch_size=8, learning_rate=2e-3, pos_weight=2.0, seed=1),

@@ -46,7 +46,7 @@ TASKS = {
                              network={"filters": (16, 32, 48)}),
     "sc": TaskConfig("sc", (0.5, 0.5, 1.0), (64, 64, 48), "zscore_stack", 0.5,
                      batch_size=2, learning_rate=2e-3, steps=6000, network={"base_filters": 8},
-                     contrasts=("t1", "t2", "t2s")),
+                     contrasts=("t1", "t2", "t2s", "dwi")),
     "lesion": TaskConfig("lesion", (0.5, 0.5, 1.0), (48, 48, 48), "zscore_stack", 0.5,
                          batch_size=2, learning_rate=2e-3, steps=6000, network={"base_filters": 8},
                          contrasts=("t2", "t2s")),

@@ -1,0 +1,70 @@
+"""The cord model where the plain scans end: DWI (a mean image and a 4D series), thick sagittal slices, and the
+lumbar cord's end. Bars a little below what `python bench/dwi.py`, `bench/thick_slices.py` and
+`bench/conus.py` measured with the shipped models (values in the comments)."""
+from __future__ import annotations
+
+
+import nibabel as nib
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import cordseg
+from cordseg import metrics
+from cordseg.cli import main
+from cordseg.io import load_image
+
+from bench import dwi
+from bench import thick_slices as thick
+
+pytestmark = [pytest.mark.realdata, pytest.mark.slow]
+def _sc(*args):
+    try:
+        runner = CliRunner(mix_stderr=False)
+    except TypeError:
+        runner = CliRunner()
+    return runner.invoke(main, ["sc", *map(str, args), "-q"])
+
+
+def test_dwi_mean_through_the_command(shared_data, tmp_path):
+    image = shared_data / "sct_testing/dmri/dwi_mean.nii.gz"
+    result = _sc(image, "-c", "dwi", "-o", tmp_path)
+    assert result.exit_code == 0, result.stderr
+    out = nib.load(tmp_path / "dwi_mean_seg.nii.gz")
+    arr = np.asarray(load_image(image).dataobj)
+    ref = dwi.half_max_outline(arr, nib.load(image).header.get_zooms(),
+                               dwi.optic_seeds(shared_data / "sct_testing/dmri/dwi_mean_centerline-optic.nii.gz"))
+    d = metrics.dice(np.asarray(out.dataobj) > 0, ref > 0)
+    assert d >= 0.80, f"dwi_mean: cord Dice {d:.3f} against its half-maximum outline"  # measured 0.848
+
+
+def test_dwi_series_mean_volume_through_the_command(shared_data, tmp_path):
+    series = shared_data / "extra/dmri.nii.gz"
+    if not series.exists():
+        pytest.skip("extra/dmri.nii.gz is not in this copy of the data")
+    result = _sc(series, "-c", "dwi", "--volume", "mean", "-o", tmp_path)
+    assert result.exit_code == 0, result.stderr
+    out = nib.load(tmp_path / "dmri_seg.nii.gz")
+    assert out.shape == nib.load(series).shape[:3]
+    mean = load_image(series, volume="mean")
+    arr = np.asarray(mean.dataobj)
+    zooms = mean.header.get_zooms()[:3]
+    ref = dwi.half_max_outline(arr, zooms, dwi.brightest_seeds(arr, zooms))
+    d = metrics.dice(np.asarray(out.dataobj) > 0, ref > 0)
+    assert d >= 0.86, f"dmri mean: cord Dice {d:.3f} against its half-maximum outline"  # measured 0.910
+
+
+@pytest.mark.parametrize("image, ref, k, bar", [
+    ("sct_testing/t2/t2.nii.gz", "sct_testing/t2/t2_seg-manual.nii.gz", 3, 0.90),  # measured 0.928
+    ("sct_testing/t2/t2.nii.gz", "sct_testing/t2/t2_seg-manual.nii.gz", 4, 0.88),  # measured 0.910
+    # 5 slices of 4 mm, 20 mm across: CNN1 needs the dark surround (centerline.MIN_FIELD_PX); measured 0.816
+    ("sct_testing/t2/t2_fake_lesion.nii.gz", "sct_testing/t2/t2_fake_lesion_sc_seg.nii.gz", 5, 0.77),
+], ids=["t2-3mm", "t2-4mm", "t2_fake_lesion-4mm"])
+def test_thick_sagittal_slices(shared_data, image, ref, k, bar):
+    img = nib.load(shared_data / image)
+    axis = thick.voxel_axis(img, "lr")
+    x, truth = thick.thicken(img, axis, k), thick.thicken(nib.load(shared_data / ref), axis, k, mask=True)
+    pred = np.asarray(cordseg.segment_cord(x, "t2").dataobj) > 0
+    t = np.asarray(truth.dataobj) > 0
+    d = metrics.dice(pred, t)
+    assert d >= bar, f"{image} with {k}x thicker sagittal slices: Dice {d:.3f}"
