@@ -329,8 +329,8 @@ def test_bad_model_files(tmp_path, good, out_dir, tiny_onnx):
 
 
 def test_contrast_without_a_model(good, out_dir):
-    # the shipped cord model serves t1, t2, t2s: a dwi cord segmentation has no model
-    assert_clean_error(invoke("sc", good, "-c", "dwi", "-o", out_dir), out_dir, "no 'sc' model")
+    # the shipped lesion model serves t2 and t2s: lesions on a dwi image have no model
+    assert_clean_error(invoke("lesion", good, "-c", "dwi", "-o", out_dir), out_dir, "no 'lesion' model")
 
 
 def test_model_whose_input_disagrees_with_its_metadata(tmp_path, good, out_dir, tiny_onnx):
