@@ -95,10 +95,20 @@ def test_lesion_slabs_join_nearby_lesions_only():
     assert lesions.lesion_slabs(np.zeros((4, 4, 4), np.uint8), merge_gap=5) == []
 
 
-def test_screening_without_a_cord_model_warns_and_keeps_the_mask(tmp_path, tiny_onnx):
-    """A lesion model for a contrast that no cord model serves (dwi here) cannot be screened: the command
-    says so and reports the thresholded map."""
-    from cordseg.errors import CordsegWarning
+def test_screening_without_a_cord_model_warns_and_keeps_the_mask(tmp_path, tiny_onnx, monkeypatch):
+    """A lesion model for a contrast that no cord model serves cannot be screened: the command says so and
+    reports the thresholded map. (The shipped cord model serves every contrast: here it is hidden.)"""
+    from cordseg import segmenter
+    from cordseg.errors import CordsegWarning, ModelError
+
+    real_find = segmenter.find_model
+
+    def no_cord_model(task, contrast, *args, **kwargs):
+        if task == "sc":
+            raise ModelError(f"no 'sc' model for contrast '{contrast}'")
+        return real_find(task, contrast, *args, **kwargs)
+
+    monkeypatch.setattr(segmenter, "find_model", no_cord_model)
 
     model = tiny_onnx(tmp_path / "bright.onnx", op="sigmoid", task="lesion", input_shape=("N", 48, 48, 48, 1),
                       extra={"cordseg_threshold": "0.8", "cordseg_contrast": "dwi",
