@@ -888,6 +888,18 @@ def _died(plan: _Plan, times: int) -> dict:
                          "(killed, or out of memory)")
 
 
+def _stop_workers(ex) -> None:
+    """Kill a broken pool's surviving workers. A worker killed while it held the task queue's lock leaves the
+    others unable to read it, and Python 3.11's pool then waits for them forever while it shuts down (seen
+    in tests/test_study.py's killed-worker test); their images go to the next pool anyway, and what they
+    were writing is removed (_run_pool)."""
+    for proc in list((getattr(ex, "_processes", None) or {}).values()):
+        try:
+            proc.kill()
+        except (OSError, AttributeError, ValueError):
+            pass
+
+
 def _run_pool(todo, jobs: int, table: _Table) -> None:
     """Local worker processes. A worker that dies (killed, out of memory) breaks the pool: the images not
     done are sent to a fresh pool; one in flight through MAX_POOL_BREAKS + 1 breaks is failed."""
@@ -903,6 +915,8 @@ def _run_pool(todo, jobs: int, table: _Table) -> None:
                 key = futures[fut]
                 exc = fut.exception()
                 if isinstance(exc, BrokenProcessPool):
+                    if not broken:
+                        _stop_workers(ex)
                     broken = True
                     continue
                 if exc is not None:  # pickling or the like: not the image's fault, but report it
@@ -917,6 +931,9 @@ def _run_pool(todo, jobs: int, table: _Table) -> None:
             ex.shutdown(wait=True, cancel_futures=True)
             raise
         if broken:
+            # the survivors were killed, perhaps in the middle of a write: their temporary files go now, before
+            # the next pool writes its own (the study's lock keeps any other run out of this folder)
+            remove_stale_temp_files(table.out_dir)
             for key in list(pending):
                 breaks[key] += 1
                 if breaks[key] > MAX_POOL_BREAKS:
