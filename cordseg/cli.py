@@ -531,7 +531,8 @@ def _sc_one(image, opts: Options, seg):
 
         with timed(opts.on_stage(), "csa"):
             name = image if isinstance(image, (str, Path)) else None
-            csa = morphometry(mask, name, perslice=True), morphometry(mask, name).mean_area
+            table = morphometry(mask, name, perslice=True)
+            csa = table, table.mean_area
     with _outputs() as stage:
         _save(mask, path, opts, stage)
         qc_file = _write_qc(src, {"cord": _binary(mask, opts, src)}, path, opts, stage=stage) if opts.qc else None

@@ -108,8 +108,12 @@ class MorphometryTable:
 
     @property
     def mean_area(self) -> float:
-        """Mean CSA (mm2) over the unflagged slices that the rows cover (first row's value)."""
-        return float(self.rows[0]["MEAN(area)"]) if self.rows else float("nan")
+        """Mean CSA (mm2) over the unflagged slices that the rows cover: the rows' MEAN(area) weighted by their
+        slice counts, so a per-slice or per-level table gives the same mean as its one-row summary."""
+        pairs = [(float(r["MEAN(area)"]), int(r["N slices"])) for r in self.rows if r.get("N slices")]
+        pairs = [(a, n) for a, n in pairs if np.isfinite(a)]
+        total = sum(n for _, n in pairs)
+        return sum(a * n for a, n in pairs) / total if total else float("nan")
 
     def text(self) -> str:
         """A short aligned table of the rows for a terminal."""

@@ -476,3 +476,12 @@ def test_sc_csa_writes_the_per_slice_table_beside_the_mask(tmp_path):
     assert [r["Slice (I->S)"] for r in rows] == [str(r["Slice (I->S)"]) for r in expected.rows]
     mean = morphometry(str(mask)).mean_area
     assert f"mean CSA {mean:.1f} mm2" in res.output
+
+
+def test_mean_area_is_the_same_from_every_kind_of_table():
+    """`cordseg sc --csa` writes the per-slice table and prints the mean from it (one pass, not two)."""
+    img, _ = tube(tilt_deg=15)
+    summary, perslice = morphometry(img), morphometry(img, perslice=True)
+    assert len(perslice.rows) > 1
+    assert perslice.mean_area == pytest.approx(summary.mean_area, rel=1e-9)
+    assert summary.mean_area == pytest.approx(ok_areas(summary).mean(), rel=1e-9)
