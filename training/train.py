@@ -122,6 +122,8 @@ def main(argv=None):
                    "draw a share of its slices around the conus, so that the model learns where the cord ends; "
                    "'bundle': the roots gathered into one clump, as on real lumbar scans (default: strands)")
     a = p.parse_args(argv)
+    if a.dwi_share and a.task != "sc":
+        p.error("--dwi-share is for the cord task (sc)")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     log = lambda m: print(m, flush=True)  # noqa: E731
     if a.recipe:
