@@ -11,7 +11,6 @@ import json
 import os
 import re
 import shutil
-import struct
 import time
 import zlib
 from pathlib import Path
@@ -19,6 +18,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from pngread import read_png
 from click.testing import CliRunner
 
 from cordseg import qc
@@ -101,30 +101,6 @@ def page_data(index: Path) -> dict:
     found = re.search(r'<script id="qc-data" type="application/json">(.*?)</script>', text, re.S)
     assert found, "no data in the page"
     return json.loads(found.group(1))
-
-
-def read_png(data: bytes):
-    """(array, palette, transparency) of an 8-bit grey, RGB or palette PNG (filter none or Up), every CRC checked."""
-    assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    pos, chunks = 8, {}
-    while pos < len(data):
-        (length,) = struct.unpack(">I", data[pos:pos + 4])
-        kind, body = data[pos + 4:pos + 8], data[pos + 8:pos + 8 + length]
-        (crc,) = struct.unpack(">I", data[pos + 8 + length:pos + 12 + length])
-        assert crc == zlib.crc32(kind + body) & 0xFFFFFFFF, kind
-        chunks[kind] = chunks.get(kind, b"") + body
-        pos += 12 + length
-    w, h, depth, colour, _, _, _ = struct.unpack(">IIBBBBB", chunks[b"IHDR"])
-    channels = {0: 1, 2: 3, 3: 1}[colour]
-    raw = np.frombuffer(zlib.decompress(chunks[b"IDAT"]), np.uint8).reshape(h, 1 + channels * w)
-    assert depth == 8 and set(np.unique(raw[:, 0])) <= {0, 2}  # no filter, or 'Up'
-    rows = raw[:, 1:].copy()
-    for r in range(1, h):
-        if raw[r, 0] == 2:
-            rows[r] += rows[r - 1]  # wraps modulo 256, as the filter does
-    pixels = rows.reshape(h, w, channels) if channels > 1 else rows
-    palette = np.frombuffer(chunks[b"PLTE"], np.uint8).reshape(-1, 3) if b"PLTE" in chunks else None
-    return pixels, palette, chunks.get(b"tRNS")
 
 
 # --------------------------------------------------------------------------- without a browser
