@@ -287,10 +287,7 @@ def detect(rpi: Reoriented, model: Model, *, smoothness: float = DEFAULT_SMOOTHN
     with timed(on_stage, "centerline.resample"):
         vol, zooms = _model_volume(rpi, model)  # resampled once, for both passes
     if not window_mm:
-        with timed(on_stage, "centerline.cnn1"):
-            heat = _whole_slices(vol, model, progress, (0.0, 1.0))
-        with timed(on_stage, "centerline.optic"):
-            first = _trace(heat, zooms, rpi, model, smoothness)
+        first = _whole_pass(vol, zooms, rpi, model, smoothness, progress, (0.0, 1.0), on_stage)
         if first is None:
             raise NoCordError("no spinal cord found")
         return first
@@ -320,6 +317,14 @@ def detect(rpi: Reoriented, model: Model, *, smoothness: float = DEFAULT_SMOOTHN
     return second
 
 
+def _whole_pass(vol, zooms, rpi, model, smoothness, progress, span, on_stage, mirror=True) -> Centerline | None:
+    """CNN1 on every whole slice of `vol`, then OptiC (None: no cord)."""
+    with timed(on_stage, "centerline.cnn1"):
+        heat = _whole_slices(vol, model, progress, span, mirror=mirror)
+    with timed(on_stage, "centerline.optic"):
+        return _trace(heat, zooms, rpi, model, smoothness)
+
+
 def _first_pass(vol, zooms, rpi, model, smoothness, progress, on_stage, sparse=True) -> Centerline:
     """The first curve: CNN1 on whole slices; with `sparse`, about first_pass_mm apart and unmirrored, and
     on every slice, mirrored, only when that finds nothing; NoCordError when no pass finds a cord."""
@@ -332,15 +337,9 @@ def _first_pass(vol, zooms, rpi, model, smoothness, progress, on_stage, sparse=T
                 target = (zooms[0], zooms[1], step_mm)
                 few = resample(vol, zooms, target, order=0)  # whole slices, not blends of two
                 fzooms = resampled_zooms(vol.shape, zooms, target)
-        with timed(on_stage, "centerline.cnn1"):
-            heat = _whole_slices(few, model, progress, (0.0, 0.5), mirror=False)
-        with timed(on_stage, "centerline.optic"):
-            first = _trace(heat, fzooms, rpi, model, smoothness)
+        first = _whole_pass(few, fzooms, rpi, model, smoothness, progress, (0.0, 0.5), on_stage, mirror=False)
     if first is None:
-        with timed(on_stage, "centerline.cnn1"):
-            heat = _whole_slices(vol, model, progress, (0.0, 0.5))
-        with timed(on_stage, "centerline.optic"):
-            first = _trace(heat, zooms, rpi, model, smoothness)
+        first = _whole_pass(vol, zooms, rpi, model, smoothness, progress, (0.0, 0.5), on_stage)
     if first is None:
         raise NoCordError("no spinal cord found")
     return first
