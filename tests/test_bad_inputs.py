@@ -11,7 +11,7 @@ import warnings
 import nibabel as nib
 import numpy as np
 import pytest
-from click.testing import CliRunner
+from clirun import cli_runner
 
 import cordseg
 from cordseg.cli import main
@@ -22,10 +22,7 @@ COMMANDS = ("sc", "centerline", "lesion")
 
 
 def invoke(*args):
-    try:
-        runner = CliRunner(mix_stderr=False)  # click < 8.2
-    except TypeError:
-        runner = CliRunner()  # click >= 8.2 keeps stderr apart by itself
+    runner = cli_runner()
     return runner.invoke(main, [str(a) for a in args])
 
 

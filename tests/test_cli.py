@@ -18,7 +18,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from click.testing import CliRunner
+from clirun import cli_runner
 
 from cordseg import metrics
 from cordseg.api import lesion_table
@@ -29,16 +29,8 @@ CSV_HEADER = ["slice", "x", "y", "z", "i", "j", "k", "x_mm", "y_mm", "z_mm"]
 LESION_HEADER = ["id", "volume_mm3", "x_mm", "y_mm", "z_mm", "first_slice", "last_slice"]  # then optional columns
 
 
-def runner() -> CliRunner:
-    """stdout and stderr apart: click >= 8.2 always separates them; older click needs mix_stderr=False."""
-    try:
-        return CliRunner(mix_stderr=False)
-    except TypeError:
-        return CliRunner()
-
-
 def invoke(*args, env=None):
-    result = runner().invoke(main, [str(a) for a in args], env=env, catch_exceptions=False)
+    result = cli_runner().invoke(main, [str(a) for a in args], env=env, catch_exceptions=False)
     return result, result.stdout, result.stderr
 
 

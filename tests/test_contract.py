@@ -126,17 +126,14 @@ def test_find_model_refuses_a_malformed_shipped_file(tmp_path, tiny_onnx, monkey
 
 def test_cli_refuses_a_bad_model_in_one_line(tmp_path, tiny_onnx):
     import nibabel as nib
-    from click.testing import CliRunner
+    from clirun import cli_runner
 
     from cordseg.cli import main
 
     image = tmp_path / "sub-01_T2w.nii.gz"
     nib.save(make_phantom((32, 32, 8), seed=0).image, image)
     bad = tiny_onnx(tmp_path / "bad_sc.onnx", task="sc", extra={"cordseg_threshold": "x"})
-    try:
-        runner = CliRunner(mix_stderr=False)
-    except TypeError:  # click >= 8.2 keeps stderr apart by itself
-        runner = CliRunner()
+    runner = cli_runner()
     result = runner.invoke(main, ["sc", str(image), "-o", str(tmp_path), "--model", str(bad), "-q"])
     assert result.exit_code == 2 and "Traceback" not in result.stderr
     assert result.stderr == "cordseg: error: bad_sc.onnx: metadata cordseg_threshold = 'x' is malformed (a number " \

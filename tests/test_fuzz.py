@@ -20,7 +20,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from click.testing import CliRunner
+from clirun import cli_runner
 
 from cordseg.cli import main
 from cordseg.errors import InputError
@@ -181,10 +181,7 @@ def test_the_command_line_answers_every_hostile_file_with_one_line(tmp_path):
     out.mkdir()
     ins = tmp_path / "in"
     ins.mkdir()
-    try:
-        runner = CliRunner(mix_stderr=False)
-    except TypeError:
-        runner = CliRunner()
+    runner = cli_runner()
     for name, raw in files.items():
         path = ins / name
         path.write_bytes(raw)

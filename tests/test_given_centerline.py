@@ -8,7 +8,7 @@ from __future__ import annotations
 import nibabel as nib
 import numpy as np
 import pytest
-from click.testing import CliRunner
+from clirun import cli_runner
 
 import cordseg
 from cordseg import metrics
@@ -136,10 +136,7 @@ def test_cli_centerline_option(tmp_path, phantom):
     nib.save(phantom.image, img)
     cl = tmp_path / "cl.nii.gz"
     nib.save(true_centerline_mask(phantom, every=4), cl)
-    try:
-        runner = CliRunner(mix_stderr=False)
-    except TypeError:
-        runner = CliRunner()
+    runner = cli_runner()
     out = tmp_path / "seg.nii.gz"
     res = runner.invoke(main, ["sc", str(img), "--centerline", str(cl), "-o", str(out), "-q"])
     assert res.exit_code == 0, res.stderr

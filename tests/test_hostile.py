@@ -17,7 +17,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from click.testing import CliRunner
+from clirun import cli_runner
 
 import cordseg
 from cordseg.cli import main
@@ -25,10 +25,7 @@ from cordseg.phantom import make_phantom
 
 
 def invoke(*args):
-    try:
-        runner = CliRunner(mix_stderr=False)
-    except TypeError:
-        runner = CliRunner()
+    runner = cli_runner()
     result = runner.invoke(main, [str(a) for a in args], catch_exceptions=False)
     return result.exit_code, result.stdout, result.stderr
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import nibabel as nib
 import numpy as np
 import pytest
-from click.testing import CliRunner
+from clirun import cli_runner
 
 import cordseg
 from cordseg import metrics
@@ -18,11 +18,10 @@ from bench import dwi
 from bench import thick_slices as thick
 
 pytestmark = [pytest.mark.realdata, pytest.mark.slow]
+
+
 def _sc(*args):
-    try:
-        runner = CliRunner(mix_stderr=False)
-    except TypeError:
-        runner = CliRunner()
+    runner = cli_runner()
     return runner.invoke(main, ["sc", *map(str, args), "-q"])
 
 

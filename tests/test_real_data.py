@@ -14,7 +14,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from click.testing import CliRunner
+from clirun import cli_runner
 
 import cordseg
 from cordseg import metrics
@@ -83,10 +83,7 @@ def cli(data: Path, out_root: Path, image: str, command: str, *extra):
         out_dir.mkdir()
         contrast = IMAGES[image][0]
         args = [command, str(data / image), "-c", contrast, "-o", str(out_dir), "-q", *map(str, extra)]
-        try:
-            runner = CliRunner(mix_stderr=False)
-        except TypeError:
-            runner = CliRunner()
+        runner = cli_runner()
         result = runner.invoke(main, args)
         stem = Path(image).name[: -len(".nii.gz")]
         _RUNS[key] = (result, out_dir / f"{stem}{SUFFIX[command]}.nii.gz")
