@@ -280,8 +280,7 @@ def detect(rpi: Reoriented, model: Model, *, smoothness: float = DEFAULT_SMOOTHN
     curve on every slice, whose answer is kept (default: the model's second_look_mm, 56 mm unless its file
     says otherwise). The first pass only places the windows: on slices wider than SPARSE_FIRST_PASS_WINDOWS
     windows it runs on slices the model's first_pass_mm apart, without the mirror image; where the windows
-    span whole slices, not at all. on_stage: stage
-    events (cordseg.stages) for the parts, centerline.*"""
+    span whole slices, not at all. on_stage: stage events (cordseg.stages) for the parts, centerline.*"""
     if window_mm is _MODEL:
         window_mm = model.contract.second_look_mm
     with timed(on_stage, "centerline.resample"):

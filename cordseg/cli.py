@@ -530,24 +530,22 @@ def _sc_one(image, opts: Options, seg):
         from .morphometry import morphometry
 
         with timed(opts.on_stage(), "csa"):
-            name = image if isinstance(image, (str, Path)) else None
-            table = morphometry(mask, name, perslice=True)
-            csa = table, table.mean_area
+            csa = morphometry(mask, image if isinstance(image, (str, Path)) else None, perslice=True)
     with _outputs() as stage:
         _save(mask, path, opts, stage)
         qc_file = _write_qc(src, {"cord": _binary(mask, opts, src)}, path, opts, stage=stage) if opts.qc else None
         if csa is not None:
             from .io import nifti_stem
 
-            _write_csv(path.with_name(nifti_stem(path) + "_csa.csv"), list(csa[0].columns),
-                       [[_cell(r.get(c)) for c in csa[0].columns] for r in csa[0].rows], stage)
+            _write_csv(path.with_name(nifti_stem(path) + "_csa.csv"), list(csa.columns),
+                       [[_cell(r.get(c)) for c in csa.columns] for r in csa.rows], stage)
     if not opts.quiet:
         import numpy as np
 
         vox = _voxel_mm3(mask)
         n = int((np.asarray(mask.dataobj) >= 0.5).sum())
-        click.echo(f"cord: {n * vox:.0f} mm3 -> {path}" + (f", mean CSA {csa[1]:.1f} mm2" if csa else "")
-                   + (f" (QC: {qc_file})" if opts.qc else ""))
+        area = f", mean CSA {csa.mean_area:.1f} mm2" if csa is not None else ""
+        click.echo(f"cord: {n * vox:.0f} mm3 -> {path}{area}" + (f" (QC: {qc_file})" if opts.qc else ""))
 
 
 def _cell(v):

@@ -492,10 +492,9 @@ def _read_bvals(src, n):
 def _mean_data(img, name, src):
     """(the mean of a 4D image's chosen volumes, what was averaged)."""
     data = _read_data(img, name, None)
-    data = data.reshape(data.shape[:4])
-    finite = np.where(np.isfinite(data), data, 0.0)
-    keep, used = mean_volumes(finite.mean(axis=(0, 1, 2)), _read_bvals(src, data.shape[3]))
-    return finite[..., keep].mean(axis=3, dtype=np.float64).astype(np.float32), used
+    data = _finite(data.reshape(data.shape[:4]), name)  # zeroed in place (a copy already), with the warning
+    keep, used = mean_volumes(data.mean(axis=(0, 1, 2)), _read_bvals(src, data.shape[3]))
+    return data[..., keep].mean(axis=3, dtype=np.float64).astype(np.float32), used
 
 
 def _finite(data: np.ndarray, name: str) -> np.ndarray:

@@ -382,9 +382,8 @@ def _load_source(image: BidsImage, notes: list):
     if image.contrast != "dwi":
         return load_image(image.path)
     src = load_image(image.path, volume="mean")
-    used = (getattr(src, "extra", None) or {}).get("cordseg_volumes")
-    if used:
-        notes.append(used)
+    if "cordseg_volumes" in src.extra:  # a 4D series (a 3D dwi image is its own mean)
+        notes.append(src.extra["cordseg_volumes"])
     return src
 
 

@@ -519,7 +519,7 @@ def test_conus_patches_for_cnn2_are_drawn_around_the_tip():
     assert empty >= 2  # patches under the tip: roots and sac, no cord target
 
 
-def test_dwi_patches_show_a_bright_cord_on_dark_csf(anatomy):
+def test_dwi_patches_show_a_bright_cord_on_dark_csf(anatomy, monkeypatch):
     rng = np.random.default_rng(0)
     for _ in range(6):
         labels = anatomy.labels[:, :, :20]
@@ -529,7 +529,12 @@ def test_dwi_patches_show_a_bright_cord_on_dark_csf(anatomy):
     img, cord, lesion = synth.patch_sample(anatomy, rng, shape=(24, 24, 16), p_dwi=1.0)
     assert np.all(np.isfinite(img)) and cord.any() and not lesion.any()
     # lesion patches never draw the DWI family (it is for cord models)
-    _, _, _ = synth.patch_sample(anatomy, np.random.default_rng(1), shape=(24, 24, 16), lesions=True, p_dwi=1.0)
+    drawn = []
+    real = synth.synth_intensity
+    monkeypatch.setattr(synth, "synth_intensity", lambda *a, **kw: drawn.append(kw["dwi"]) or real(*a, **kw))
+    synth.patch_sample(anatomy, np.random.default_rng(1), shape=(24, 24, 16), lesions=True, p_dwi=1.0)
+    synth.patch_sample(anatomy, np.random.default_rng(1), shape=(24, 24, 16), p_dwi=1.0)
+    assert drawn == [False, True]
 
 
 def test_sampler_passes_the_cnn2_shares(anatomy, monkeypatch):
