@@ -85,14 +85,14 @@ def prepare(cases, model=None, log=print, cache=None):
     return out
 
 
-def apply(rpi, prob, cord, thr, grow, least, fill):
+def apply(rpi, prob, cord, thr, grow, least, fill, measure="slice"):
     from cordseg import lesions
 
     mask = (prob >= thr).astype(np.uint8)
     if grow:
         mask = lesions.grow_lesions(mask, prob, grow)
     if least and mask.any():
-        mask = lesions.screen_lesions(mask, rpi.data, cord, least)[0]
+        mask = lesions.screen_lesions(mask, rpi.data, cord, least, measure=measure, zooms=rpi.zooms)[0]
     if fill and mask.any():
         mask = lesions.fill_to_edge(mask, rpi.data, cord, fill, rpi.zooms)
     return rpi.to_native(mask) > 0
@@ -134,6 +134,8 @@ def main(argv=None) -> int:
     ap.add_argument("--grow", default="0,0.25")
     ap.add_argument("--min-contrast", default="1.1,1.15,1.2")
     ap.add_argument("--fill", default="0")
+    ap.add_argument("--measure", default="slice", help="what the min contrast is measured against: slice, local "
+                    "or both (comma-separated; see cordseg.lesions.screen_lesions)")
     ap.add_argument("--out")
     ap.add_argument("--cache", help="keep each case's maps here and reuse them (one folder per model)")
     ap.add_argument("--tta", default="", help="lesion network averaged over flips along these axes (e.g. xz; "
@@ -149,17 +151,18 @@ def main(argv=None) -> int:
     cases = json.loads(Path(index).read_text())["cases"]
     prepared = prepare([c for c in cases if c["kind"] in ("lesion", "free")], a.model, cache=a.cache)
     grid = list(itertools.product(*[[float(v) for v in s.split(",")]
-                                    for s in (a.thresholds, a.grow, a.min_contrast, a.fill)]))
+                                    for s in (a.thresholds, a.grow, a.min_contrast, a.fill)], a.measure.split(",")))
     results = []
-    print("| thr | grow | min contrast | fill | median Dice | mean Dice | sens 25% | prec 25% | faint found "
+    print("| thr | grow | min contrast | measure | fill | median Dice | mean Dice | sens 25% | prec 25% | faint found "
           "| F1 10% | FP on free scans |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for setting in grid:
         if setting[1] and setting[1] >= setting[0]:
             continue
         p = score(prepared, setting)
         results.append(dict(setting=setting, **p))
-        print(f"| {setting[0]:g} | {setting[1]:g} | {setting[2]:g} | {setting[3]:g} | {p['median_dice']:.3f} | "
+        print(f"| {setting[0]:g} | {setting[1]:g} | {setting[2]:g} | {setting[4]} | {setting[3]:g} | "
+              f"{p['median_dice']:.3f} | "
               f"{p['mean_dice']:.3f} | {p['found25']}/{p['n_ref']} = {p['sensitivity25']:.2f} | "
               f"{p['tp_pred25']}/{p['n_pred']} = {p['precision25']:.2f} | {p['faint_found25']} | "
               f"{p['f1_10']:.3f} | {p['false_lesions_free']} on {p['free_scans_with_fp']} |", flush=True)

@@ -16,6 +16,9 @@ Keys (all values are strings in the file):
     cordseg_normalisation_params the scheme's constants, comma-separated
     cordseg_size_multiple        spatial sizes the network accepts are multiples of this (default 1)
     cordseg_min_lesion_contrast  lesion models: least lesion/cord intensity ratio reported (default 0: none)
+    cordseg_lesion_contrast      lesion models: what min_lesion_contrast is measured against: "slice" (the
+                                 lesion-free cord on the lesion's slices; default) or "local" (the same places
+                                 of the cord on the slices above and below; "slice" where there are none)
     cordseg_lesion_grow_to       lesion models: lesions grown from the threshold down to this probability
                                  (hysteresis; default 0: none)
     cordseg_lesion_fill          lesion models: lesions grown inside the cord to this share of their own
@@ -25,6 +28,8 @@ Keys (all values are strings in the file):
     cordseg_centerline_slice_mm  centerline models: CNN1 sees slices no thinner than this (default 2)
     cordseg_first_pass_mm        centerline models: CNN1's first pass, which only places the second look's
                                  windows, sees slices this far apart (default 8; 0: every slice)
+    cordseg_channels             CNN2 input channels, comma-separated, "image" first (default "image"; see
+                                 cordseg.normalization.CHANNELS); more than one needs the NXYZC layout
   and free text the runtime only shows: cordseg_version, cordseg_training, cordseg_steps, cordseg_source.
 """
 from __future__ import annotations
@@ -36,6 +41,7 @@ from .errors import ModelError
 
 TASKS = ("centerline", "sc", "lesion")
 CONTRASTS = ("t1", "t2", "t2s", "dwi")
+LESION_CONTRASTS = ("slice", "local")  # what a lesion's brightness is compared with (cordseg.lesions)
 LAYOUTS = {"NHWC": 2, "NCHW": 2, "NXYZC": 3, "NCXYZ": 3}  # layout -> spatial dimensions
 PREFIX = "cordseg_"
 REQUIRED_KEYS = ("cordseg_task", "cordseg_contrast", "cordseg_layout", "cordseg_patch_shape",
@@ -65,12 +71,14 @@ class ModelContract:
     normalisation_params: str | None = None
     size_multiple: int = 1
     min_lesion_contrast: float = 0.0
+    lesion_contrast: str = "slice"
     lesion_grow_to: float = 0.0
     lesion_fill: float = 0.0
     warning: str | None = None
     second_look_mm: float = SECOND_LOOK_MM
     centerline_slice_mm: float = CENTERLINE_SLICE_MM
     first_pass_mm: float = FIRST_PASS_MM
+    channels: tuple = ("image",)
     info: dict = field(default_factory=dict, hash=False)
 
     def __post_init__(self):
@@ -122,6 +130,8 @@ class ModelContract:
             meta["cordseg_size_multiple"] = str(self.size_multiple)
         if self.min_lesion_contrast:
             meta["cordseg_min_lesion_contrast"] = _g(self.min_lesion_contrast)
+        if self.lesion_contrast != "slice":
+            meta["cordseg_lesion_contrast"] = self.lesion_contrast
         if self.lesion_grow_to:
             meta["cordseg_lesion_grow_to"] = _g(self.lesion_grow_to)
         if self.lesion_fill:
@@ -134,6 +144,8 @@ class ModelContract:
             meta["cordseg_centerline_slice_mm"] = _g(self.centerline_slice_mm)
         if self.first_pass_mm != FIRST_PASS_MM:
             meta["cordseg_first_pass_mm"] = _g(self.first_pass_mm)
+        if tuple(self.channels) != ("image",):
+            meta["cordseg_channels"] = ",".join(self.channels)
         meta.update({PREFIX + k: str(v) for k, v in self.info.items()})
         return meta
 
@@ -149,7 +161,7 @@ def _finite(v) -> bool:
 
 
 def _check(c: ModelContract):
-    from .normalization import PARAMETRISED, SCHEMES
+    from .normalization import CHANNELS, PARAMETRISED, SCHEMES
 
     if c.task not in TASKS:
         raise _Invalid("task")
@@ -184,10 +196,15 @@ def _check(c: ModelContract):
         v = getattr(c, attr)
         if not (_finite(v) and v >= 0):
             raise _Invalid(attr)
+    if c.lesion_contrast not in LESION_CONTRASTS:
+        raise _Invalid("lesion_contrast")
     if not (_finite(c.lesion_grow_to) and 0.0 <= c.lesion_grow_to < max(c.threshold, 1e-9)):
         raise _Invalid("lesion_grow_to")
     if not (_finite(c.lesion_fill) and 0.0 <= c.lesion_fill < 1.0):
         raise _Invalid("lesion_fill")
+    if (not c.channels or c.channels[0] != "image" or any(x not in CHANNELS for x in c.channels)
+            or len(set(c.channels)) != len(c.channels) or (len(c.channels) > 1 and c.layout != "NXYZC")):
+        raise _Invalid("channels")
 
 
 def _contrasts(text: str) -> tuple:
@@ -214,12 +231,14 @@ _PARSERS = {
     "cordseg_normalisation_params": ("normalisation_params", lambda t: t or None),
     "cordseg_size_multiple": ("size_multiple", int),
     "cordseg_min_lesion_contrast": ("min_lesion_contrast", float),
+    "cordseg_lesion_contrast": ("lesion_contrast", str),
     "cordseg_lesion_grow_to": ("lesion_grow_to", float),
     "cordseg_lesion_fill": ("lesion_fill", float),
     "cordseg_warning": ("warning", lambda t: t or None),
     "cordseg_second_look_mm": ("second_look_mm", float),
     "cordseg_centerline_slice_mm": ("centerline_slice_mm", float),
     "cordseg_first_pass_mm": ("first_pass_mm", float),
+    "cordseg_channels": ("channels", _contrasts),
 }
 _EXPECTED = {
     "task": f"one of {', '.join(TASKS)}",
@@ -232,10 +251,13 @@ _EXPECTED = {
     "normalisation_params": "finite numbers, comma-separated; required by published_* schemes",
     "size_multiple": "a whole number >= 1",
     "min_lesion_contrast": "a number >= 0",
+    "lesion_contrast": "slice or local",
     "lesion_grow_to": "a number >= 0 and below the threshold",
     "lesion_fill": "a number >= 0 and below 1",
     "warning": "text",
     "second_look_mm": "a number >= 0 (0: no second look)",
     "centerline_slice_mm": "a number >= 0",
     "first_pass_mm": "a number >= 0 (0: every slice)",
+    "channels": "'image', then other channels of cordseg.normalization.CHANNELS, comma-separated; more than "
+                "one only with the NXYZC layout",
 }

@@ -214,8 +214,14 @@ class Model:
                 raise ModelError(f"{self.path.name}: onnxruntime cannot load it ({exc})") from None
         return self._session
 
+    @property
+    def channels(self) -> tuple:
+        """CNN2's input channels ("image" first); predict takes a last axis of this size when there are more."""
+        return tuple(self.contract.channels)
+
     def predict(self, batch: np.ndarray, *, flip_average: bool = False) -> np.ndarray:
-        """batch: (N, *spatial) float32 -> probabilities of the same shape.
+        """batch: (N, *spatial) float32 -> probabilities of the same shape; (N, *spatial, C) for a model
+        with C > 1 input channels -> (N, *spatial).
 
         flip_average: also run the left-right mirror image and average (the cord is nearly symmetric, so this
         cancels part of the network's own asymmetric errors at twice the cost).
@@ -226,7 +232,13 @@ class Model:
             return 0.5 * (direct + mirrored)
         sess = self.session()
         x = np.asarray(batch, np.float32)
-        if self.layout in ("NHWC", "NXYZC"):
+        spatial = batch.shape
+        if len(self.channels) > 1:
+            spatial = batch.shape[:-1]
+            if batch.shape[-1] != len(self.channels):
+                raise ModelError(f"{self.path.name}: the model takes {len(self.channels)} channels "
+                                 f"({','.join(self.channels)}), got {batch.shape[-1]}")
+        elif self.layout in ("NHWC", "NXYZC"):
             x = x[..., None]
         elif self.layout in ("NCHW", "NCXYZ"):
             x = x[:, None]
@@ -235,7 +247,7 @@ class Model:
         name = sess.get_inputs()[0].name
         try:
             y = sess.run(None, {name: x})[0]
-            return y.reshape(batch.shape).astype(np.float32)
+            return y.reshape(spatial).astype(np.float32)
         except Exception as exc:  # onnxruntime's errors, or an output of another shape
             raise ModelError(f"{self.path.name}: the model does not accept its metadata's input "
                              f"({self.layout}, {x.shape}): {str(exc).splitlines()[0][:200]}") from None

@@ -17,7 +17,7 @@ from .metrics import axial_axis, label_lesions
 MIN_REFERENCE_VOXELS = 20  # lesion-free cord voxels needed to judge a lesion's contrast
 _CUBE = np.ones((3, 3, 3), bool)
 LESION_CSV_HEADER = ["id", "volume_mm3", "x_mm", "y_mm", "z_mm", "first_slice", "last_slice", "mean_probability",
-                     "max_probability", "contrast"]
+                     "max_probability", "contrast", "local_contrast"]
 
 
 def lesion_slabs(mask: np.ndarray, merge_gap: int) -> list[tuple[int, int]]:
@@ -53,6 +53,60 @@ def _ratios(labels, image, cord) -> list:
         base = float(np.median(ref)) - floor if ref.size >= MIN_REFERENCE_VOXELS else 0.0
         lesion = image[sl][labels[sl] == i]  # within its bounding box, not the whole volume per lesion
         out.append(float(lesion.mean() - floor) / base if base > 0 else None)
+    return out
+
+
+LOCAL_REACH_MM = 20.0  # reference slices for a lesion's local contrast: this far above and below it
+
+
+def cord_levels(image: np.ndarray, healthy: np.ndarray, floor: float) -> np.ndarray:
+    """Per axial slice, the median of the lesion-free cord above `floor` (NaN where too little cord)."""
+    out = np.full(image.shape[2], np.nan)
+    for z in np.nonzero(healthy.any(axis=(0, 1)))[0]:
+        ref = image[:, :, z][healthy[:, :, z]]
+        if ref.size >= MIN_REFERENCE_VOXELS:
+            out[z] = float(np.median(ref)) - floor
+    return out
+
+
+def local_contrasts(labels: np.ndarray, image: np.ndarray, cord: np.ndarray, zooms=(1.0, 1.0, 1.0),
+                    reach_mm: float = LOCAL_REACH_MM) -> list:
+    """Each labelled lesion's brightness over the same places of the cord on the slices above and below it
+    (within `reach_mm`, the lesion's own slices and their neighbours left out), both as shares of the cord's
+    level on their own slices; None where no such slice has cord.
+
+    Unlike the contrast over the whole cord's median on its slices, this does not take brighter grey matter,
+    or a bright cord edge, for a lesion: those are as bright on the other slices."""
+    from .normalization import centres_from_mask
+
+    cord = cord.astype(bool)
+    floor = min(0.0, float(np.percentile(image, 0.5)))
+    levels = cord_levels(image, cord & (labels == 0), floor)
+    centres = centres_from_mask(cord)
+    has_cord = cord.any(axis=(0, 1)) & np.isfinite(levels) & (levels > 0)
+    dz = float(zooms[2])
+    reach = max(2, int(np.ceil(reach_mm / dz)))
+    gap = 1 if dz <= 2.0 else 0
+    out = []
+    for i, sl in enumerate(ndi.find_objects(labels), start=1):
+        z0, z1 = sl[2].start, sl[2].stop - 1
+        refs = [z for z in range(max(0, z0 - reach), min(image.shape[2], z1 + reach + 1))
+                if (z < z0 - gap or z > z1 + gap) and has_cord[z]]
+        vox = np.argwhere(labels[sl] == i) + [s.start for s in sl]
+        own_levels = levels[vox[:, 2]]
+        if not refs or not np.all(np.isfinite(own_levels) & (own_levels > 0)):
+            out.append(None)
+            continue
+        off = vox[:, :2] - centres[vox[:, 2]]
+        zs = np.asarray(refs)
+        px = centres[zs, 0][None, :] + off[:, :1]
+        py = centres[zs, 1][None, :] + off[:, 1:]
+        pz = np.broadcast_to(zs[None, :].astype(float), px.shape)
+        samples = ndi.map_coordinates(image, [px.ravel(), py.ravel(), pz.ravel()], order=1, mode="nearest")
+        expected = np.median((samples.reshape(px.shape) - floor) / levels[zs][None, :], axis=1)
+        own = (image[vox[:, 0], vox[:, 1], vox[:, 2]] - floor) / own_levels
+        base = float(expected.mean())
+        out.append(float(own.mean()) / base if base > 0 else None)
     return out
 
 
@@ -107,10 +161,16 @@ def fill_to_edge(mask: np.ndarray, image: np.ndarray, cord: np.ndarray, fraction
     return out.astype(mask.dtype)
 
 
-def screen_lesions(mask: np.ndarray, image: np.ndarray, cord: np.ndarray, min_contrast: float):
-    """`mask` without the lesions that lie wholly outside `cord` or are not brighter than the cord around
-    them by `min_contrast`. Returns (mask, number dropped)."""
+def screen_lesions(mask: np.ndarray, image: np.ndarray, cord: np.ndarray, min_contrast: float, *,
+                   measure: str = "slice", zooms=(1.0, 1.0, 1.0)):
+    """`mask` without the lesions that lie wholly outside `cord` or are not brighter than the cord by
+    `min_contrast`: measured against the lesion-free cord on their slices (`measure` "slice"), or against
+    the same places of the cord on the slices above and below ("local", local_contrasts; "slice" for a lesion
+    with no such slice). Returns (mask, number dropped)."""
     labels, contrasts = lesion_contrasts(mask, image, cord)
+    if measure == "local":
+        local = local_contrasts(labels, image, cord, zooms)
+        contrasts = [c if v is None else v for c, v in zip(contrasts, local)]
     inside = ndi.maximum(cord.astype(bool), labels, index=np.arange(1, len(contrasts) + 1))
     drop = [i for i, (c, touches) in enumerate(zip(contrasts, np.atleast_1d(inside)), start=1)
             if not touches or (c is not None and c < min_contrast)]
@@ -119,10 +179,15 @@ def screen_lesions(mask: np.ndarray, image: np.ndarray, cord: np.ndarray, min_co
     return np.where(np.isin(labels, drop), 0, mask).astype(mask.dtype), len(drop)
 
 
-def cord_along_lesions(mask: np.ndarray, cl, sc_model, progress=None, on_stage=None) -> np.ndarray:
+def local_reach_slices(zooms) -> int:
+    """Slices of cord beyond a lesion's own that local_contrasts looks at."""
+    return max(2, int(np.ceil(LOCAL_REACH_MM / float(zooms[2]))))
+
+
+def cord_along_lesions(mask: np.ndarray, cl, sc_model, progress=None, on_stage=None, margin: int = 0) -> np.ndarray:
     """The cord on `cl`'s RPI grid, segmented with `sc_model` only along the stretches of centerline that hold
-    lesions (a patch depth apart or more: separate runs), which keeps screening cheap next to the lesion
-    network's own pass. Stage events of the cord runs: screening.cord.*"""
+    lesions, `margin` slices on (a patch depth apart or more: separate runs), which keeps screening cheap next
+    to the lesion network's own pass. Stage events of the cord runs: screening.cord.*"""
     from . import centerline as _centerline
     from . import segmentation as _segmentation
 
@@ -130,20 +195,14 @@ def cord_along_lesions(mask: np.ndarray, cl, sc_model, progress=None, on_stage=N
     rpi = cl.rpi
     depth = int(np.ceil(sc_model.patch_shape[2] * _centerline.model_grid(rpi, sc_model)[2] / rpi.zooms[2]))
     cord = np.zeros(mask.shape, np.uint8)
-    for lo, hi in lesion_slabs(mask, merge_gap=depth):
-        on = (cl.z >= lo - 1) & (cl.z <= hi + 1)
+    for lo, hi in lesion_slabs(mask, merge_gap=depth + 2 * margin):
+        on = (cl.z >= lo - 1 - margin) & (cl.z <= hi + 1 + margin)
         if not on.any():
             continue
         stretch = _centerline.Centerline(cl.z[on], cl.x[on], cl.y[on], rpi)
         prob = _segmentation.soft_segmentation(stretch, sc_model, progress, stage="cord", on_stage=parts)
         cord |= _segmentation.keep_largest_component((prob >= sc_model.threshold).astype(np.uint8))
     return cord
-
-
-def screen(mask: np.ndarray, cl, sc_model, min_contrast: float, progress=None, on_stage=None) -> np.ndarray:
-    """Screen a thresholded lesion mask on `cl`'s RPI grid against the cord along its lesions."""
-    cord = cord_along_lesions(mask, cl, sc_model, progress, on_stage)
-    return screen_lesions(mask, cl.rpi.data, cord, min_contrast)[0]
 
 
 @dataclass
@@ -156,6 +215,7 @@ class Lesion:
     mean_probability: float | None = None  # the network's map over the lesion (from `prob`)
     max_probability: float | None = None
     contrast: float | None = None  # mean intensity over the lesion-free cord's median on its slices
+    local_contrast: float | None = None  # over the same places of the cord above and below (local_contrasts)
 
     def csv_row(self) -> list:
         """The row under LESION_CSV_HEADER (empty cells where a value is unknown)."""
@@ -164,15 +224,16 @@ class Lesion:
 
         return [self.id, f"{self.volume_mm3:.2f}", *(f"{v:.2f}" for v in self.centroid_mm), self.first_slice,
                 self.last_slice, opt(self.mean_probability, ".3f"), opt(self.max_probability, ".3f"),
-                opt(self.contrast, ".3f")]
+                opt(self.contrast, ".3f"), opt(self.local_contrast, ".3f")]
 
 
 def lesion_table(mask_img, prob=None, image=None, cord=None) -> list[Lesion]:
     """One row per 3D connected lesion (26-connectivity), slices along the axial axis of the image.
 
     With `prob` (the soft map on the mask's grid) each row gets the mean and maximum probability; with
-    `image` and `cord` (arrays on the mask's grid) its brightness over the lesion-free cord on its slices,
-    so that users can rank lesions and review the doubtful ones first."""
+    `image` and `cord` (arrays on the mask's grid) its brightness over the lesion-free cord on its slices and
+    over the same places of the cord above and below, so that users can rank lesions and review the doubtful
+    ones first."""
     data = np.asarray(mask_img.dataobj) > 0
     if not data.any():
         return []
@@ -180,10 +241,10 @@ def lesion_table(mask_img, prob=None, image=None, cord=None) -> list[Lesion]:
     zooms = mask_img.header.get_zooms()[:3]
     voxel = float(np.prod(zooms))
     axial = axial_axis(mask_img.affine)
-    ratios = None
+    ratios = local = None
     if image is not None and cord is not None:
         image = np.asarray(image, np.float32)
-        ratios = _contrasts_along(labels, image, np.asarray(cord) > 0, axial)
+        ratios, local = _contrasts_along(labels, image, np.asarray(cord) > 0, axial, zooms)
     rows = []
     for i, sl in enumerate(ndi.find_objects(labels), start=1):
         comp = labels[sl] == i
@@ -194,12 +255,15 @@ def lesion_table(mask_img, prob=None, image=None, cord=None) -> list[Lesion]:
         rows.append(Lesion(i, float(comp.sum() * voxel), tuple(float(v) for v in mm),
                            int(idx[:, axial].min()), int(idx[:, axial].max()),
                            None if p is None else float(p.mean()), None if p is None else float(p.max()),
-                           None if ratios is None else ratios[i - 1]))
+                           None if ratios is None else ratios[i - 1], None if local is None else local[i - 1]))
     return rows
 
 
-def _contrasts_along(labels, image, cord, axial):
-    """lesion_contrasts' ratios for labelled lesions on an image whose axial axis is `axial`."""
+def _contrasts_along(labels, image, cord, axial, zooms):
+    """(lesion_contrasts' ratios, local_contrasts) for labelled lesions on an image whose axial axis is
+    `axial`. Voxels are taken as square in plane for the local contrast's centres (its reach is along the
+    axial axis only)."""
     if axial != 2:
         labels, image, cord = (np.moveaxis(a, axial, 2) for a in (labels, image, cord))
-    return _ratios(labels, image, cord)
+        zooms = tuple(float(zooms[i]) for i in range(3) if i != axial) + (float(zooms[axial]),)
+    return _ratios(labels, image, cord), local_contrasts(labels, image, cord, zooms)

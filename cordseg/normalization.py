@@ -154,3 +154,89 @@ def normalize_with(name: str, data: np.ndarray, params=None) -> np.ndarray:
     if name in PARAMETRISED:
         return fn(data, params)
     return fn(data)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Extra input channels of CNN2 (metadata cordseg_channels). "image" is the normalised patch itself; the
+# others are computed from the raw patch and where the cord runs through it, identically at training and at
+# run time.
+
+ANOMALY_GAIN = 5.0  # a lesion 1.2x the cord at its place reads +1
+ANOMALY_LIMIT = 5.0
+_LEVEL_RADIUS_MM = 2.5  # the cord's brightness on a slice: median inside this radius of the centerline
+_LEVEL_SMOOTH_SLICES = 9  # ... then a running median along the cord, so a lesion does not set its own level
+
+
+def cord_anomaly(patch: np.ndarray, centres: np.ndarray, zooms=(0.5, 0.5, 1.0)) -> np.ndarray:
+    """How much brighter each voxel is than the same place in the cord on the patch's other slices, as a
+    share of the cord's brightness (x ANOMALY_GAIN, clipped).
+
+    `patch` (X, Y, Z) raw intensities; `centres` (Z, 2) the centerline in the patch's voxel coordinates.
+    The patch is straightened along the centerline, each slice divided by the cord's level on it, and each
+    in-plane position compared with its median along the cord. Grey matter and coil shading are the same
+    from slice to slice and cancel; a lesion is a few millimetres to centimetres long and stands out. This is
+    what the lesion network's zscore input leaves it to work out over its 30-40 voxel receptive field."""
+    from scipy import ndimage as ndi
+
+    v = np.asarray(patch, np.float32)
+    nx, ny, nz = v.shape
+    c = np.asarray(centres, np.float64).reshape(nz, 2)
+    mid = np.median(c, axis=0)
+    # whole-voxel shifts: at 0.5 mm a half-voxel misplacement is below what the median along the cord sees
+    shift = np.rint(c - mid).astype(int)
+    ix = np.clip(np.arange(nx)[:, None] + shift[None, :, 0], 0, nx - 1)  # (X, Z)
+    iy = np.clip(np.arange(ny)[:, None] + shift[None, :, 1], 0, ny - 1)  # (Y, Z)
+    iz = np.arange(nz)
+    straight = v[ix[:, None, :], iy[None, :, :], iz[None, None, :]]
+    base = float(np.percentile(v, 1.0))
+    straight = straight - base
+    gx, gy = np.meshgrid(np.arange(nx), np.arange(ny), indexing="ij")
+    disk = ((gx - mid[0]) * zooms[0]) ** 2 + ((gy - mid[1]) * zooms[1]) ** 2 <= _LEVEL_RADIUS_MM ** 2
+    if not disk.any():
+        disk[int(np.clip(round(mid[0]), 0, nx - 1)), int(np.clip(round(mid[1]), 0, ny - 1))] = True
+    level = np.median(straight[disk], axis=0)
+    level = ndi.median_filter(level, size=min(_LEVEL_SMOOTH_SLICES, nz), mode="nearest")
+    scale = float(np.percentile(np.abs(straight), 99.0))
+    level = np.maximum(level, 0.05 * scale if scale > 0 else 1.0)
+    ratio = straight / level[None, None, :]
+    anomaly = ratio - np.median(ratio, axis=2, keepdims=True)
+    # back to the patch's own positions (where a shift ran off the patch's side, the nearest column answers)
+    jx = np.clip(np.arange(nx)[:, None] - shift[None, :, 0], 0, nx - 1)
+    jy = np.clip(np.arange(ny)[:, None] - shift[None, :, 1], 0, ny - 1)
+    back = anomaly[jx[:, None, :], jy[None, :, :], iz[None, None, :]]
+    return np.clip(back * ANOMALY_GAIN, -ANOMALY_LIMIT, ANOMALY_LIMIT).astype(np.float32)
+
+
+CHANNELS = ("image", "cord_anomaly")
+
+
+def network_input(scheme: str, patches: np.ndarray, params=None, *, channels=("image",), centres=None,
+                  zooms=(0.5, 0.5, 1.0)) -> np.ndarray:
+    """CNN2's input for raw `patches` (N, X, Y, Z): the normalised patches, and with more `channels` than
+    "image" a last axis holding each (centres: (N, Z, 2), the centerline in each patch's voxels)."""
+    image = normalize_with(scheme, patches, params)
+    if tuple(channels) == ("image",):
+        return image
+    if centres is None:
+        raise ModelError(f"channels {','.join(channels)} need the centerline through each patch")
+    out = [image]
+    for name in channels[1:]:
+        if name != "cord_anomaly":
+            raise ModelError(f"unknown input channel '{name}' (known: {', '.join(CHANNELS)})")
+        out.append(np.stack([cord_anomaly(p, c, zooms) for p, c in zip(patches, centres)]))
+    return np.stack(out, axis=-1).astype(np.float32)
+
+
+def centres_from_mask(mask: np.ndarray) -> np.ndarray:
+    """(Z, 2) centroid of `mask` (X, Y, Z) on each slice; slices without it take the nearest ones' values
+    (linear between, constant beyond), and the patch's middle where the mask is empty throughout."""
+    m = np.asarray(mask) > 0.5
+    nx, ny, nz = m.shape
+    has = m.any(axis=(0, 1))
+    if not has.any():
+        return np.tile([(nx - 1) / 2.0, (ny - 1) / 2.0], (nz, 1))
+    zs = np.nonzero(has)[0]
+    cx = np.array([np.nonzero(m[:, :, z])[0].mean() for z in zs])
+    cy = np.array([np.nonzero(m[:, :, z])[1].mean() for z in zs])
+    allz = np.arange(nz)
+    return np.stack([np.interp(allz, zs, cx), np.interp(allz, zs, cy)], axis=1)

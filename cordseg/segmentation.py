@@ -13,7 +13,7 @@ from scipy import ndimage as ndi
 from .centerline import Centerline, model_grid
 from .errors import ModelError
 from .inference import Model, release_memory
-from .normalization import normalize_with
+from .normalization import network_input
 from .resampling import resample, resample_to_shape, resampled_zooms
 from .stages import timed
 
@@ -124,9 +124,17 @@ def soft_segmentation(cl: Centerline, model: Model, progress=None, stage="segmen
         y = np.interp(zc, zc_model, yc_model)
         corners.append(tuple(int(round(c - s / 2 + 0.5)) for c, s in zip((x, y, zc), patch)))
     patches = np.stack([extract_patch(vol, c, patch) for c in corners]).astype(np.float32, copy=False)
+    centres = None
+    if len(model.channels) > 1:  # where the centerline crosses each patch slice, in the patch's voxels
+        order = np.argsort(zc_model)
+        zs, xs, ys = zc_model[order], xc_model[order], yc_model[order]
+        centres = np.stack([np.stack([np.interp(c[2] + np.arange(patch[2]), zs, xs) - c[0],
+                                      np.interp(c[2] + np.arange(patch[2]), zs, ys) - c[1]], axis=1)
+                            for c in corners])
     with timed(on_stage, f"{stage}.normalise"):
-        patches = normalize_with(model.normalisation, patches, model.normalisation_params)
-    probs = np.empty_like(patches)
+        patches = network_input(model.normalisation, patches, model.normalisation_params, channels=model.channels,
+                                centres=centres, zooms=target)
+    probs = np.empty(patches.shape[:4], np.float32)
     with timed(on_stage, f"{stage}.cnn2"):
         for start in range(0, len(patches), PATCH_BATCH):
             probs[start:start + PATCH_BATCH] = model.predict(patches[start:start + PATCH_BATCH], flip_average=True)

@@ -182,9 +182,12 @@ class Segmenter:
                 warnings.warn(f"lesion screening skipped: {err}", CordsegWarning, stacklevel=3)
             else:
                 with timed(self.on_stage, "screening"):
-                    cord = _lesions.cord_along_lesions(mask, cl, sc, progress, on_stage=self.on_stage)
+                    # the local contrast (and the table's) needs the cord above and below each lesion too
+                    margin = _lesions.local_reach_slices(rpi.zooms) if c.lesion_contrast == "local" or table else 0
+                    cord = _lesions.cord_along_lesions(mask, cl, sc, progress, on_stage=self.on_stage, margin=margin)
                     if least > 0:
-                        mask = _lesions.screen_lesions(mask, rpi.data, cord, least)[0]
+                        mask = _lesions.screen_lesions(mask, rpi.data, cord, least, measure=c.lesion_contrast,
+                                                       zooms=rpi.zooms)[0]
                     if c.lesion_fill and mask.any():
                         mask = _lesions.fill_to_edge(mask, rpi.data, cord, c.lesion_fill, rpi.zooms)
         if not mask.any():

@@ -272,7 +272,7 @@ def test_lesion_table_slices_follow_the_axial_axis():
 def identity_sc_model(tmp_path, tiny_onnx, monkeypatch):
     """A cord 'model' that returns its input, with normalisation switched off: what goes in comes back,
     so any loss is the pipeline's own resampling / patching / stitching geometry."""
-    monkeypatch.setattr(segmentation, "normalize_with", lambda name, data, params=None: data)
+    monkeypatch.setattr(segmentation, "network_input", lambda name, data, params=None, **channels: data)
     path = tiny_onnx(tmp_path / "identity_sc.onnx", task="sc", input_shape=("N", 64, 64, 48, 1))
     return Model.open(path)
 

@@ -22,7 +22,7 @@ def test_lesion_is_inside_the_cord_and_brighter(zooms):
     rng = np.random.default_rng(3)
     found = 0
     for _ in range(12):
-        x, y = carve.carve_patch(bg, rng, (48, 48, 48), (0.5, 0.5, 1.0), p_free=0.0, shift_mm=0.0)
+        x, y, _ = carve.carve_patch(bg, rng, (48, 48, 48), (0.5, 0.5, 1.0), p_free=0.0, shift_mm=0.0)
         assert x.shape == y.shape == (48, 48, 48)
         if not y.any():
             continue

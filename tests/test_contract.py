@@ -42,6 +42,10 @@ def _meta(task="sc", **changes):
     ("cordseg_min_lesion_contrast", "-1"),
     ("cordseg_second_look_mm", "wide"),
     ("cordseg_centerline_slice_mm", "-2"),
+    ("cordseg_channels", "cord_anomaly"),          # the image must come first
+    ("cordseg_channels", "image,t1_map"),
+    ("cordseg_channels", "image,image"),
+    ("cordseg_channels", ""),
 ])
 def test_bad_value_is_refused_naming_its_key(key, value):
     with pytest.raises(ModelError, match=f"bad.onnx: metadata {key} = "):
@@ -138,3 +142,13 @@ def test_cli_refuses_a_bad_model_in_one_line(tmp_path, tiny_onnx):
     assert result.exit_code == 2 and "Traceback" not in result.stderr
     assert result.stderr == "cordseg: error: bad_sc.onnx: metadata cordseg_threshold = 'x' is malformed (a number " \
                             "between 0 and 1)\n"
+
+
+def test_input_channels_round_trip_and_need_the_channels_last_layout():
+    c = ModelContract.from_metadata(_meta("lesion", cordseg_channels="image,cord_anomaly"), "l.onnx")
+    assert c.channels == ("image", "cord_anomaly")
+    assert c.to_metadata()["cordseg_channels"] == "image,cord_anomaly"
+    assert "cordseg_channels" not in ModelContract.from_metadata(_meta("lesion"), "l.onnx").to_metadata()
+    with pytest.raises(ModelError, match="cordseg_channels"):
+        ModelContract.from_metadata(_meta("lesion", cordseg_layout="NCXYZ", cordseg_channels="image,cord_anomaly"),
+                                    "l.onnx")

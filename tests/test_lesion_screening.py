@@ -118,3 +118,54 @@ def test_screening_without_a_cord_model_warns_and_keeps_the_mask(tmp_path, tiny_
     with pytest.warns(CordsegWarning, match="lesion screening skipped"):
         mask = np.asarray(cordseg.segment_lesions(ph.image, "dwi", model=model).dataobj)
     assert mask.any() and np.array_equal(mask, (soft >= 0.8).astype(np.uint8))
+
+
+def _grey_matter_scene():
+    """A round cord (radius 5 voxels, white matter 100) bending across 30 slices of 1 mm, with grey matter
+    125 in its middle on every slice and the slices shaded from 1x to 2x; two candidate lesions: the grey
+    matter itself on slices 10-13, and a faint lesion (1.15x the white matter) beside it on slices 18-21."""
+    image = np.full((40, 40, 30), 20.0, np.float32)
+    cord = np.zeros(image.shape, np.uint8)
+    gm, les = np.zeros(image.shape, bool), np.zeros(image.shape, bool)
+    gx, gy = np.meshgrid(np.arange(40), np.arange(40), indexing="ij")
+    for z in range(30):
+        cx, cy = 20 + 3 * np.sin(z / 8), 20
+        r = np.hypot(gx - cx, gy - cy)
+        cord[:, :, z] = r <= 5
+        gm[:, :, z] = r <= 1.5
+        les[:, :, z] = (np.hypot(gx - cx - 3, gy - cy) <= 1.2) & (18 <= z <= 21)
+        image[:, :, z][r <= 5] = 100.0
+        image[:, :, z][gm[:, :, z]] = 125.0
+        image[:, :, z][les[:, :, z]] = 115.0
+        image[:, :, z] *= 1.0 + z / 29
+    mask = ((gm & (np.arange(30) >= 10) & (np.arange(30) <= 13)) | les).astype(np.uint8)
+    return image, cord, mask, les
+
+
+def test_local_contrast_tells_grey_matter_from_a_faint_lesion():
+    """Against the cord's median on its slices the grey matter looks like a lesion (1.25x) and brighter than
+    the faint lesion (1.15x); against the same places on the slices above and below, it is about 1.0
+    and the lesion 1.15."""
+    image, cord, mask, les = _grey_matter_scene()
+    labels, ordinary = lesions.lesion_contrasts(mask, image, cord)
+    local = lesions.local_contrasts(labels, image, cord, (1.0, 1.0, 1.0))
+    g, f = int(labels[(mask > 0) & ~les].max()), int(labels[les].max())
+    assert g != f and labels.max() == 2
+    assert ordinary[g - 1] > ordinary[f - 1] > 1.1
+    # measured 1.04 (the reference is interpolated between voxels as the cord bends) and 1.14
+    assert local[g - 1] < 1.06
+    assert local[f - 1] == pytest.approx(1.15, abs=0.03)
+    # the same in other units; on an offset image, measured from its floor, the same verdicts
+    np.testing.assert_allclose(lesions.local_contrasts(labels, image * 1e-6, cord, (1.0, 1.0, 1.0)), local, rtol=1e-4)
+    shifted = lesions.local_contrasts(labels, image - 50.0, cord, (1.0, 1.0, 1.0))
+    assert shifted[g - 1] < 1.06 < 1.12 < shifted[f - 1]
+
+
+def test_local_contrast_needs_cord_above_or_below():
+    image, cord, mask, _ = _grey_matter_scene()
+    cord[:, :, :9] = 0
+    cord[:, :, 15:] = 0  # cord only on slices 9-14: the grey-matter candidate's reference slices are gone
+    from cordseg.metrics import label_lesions
+
+    labels, _ = label_lesions(mask * cord)
+    assert lesions.local_contrasts(labels, image, cord, (1.0, 1.0, 1.0)) == [None]

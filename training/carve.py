@@ -18,12 +18,12 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from cordseg.io import load_image
-from cordseg.normalization import zscore_stack
 from cordseg.orientation import to_rpi
 from cordseg.resampling import resample, resample_to_shape
 from cordseg.segmentation import level_slices
 
 from . import synth
+from .tasks import model_input
 
 FINE_MM = 0.5  # lesions are drawn on the native voxels subdivided to about this size
 
@@ -81,7 +81,7 @@ def lesion_gain(rng):
 
 def carve_patch(bg: Background, rng, shape, model_zooms, *, p_free=0.3, count=(1, 3), volume_mm3=(2.0, 600.0),
                 shift_mm=3.0):
-    """(image patch on the model's grid, lesion target) around a random cord point of `bg`."""
+    """(image patch on the model's grid, lesion target, cord) around a random cord point of `bg`."""
     zs = bg.cord_slices
     z = int(rng.choice(zs))
     xs, ys = np.nonzero(bg.cord[:, :, z])
@@ -115,10 +115,12 @@ def carve_patch(bg: Background, rng, shape, model_zooms, *, p_free=0.3, count=(1
            for ci, s, n in zip(c, shape, vol.shape)]
     x = vol[np.ix_(*idx)]
     y = (lesion[np.ix_(*idx)] >= 0.5).astype(np.float32)
+    cord_m = resample_to_shape(cord.astype(np.float32), bg.zooms, vol.shape, order=1)[np.ix_(*idx)] >= 0.5
     if rng.random() < 0.5:
-        x, y = x[::-1], y[::-1]
+        x, y, cord_m = x[::-1], y[::-1], cord_m[::-1]
     x = x * float(np.exp(rng.normal(0, 0.1)))
-    return np.ascontiguousarray(x, np.float32), np.ascontiguousarray(y, np.float32)
+    return (np.ascontiguousarray(x, np.float32), np.ascontiguousarray(y, np.float32),
+            np.ascontiguousarray(cord_m))
 
 
 class CarveSampler:
@@ -137,12 +139,12 @@ class CarveSampler:
         for _ in range(self.batch_size):
             if self.backgrounds and rng.random() < self.real_share:
                 bg = self.backgrounds[int(rng.integers(len(self.backgrounds)))]
-                x, y = carve_patch(bg, rng, self.shape, self.zooms, p_free=self.p_free)
+                x, y, cord = carve_patch(bg, rng, self.shape, self.zooms, p_free=self.p_free)
             else:
-                x, y = self.synthetic._sample(rng)
-            xs.append(zscore_stack(x))
+                x, y, cord = self.synthetic._sample(rng, with_cord=True)
+            xs.append(model_input(self.synthetic.cfg, x, cord, rng))
             ys.append(y)
-        return np.stack(xs)[..., None].astype(np.float32), np.stack(ys)[..., None].astype(np.float32)
+        return np.stack(xs).astype(np.float32), np.stack(ys)[..., None].astype(np.float32)
 
 
 def cord_mask_for(image_path, contrast, cache_dir):

@@ -201,7 +201,7 @@ def _take(a: np.ndarray, centre, shape) -> np.ndarray:
 
 def check_inputs_for(cfg, *, n: int = 4, rng=None, data_dir: Path | None = None, patch_shape=None) -> np.ndarray:
     """A batch to check parity on: normalised real slices/patches where possible, else random."""
-    from cordseg.normalization import normalize
+    from cordseg.normalization import centres_from_mask, network_input, normalize
     from cordseg.resampling import resample
 
     rng = rng if rng is not None else np.random.default_rng(0)
@@ -222,36 +222,42 @@ def check_inputs_for(cfg, *, n: int = 4, rng=None, data_dir: Path | None = None,
             centre = np.array(np.nonzero(seg)).mean(axis=1)
         else:
             centre = np.array(vol.shape) / 2.0
-        patches = []
+        patches, cords = [], []
         for k in range(n):
             jitter = rng.normal(0.0, 3.0, 3) if k else np.zeros(3)
             patches.append(_take(vol, centre + jitter, patch_shape))
+            cords.append(_take(seg, centre + jitter, patch_shape) if seg is not None else np.zeros(patch_shape, bool))
+        if len(cfg.channels) > 1:
+            return network_input(cfg.normalisation, np.stack(patches), channels=cfg.channels,
+                                 centres=np.stack([centres_from_mask(c) for c in cords]), zooms=new_zooms)
         return normalize(cfg.normalisation, np.stack(patches))[..., None].astype(np.float32)
     if cfg.task == "centerline":
         return rng.normal(0.0, 1.0, (n, 64, 48, 1)).astype(np.float32)
-    return rng.normal(0.0, 1.0, (n,) + patch_shape + (1,)).astype(np.float32)
+    return rng.normal(0.0, 1.0, (n,) + patch_shape + (len(cfg.channels),)).astype(np.float32)
 
 
 def export_from_weights(task: str, weights_path, out_path, *, contrast: str, summary: str, steps: int,
                         check_inputs: np.ndarray | None = None, atol: float = 1e-4, network: dict | None = None,
-                        opset: int = 17) -> Path:
+                        opset: int = 17, channels=None) -> Path:
     """Build TASKS[task]'s network, load a `*.weights.h5` snapshot, export it with `tasks.metadata`.
 
     check_inputs None: real normalised slices/patches from ../shared/data when present, else random.
     """
     return export_from_weights_checked(task, weights_path, out_path, contrast=contrast, summary=summary,
                                        steps=steps, check_inputs=check_inputs, atol=atol, network=network,
-                                       opset=opset)[0]
+                                       opset=opset, channels=channels)[0]
 
 
 def export_from_weights_checked(task, weights_path, out_path, *, contrast, summary, steps, check_inputs=None,
-                                atol=1e-4, network=None, opset=17) -> tuple[Path, float]:
+                                atol=1e-4, network=None, opset=17, channels=None) -> tuple[Path, float]:
     """`export_from_weights`, also returning the measured max abs difference."""
     from . import tasks
 
     if task not in tasks.TASKS:
         raise ModelError(f"unknown task '{task}' (known: {', '.join(tasks.TASKS)})")
     cfg = tasks.with_network(tasks.TASKS[task], network)
+    if channels:
+        cfg.channels = tuple(channels)
     weights_path = Path(weights_path)
     if not weights_path.exists():
         raise ModelError(f"weights file not found: {weights_path}")
@@ -278,7 +284,9 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, help="training steps (default: read from the snapshot's name)")
     p.add_argument("--base-filters", type=int, help="CNN2 width used in training")
     p.add_argument("--atol", type=float, default=1e-4)
+    p.add_argument("--channels", help="CNN2 input channels used in training, comma-separated (default: image)")
     a = p.parse_args(argv)
+    channels = a.channels.split(",") if a.channels else None
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     weights = [Path(w) for w in a.weights]
     steps = a.steps if a.steps is not None else snapshot_step(weights[-1])
@@ -296,6 +304,8 @@ def main(argv=None) -> int:
                 from . import tasks
 
                 cfg = tasks.with_network(tasks.TASKS[a.task], network)
+                if channels:
+                    cfg.channels = tuple(channels)
                 try:
                     source = average_snapshots(lambda: tasks.build_model(cfg), weights,
                                                Path(tmp) / "mean.weights.h5")
@@ -304,7 +314,7 @@ def main(argv=None) -> int:
                                      f"{exc}") from exc
             path, diff = export_from_weights_checked(a.task, source, a.out, contrast=a.contrast,
                                                      summary=a.summary, steps=steps, atol=a.atol,
-                                                     network=network)
+                                                     network=network, channels=channels)
     except (ModelError, OutputError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

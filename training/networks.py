@@ -7,6 +7,8 @@ Sizes are smaller than the paper's so that they train on two CPU cores; see the 
 """
 from __future__ import annotations
 
+import numpy as np
+
 import keras
 from keras import layers
 
@@ -47,9 +49,9 @@ def _conv_block_3d(x, filters, dropout, name):
     return x
 
 
-def build_cnn2(patch_shape, base_filters=8, dropout=0.1, name="cnn2"):
-    """3D U-Net of depth 2; input (X, Y, Z, 1) with each side a multiple of 4."""
-    inp = keras.Input(tuple(patch_shape) + (1,), name="image")
+def build_cnn2(patch_shape, base_filters=8, dropout=0.1, name="cnn2", in_channels=1):
+    """3D U-Net of depth 2; input (X, Y, Z, in_channels) with each side a multiple of 4."""
+    inp = keras.Input(tuple(patch_shape) + (in_channels,), name="image")
     f = base_filters
     e1 = _conv_block_3d(inp, f, 0.0, "enc1")  # f, 2f
     p1 = layers.MaxPooling3D(2, name="pool1")(e1)
@@ -62,3 +64,19 @@ def build_cnn2(patch_shape, base_filters=8, dropout=0.1, name="cnn2"):
     d1 = _conv_block_3d(layers.Concatenate(name="cat1")([u1, e1]), f, 0.0, "dec1")
     out = layers.Conv3D(1, 1, activation="sigmoid", name="probability")(d1)
     return keras.Model(inp, out, name=name)
+
+
+def copy_widened(source, target):
+    """Copy `source`'s weights into `target`, the same network with more input channels: the first
+    convolution's kernel for the new channels starts at zero, so `target` computes what `source` does until
+    training teaches it to use them."""
+    for layer in target.layers:
+        weights = source.get_layer(layer.name).get_weights()
+        own = layer.get_weights()
+        for i, (w, o) in enumerate(zip(weights, own)):
+            if w.shape != o.shape:  # the first convolution's kernel: (3, 3, 3, channels, filters)
+                padded = np.zeros(o.shape, w.dtype)
+                padded[..., :w.shape[-2], :] = w
+                weights[i] = padded
+        layer.set_weights(weights)
+    return target

@@ -42,14 +42,14 @@ def _contract(path):
 
 
 def keras_from_onnx(path, calibration=None, *, patch_shape=None):
-    """A Keras CNN2 with the ONNX file's weights (batch norms rebuilt on `calibration`, (N, X, Y, Z, 1))."""
+    """A Keras CNN2 with the ONNX file's weights (batch norms rebuilt on `calibration`, (N, X, Y, Z, C))."""
     from .networks import build_cnn2
 
     convs = _onnx_convs(path)
     meta = _contract(path)
     shape = tuple(patch_shape or [int(v) for v in meta["cordseg_patch_shape"].split("x")])
     base = convs["enc1_conv0"][0].shape[-1]
-    model = build_cnn2(shape, base_filters=int(base))
+    model = build_cnn2(shape, base_filters=int(base), in_channels=int(convs["enc1_conv0"][0].shape[-2]))
     bns = []
     for layer in model.layers:
         if layer.__class__.__name__ != "Conv3D":
@@ -88,12 +88,15 @@ def parity(model, path, x) -> float:
     return float(np.abs(model.predict(np.asarray(x, np.float32), verbose=0) - ref).max())
 
 
-def calibration_patches(task="lesion", n=8, seed=0):
-    """Synthetic training-like patches, normalised as the network sees them."""
+def calibration_patches(task="lesion", n=8, seed=0, channels=("image",)):
+    """Synthetic training-like patches, normalised as the network sees them (with its input `channels`)."""
+    import copy
+
     from . import synth, tasks
     from .train import default_labelmaps
 
-    cfg = tasks.TASKS[task]
+    cfg = copy.deepcopy(tasks.TASKS[task])
+    cfg.channels = tuple(channels)
     anatomy = synth.load_anatomies(default_labelmaps())
     sampler = tasks.Sampler(cfg, anatomy)
     rng = np.random.default_rng(seed)
@@ -111,7 +114,9 @@ def main(argv=None) -> int:
     p.add_argument("--task", help="the task whose patches calibrate the batch norms (default: the model's own)")
     p.add_argument("--n", type=int, default=8, help="calibration patches")
     a = p.parse_args(argv)
-    x = calibration_patches(a.task or _contract(a.onnx)["cordseg_task"], a.n)
+    meta = _contract(a.onnx)
+    channels = tuple(meta.get("cordseg_channels", "image").split(","))
+    x = calibration_patches(a.task or meta["cordseg_task"], a.n, channels=channels)
     model = keras_from_onnx(a.onnx, x)
     err = parity(model, a.onnx, x[:2])
     if err > 1e-3:

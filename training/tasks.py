@@ -32,6 +32,7 @@ class TaskConfig:
     p_conus: float = 0.0  # share of template slices (CNN1) or patches (CNN2) drawn around the conus
     p_sagittal: float = 0.25  # CNN2: share of patches acquired sagittally (thick slices left-right)
     p_dwi: float = 0.0  # CNN2-SC: share of patches drawn as mean diffusion-weighted images
+    channels: tuple = ("image",)  # CNN2 input channels (cordseg.normalization.network_input)
 
 
 # Reported lesions must be this much brighter than the lesion-free cord on their slices (t2/t2s lesions
@@ -65,7 +66,21 @@ def build_model(cfg: TaskConfig):
 
     if cfg.task == "centerline":
         return build_cnn1(**cfg.network)
-    return build_cnn2(cfg.patch_shape, **cfg.network)
+    return build_cnn2(cfg.patch_shape, in_channels=len(cfg.channels), **cfg.network)
+
+
+def model_input(cfg: TaskConfig, image, cord, rng) -> np.ndarray:
+    """One CNN2 training input (X, Y, Z, C) from a raw patch and its cord (None: unknown, the patch's middle),
+    computed by the runtime's own network_input. The centerline is where the cord's centroid is, moved by
+    half a millimetre or so: the runtime's comes from OptiC, not from a mask."""
+    from cordseg.normalization import centres_from_mask, network_input
+
+    if tuple(cfg.channels) == ("image",):
+        return zscore_stack(image)[..., None]
+    centres = centres_from_mask(np.zeros(image.shape, bool) if cord is None else cord)
+    centres = centres + rng.normal(0.0, 0.5, 2) / np.asarray(cfg.voxel_size[:2])
+    return network_input(cfg.normalisation, image[None], channels=cfg.channels, centres=centres[None],
+                         zooms=cfg.voxel_size)[0]
 
 
 def _window_percentiles(image, rng):
@@ -96,14 +111,16 @@ class Sampler:
             return self.anatomies[0], 0.24
         return self.anatomies[1 + int(rng.integers(len(self.anatomies) - 1))], 0.0
 
-    def _sample(self, rng):
-        """One (image, target) pair, before normalisation: real (augmented) or synthetic."""
+    def _sample(self, rng, with_cord=False):
+        """One (image, target) pair, before normalisation: real (augmented) or synthetic; with_cord: CNN2's
+        (image, target, cord or None)."""
         cfg = self.cfg
         if self.real_fraction and rng.random() < self.real_fraction:
             from .augment import real_patch
 
             vol = self.real[int(rng.integers(len(self.real)))]
-            return real_patch(vol, rng, cfg.patch_shape, lesions=cfg.task == "lesion")
+            pair = real_patch(vol, rng, cfg.patch_shape, lesions=cfg.task == "lesion")
+            return pair + (None,) if with_cord else pair
         if cfg.task == "centerline":
             anatomy, p_outside = self._anatomy(rng)
             return synth.heatmap_sample(anatomy, rng, size=cfg.patch_shape[0], zoom=cfg.voxel_size[0],
@@ -112,19 +129,21 @@ class Sampler:
                                                spacing=cfg.voxel_size, lesions=cfg.task == "lesion",
                                                p_sagittal=cfg.p_sagittal, p_dwi=cfg.p_dwi, p_conus=cfg.p_conus,
                                                style=synth.LESION_STYLES[cfg.lesion_style])
-        return img, (lesion if cfg.task == "lesion" else cord)
+        target = lesion if cfg.task == "lesion" else cord
+        return (img, target, cord) if with_cord else (img, target)
 
     def __call__(self, rng):
         xs, ys = [], []
         for _ in range(self.cfg.batch_size):
-            img, tgt = self._sample(rng)
             if self.cfg.task == "centerline":
+                img, tgt = self._sample(rng)
                 lo, scale = _window_percentiles(img, rng)
-                xs.append((img - lo) / scale)
+                xs.append(((img - lo) / scale)[..., None])
             else:
-                xs.append(zscore_stack(img))
+                img, tgt, cord = self._sample(rng, with_cord=True)
+                xs.append(model_input(self.cfg, img, cord, rng))
             ys.append(tgt)
-        return np.stack(xs)[..., None].astype(np.float32), np.stack(ys)[..., None].astype(np.float32)
+        return np.stack(xs).astype(np.float32), np.stack(ys)[..., None].astype(np.float32)
 
 
 def load_real(cfg: TaskConfig, data_dir, contrasts=None):
@@ -153,5 +172,6 @@ def metadata(cfg: TaskConfig, *, contrast: str, steps: int, summary: str, versio
         threshold=float(cfg.threshold),
         size_multiple=4,
         min_lesion_contrast=MIN_LESION_CONTRAST if cfg.task == "lesion" else 0.0,
+        channels=tuple(cfg.channels),
         info={"version": version or __version__, "training": summary, "steps": str(steps)},
     ).to_metadata()

@@ -21,11 +21,29 @@ def default_labelmaps() -> Path:
     return data / "labelmaps" if data is not None else Path("labelmaps")
 
 
+def load_init(model, cfg, path):
+    """`path`'s weights into `model`; weights of the same network with fewer input channels are widened
+    (the new channels start with zero weight: the network starts as it was)."""
+    from . import tasks
+    from .networks import copy_widened
+
+    try:
+        model.load_weights(str(path))
+    except ValueError:
+        if cfg.task == "centerline" or len(cfg.channels) == 1:
+            raise
+        narrow_cfg = tasks.with_network(cfg, None)
+        narrow_cfg.channels = ("image",)
+        narrow = tasks.build_model(narrow_cfg)
+        narrow.load_weights(str(path))
+        copy_widened(narrow, model)
+
+
 def run(task, out, *, steps=None, batch_size=None, learning_rate=None, labelmaps=None, seed=0, log=print,
         workers=0, max_minutes=None, network=None, init_weights=None, data=None, real_fraction=0.5,
         contrasts=None, patch_shape=None, pos_weight=None, snapshot_every=1000, lesion_style=None,
         cauda_equina=False, stop_at=None, real_backgrounds=False, real_share=0.5, sagittal_share=None,
-        dwi_share=0.0):
+        dwi_share=0.0, channels=None):
     from . import losses, synth, tasks
     from .loop import train
 
@@ -42,6 +60,10 @@ def run(task, out, *, steps=None, batch_size=None, learning_rate=None, labelmaps
         cfg.patch_shape = tuple(patch_shape)
     if sagittal_share is not None:
         cfg.p_sagittal = sagittal_share
+    if channels:
+        if task == "centerline":
+            raise ValueError("--channels is for CNN2 (sc, lesion)")
+        cfg.channels = tuple(channels)
     if dwi_share:
         if task != "sc":
             raise ValueError("--dwi-share is for the cord task (sc)")
@@ -64,7 +86,7 @@ def run(task, out, *, steps=None, batch_size=None, learning_rate=None, labelmaps
     def build():
         model = tasks.build_model(cfg)
         if init_weights:  # fine-tuning: start from a previous run's (EMA) weights
-            model.load_weights(str(init_weights))
+            load_init(model, cfg, init_weights)
         return model
 
     loss = losses.lesion_loss if task == "lesion" else losses.dice_bce_loss
@@ -117,6 +139,8 @@ def main(argv=None):
                    help="lesion task: how synthetic lesions are drawn (training/synth.py LESION_STYLES; faint: "
                    "smaller and fainter lesions, more lesion-free patches, axial slices up to 17 mm; hard: also "
                    "bright grey matter, strong shading, lesions down to 1.1x the cord)")
+    p.add_argument("--channels", help="CNN2 input channels, comma-separated, 'image' first (e.g. "
+                   "image,cord_anomaly; see cordseg.normalization.CHANNELS)")
     p.add_argument("--cauda-equina", nargs="?", const="strands", choices=["strands", "bundle"], default=None,
                    help="add a dural sac with nerve roots below the template's conus (synth.add_cauda_equina) and "
                    "draw a share of its slices around the conus, so that the model learns where the cord ends; "
@@ -142,7 +166,8 @@ def main(argv=None):
         patch_shape=[int(v) for v in a.patch_shape.split("x")] if a.patch_shape else None, pos_weight=a.pos_weight,
         snapshot_every=a.snapshot_every, lesion_style=a.lesion_style, cauda_equina=a.cauda_equina, stop_at=a.stop_at,
         real_backgrounds=a.real_backgrounds, real_share=a.real_share, sagittal_share=a.sagittal_share,
-        dwi_share=a.dwi_share, network={"base_filters": a.base_filters} if a.base_filters else None)
+        dwi_share=a.dwi_share, network={"base_filters": a.base_filters} if a.base_filters else None,
+        channels=a.channels.split(",") if a.channels else None)
     if a.export:
         from .loop import last_snapshot, snapshot_step
 
@@ -163,12 +188,15 @@ def _export(a, weights, steps, summary):
     if keras.backend.backend() == "tensorflow":
         from .export import export_from_weights
 
-        export_from_weights(a.task, weights, a.export, contrast=contrast, summary=summary, steps=steps)
+        export_from_weights(a.task, weights, a.export, contrast=contrast, summary=summary, steps=steps,
+                            channels=a.channels.split(",") if a.channels else None)
     else:  # trained on JAX (GPU): tf2onnx needs the TensorFlow backend, so export in a fresh process
         import subprocess
 
         cmd = [sys.executable, "-m", f"{__package__}.export", a.task, str(weights), a.export,
                "--contrast", contrast, "--summary", summary, "--steps", str(steps)]
+        if a.channels:
+            cmd += ["--channels", a.channels]
         subprocess.run(cmd, env={**os.environ, "KERAS_BACKEND": "tensorflow"}, check=True)
     print(f"exported {a.export}", flush=True)
 
