@@ -81,6 +81,7 @@ class Background:
     subject: str
     gm_of: str | None = None  # a grey-matter-bright variant of this background
     gm_seed: int = 0
+    cord_from: int | None = None  # native slice (third axis, inferior to superior) where the cord begins
 
 
 BACKGROUNDS = [
@@ -91,7 +92,9 @@ BACKGROUNDS = [
     Background("sub01_mtoff", "extra/sub-01_acq-MToff_MTS.nii.gz", None, "t2s", "sub-01"),
     Background("sub03_mtoff", "unlabeled/sub-03_acq-MToff_MTS.nii.gz", None, "t2s", "sub-03"),
     Background("sub03_mton", "extra/sub-03_acq-MTon_MTS.nii.gz", None, "t2s", "sub-03"),
-    Background("lumbar", "unlabeled/t2_lumbar.nii.gz", None, "t2", "lumbar"),
+    # cordseg's mask runs on into the cauda equina: lesions go above the conus tip read by eye (slices 95-102,
+    # bench/accuracy.py LUMBAR_CONUS_TIP_BY_EYE), not into nerve roots
+    Background("lumbar", "unlabeled/t2_lumbar.nii.gz", None, "t2", "lumbar", cord_from=103),
     Background("mt0_gm", "sct_testing/mt/mt0.nii.gz", "sct_testing/mt/mt0_seg.nii.gz", "t2s", "sct_testing",
                gm_of="mt0", gm_seed=11),
     Background("sub03_mtoff_gm", "unlabeled/sub-03_acq-MToff_MTS.nii.gz", None, "t2s", "sub-03",
@@ -519,7 +522,16 @@ def _erode_inplane(mask, axis):
 
 
 def cord_mask(bg: Background, data: Path, out: Path) -> np.ndarray:
-    """The reference cord mask, or cordseg's own (cached) eroded by one in-plane voxel."""
+    """The reference cord mask, or cordseg's own (cached) eroded by one in-plane voxel; nothing below
+    `bg.cord_from`."""
+    mask = _cord_mask(bg, data, out)
+    if bg.cord_from is not None:
+        mask = mask.copy()
+        mask[:, :, :bg.cord_from] = False
+    return mask
+
+
+def _cord_mask(bg: Background, data: Path, out: Path) -> np.ndarray:
     if bg.cord:
         return np.asarray(nib.load(str(data / bg.cord)).dataobj) > 0.5
     cache = out / "cords" / (Path(bg.image).name.replace(".nii.gz", "") + "_cordseg.nii.gz")

@@ -207,3 +207,16 @@ def test_insertion_on_thick_mt0(shared_data, proc):
         lo, hi = (float(v) for v in t.band.split("-"))
         assert lo <= t.ratio <= hi + 1e-3
         assert sets.VOLUME_MM3[0] <= t.volume_mm3 <= sets.VOLUME_MM3[1]
+
+
+def test_no_lesion_below_where_the_cord_begins(shared_data, tmp_path):
+    """A background's `cord_from` (the lumbar scan: above the conus tip, not in the nerve roots) empties its cord
+    mask below that slice, so no lesion can be inserted there."""
+    bg = sets.Background("t2_cut", "sct_testing/t2/t2.nii.gz", "sct_testing/t2/t2_seg-manual.nii.gz", "t2",
+                         "sct_testing", cord_from=20)
+    full = sets.cord_mask(sets.Background("t2", bg.image, bg.cord, "t2", "sct_testing"), shared_data, tmp_path)
+    cut = sets.cord_mask(bg, shared_data, tmp_path)
+    assert full[:, :, :20].any() and not cut[:, :, :20].any()
+    np.testing.assert_array_equal(cut[:, :, 20:], full[:, :, 20:])
+    lumbar = [b for b in sets.BACKGROUNDS if b.name == "lumbar"][0]
+    assert lumbar.cord_from is not None and lumbar.cord_from > 102  # the tip read by eye: slices 95-102

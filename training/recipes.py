@@ -98,6 +98,15 @@ RECIPES = {
 }
 
 
+def final_channels(task, recipes=None) -> tuple:
+    """The input channels of the network the recipe's last stage trains (stages widen it, never narrow it)."""
+    channels = ("image",)
+    for stage in (recipes or RECIPES)[task]:
+        for st in (stage.branches if isinstance(stage, Soup) else (stage,)):
+            channels = tuple(st.options.get("channels") or channels)
+    return channels
+
+
 def run_recipe(task, out, labelmaps_root, *, run, workers=0, log=print, recipes=None,
                average=None) -> tuple[Path, int]:
     """Run every stage of `task`'s recipe with `run` (training.train.run, or a stand-in); returns (the last EMA
@@ -109,12 +118,17 @@ def run_recipe(task, out, labelmaps_root, *, run, workers=0, log=print, recipes=
     stages = (recipes or RECIPES)[task]
     root, out = Path(labelmaps_root), Path(out)
 
+    channels = ("image",)  # once a stage widens the network's input, the later stages keep it
+
     def train_stage(stage, folder, init, label):
+        nonlocal channels
+        channels = tuple(stage.options.get("channels") or channels)
+        options = dict(stage.options, channels=channels) if len(channels) > 1 else stage.options
         done = (folder / "done").exists()
         if not done:
-            log(f"{label}: {stage.options}" + (f" ({stage.note})" if stage.note else ""))
+            log(f"{label}: {options}" + (f" ({stage.note})" if stage.note else ""))
             maps = root / "PAM50" if stage.labelmaps == "PAM50" and (root / "PAM50").is_dir() else root
-            run(task, folder, labelmaps=maps, workers=workers, init_weights=init, log=log, **stage.options)
+            run(task, folder, labelmaps=maps, workers=workers, init_weights=init, log=log, **options)
         last = last_snapshot(folder)
         if last is None:
             raise RuntimeError(f"{label} of the {task} recipe wrote no snapshot in {folder}")

@@ -156,6 +156,9 @@ def main(argv=None):
         weights, steps = run_recipe(a.task, a.out, a.labelmaps or default_labelmaps(), run=run, workers=a.workers,
                                     log=log)
         summary = f"trained with `cordseg train {a.task} --recipe shipped`: {steps} steps over its stages"
+        from .recipes import final_channels
+
+        a.channels = ",".join(final_channels(a.task))  # the network the last stage trained
         if a.export:
             _export(a, weights, steps, summary)
         return 0
