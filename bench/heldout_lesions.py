@@ -24,7 +24,7 @@ import numpy as np
 from cordseg import metrics
 from cordseg.datasets import shared_data
 from cordseg.inference import find_model
-from cordseg.normalization import normalize_with
+from cordseg.normalization import centres_from_mask, network_input
 
 BATCH = 8
 
@@ -40,27 +40,38 @@ def heldout_anatomies(labelmaps: Path):
 
 def draw_cases(labelmaps: Path, n: int, seed: int):
     """n (image, lesion target) patches, half per lesion style, alternating the held-out anatomies."""
+    return draw_cases_with_cords(labelmaps, n, seed)[0]
+
+
+def draw_cases_with_cords(labelmaps: Path, n: int, seed: int):
+    """(draw_cases' patches, the cord mask of each): a model with the cord-anomaly channel needs the latter."""
     from cordseg.training import synth
 
     anatomies = heldout_anatomies(labelmaps)
     rng = np.random.default_rng(seed)
     styles = [synth.LESION_STYLES["shipped"], synth.LESION_STYLES["faint"]]
-    cases = []
+    cases, cords = [], []
     for i in range(n):
-        image, _, lesion = synth.patch_sample(anatomies[i % len(anatomies)], rng, shape=(48, 48, 48),
-                                              lesions=True, style=styles[i % 2])
+        image, cord, lesion = synth.patch_sample(anatomies[i % len(anatomies)], rng, shape=(48, 48, 48),
+                                                 lesions=True, style=styles[i % 2])
         cases.append((image, lesion > 0.5))
-    return cases
+        cords.append(cord > 0.5)
+    return cases, cords
 
 
-def score(model, cases):
+def score(model, cases, cords=None):
     """Median Dice over patches with lesions, pooled lesion-wise sensitivity and precision (the paper's
-    25% rule), and false lesions on lesion-free patches."""
+    25% rule), and false lesions on lesion-free patches. `cords`: each patch's cord, where the model takes
+    more channels than the image (the centerline through the patch is the cord's centroid)."""
     images = np.stack([c[0] for c in cases]).astype(np.float32)
+    channels = tuple(getattr(model, "channels", ("image",)))
+    centres = None if cords is None else np.stack([centres_from_mask(c) for c in cords])
     probs = np.empty_like(images)
     for start in range(0, len(images), BATCH):
-        batch = normalize_with(model.normalisation, images[start:start + BATCH], model.normalisation_params)
-        probs[start:start + BATCH] = model.predict(batch, flip_average=True)
+        part = slice(start, start + BATCH)
+        batch = network_input(model.normalisation, images[part], model.normalisation_params, channels=channels,
+                              centres=None if centres is None else centres[part])
+        probs[part] = model.predict(batch, flip_average=True)
     dices, n_ref, tp_ref, n_pred, tp_pred, free_fp, n_free = [], 0, 0, 0, 0, 0, 0
     for (_, ref), prob in zip(cases, probs):
         pred = prob >= model.threshold
@@ -84,7 +95,7 @@ def main(argv=None) -> int:
     p.add_argument("--model", action="append", default=[], help="lesion ONNX file (default: the shipped one)")
     a = p.parse_args(argv)
     t0 = time.time()
-    cases = draw_cases(a.labelmaps, a.n, a.seed)
+    cases, cords = draw_cases_with_cords(a.labelmaps, a.n, a.seed)
     from cordseg.training.synth import HELD_OUT_SUBJECTS
 
     print(f"{a.n} patches on the masks of {', '.join(HELD_OUT_SUBJECTS)} ({time.time() - t0:.0f} s to draw)")
@@ -92,7 +103,7 @@ def main(argv=None) -> int:
     print("|---|---|---|---|---|")
     for path in a.model or [None]:
         model = find_model("lesion", "t2", path)
-        s = score(model, cases)
+        s = score(model, cases, cords)
         (tr, nr), (tp, npred), (ff, nf) = s["sensitivity"], s["precision"], s["free_false"]
         print(f"| {model.path.name} | {s['dice']:.3f} | {tr}/{nr} = {tr / max(nr, 1):.3f} | "
               f"{tp}/{npred} = {tp / max(npred, 1):.3f} | {ff} on {nf} |", flush=True)

@@ -75,8 +75,10 @@ def segment_lesions(img, contrast=None, soft=False, *, threshold=None, min_contr
     for segment_cord).
 
     The mask keeps only lesions that touch the cord and whose mean intensity is at least `min_contrast`
-    times the median of the lesion-free cord on their slices (None: the lesion model's own value, 1.2 for
-    the shipped one; 0: no screening, every voxel at the threshold). The cord is segmented with `cord_model`
+    times the cord's, measured as the lesion model says (the shipped one: against the same places of the
+    cord on the slices above and below, cordseg.lesions.local_contrasts; others: the median of the
+    lesion-free cord on their slices). None: the model's own value, 1.12 for the shipped one; 0: no
+    screening, every voxel at the threshold. The cord is segmented with `cord_model`
     (default: the installed cord model for the contrast) along the same centerline. The soft map is the
     network's output, unscreened. threads: as for detect_centerline."""
     check_min_contrast(min_contrast)

@@ -181,7 +181,9 @@ class Model:
         return (f"{self.path.name}: task {self.task}, contrasts {','.join(self.contrasts)}, "
                 f"patch {self.metadata['cordseg_patch_shape']}, voxel {self.metadata['cordseg_voxel_size']} mm, "
                 f"threshold {self.threshold:g}, "
-                + (f"lesion screening min contrast {self.min_lesion_contrast:g}, " if self.min_lesion_contrast else "")
+                + (f"lesion screening min contrast {self.min_lesion_contrast:g} ({self.contract.lesion_contrast}), "
+                   if self.min_lesion_contrast else "")
+                + (f"input channels {','.join(self.channels)}, " if len(self.channels) > 1 else "")
                 + f"{self.metadata.get('cordseg_training', '')}"
                 + (f" WARNING: {self.warning}" if self.warning else ""))
 

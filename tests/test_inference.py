@@ -144,8 +144,11 @@ def test_shipped_models_carry_the_whole_contract():
         else:
             assert m.patch_shape is not None and len(m.patch_shape) == 3
         assert m.metadata.get("cordseg_training"), "every model says how it was trained"
-        # the lesion model screens its lesions (t2/t2s lesions are brighter than the cord); the others don't
-        assert m.min_lesion_contrast == (1.2 if m.task == "lesion" else 0.0)
+        # the lesion model screens its lesions (t2/t2s lesions are brighter than the cord around them, measured
+        # against the same places above and below); the others don't, and only it takes the anomaly channel
+        assert m.min_lesion_contrast == (1.12 if m.task == "lesion" else 0.0)
+        assert m.contract.lesion_contrast == ("local" if m.task == "lesion" else "slice")
+        assert m.channels == (("image", "cord_anomaly") if m.task == "lesion" else ("image",))
 
 
 # --------------------------------------------------------------------------- finding models

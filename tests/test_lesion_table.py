@@ -54,6 +54,7 @@ def test_csv_has_the_confidence_columns(tmp_path, phantom, tiny_onnx):
     with open(table, newline="") as fh:
         rows = list(csv.reader(fh))
     assert rows[0] == LESION_CSV_HEADER
-    assert rows[0][-3:] == ["mean_probability", "max_probability", "contrast"]
+    assert rows[0][-4:] == ["mean_probability", "max_probability", "contrast", "local_contrast"]
     body = rows[1:]
     assert body and all(0.8 <= float(r[7]) <= float(r[8]) <= 1.0 for r in body)
+    assert all(float(r[9]) > 0 and (r[10] == "" or float(r[10]) > 0) for r in body)

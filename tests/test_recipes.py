@@ -35,6 +35,18 @@ def test_stages_chain_and_pick_their_label_maps(tmp_path):
     assert calls == []
 
 
+def test_a_widened_input_carries_through_later_stages(tmp_path):
+    wide = ("image", "cord_anomaly")
+    plan = {"lesion": [Stage("all", dict(steps=2)), Stage("all", dict(steps=3, channels=wide)),
+                       Stage("all", dict(steps=4))]}
+    calls = []
+    recipes.run_recipe("lesion", tmp_path / "out", tmp_path, recipes=plan, run=_fake_run(calls), log=lambda m: None)
+    assert [c.get("channels") for c in calls] == [None, wide, wide]
+    assert recipes.final_channels("lesion", plan) == wide
+    assert recipes.final_channels("sc", {"sc": [Stage("all", dict(steps=2))]}) == ("image",)
+    assert recipes.final_channels("lesion") == recipes.ANOMALY_CHANNELS  # the shipped lesion model's
+
+
 def test_a_stage_without_snapshot_is_an_error(tmp_path):
     plan = {"sc": [Stage("all", dict(steps=3))]}
     with pytest.raises(RuntimeError, match="wrote no snapshot"):

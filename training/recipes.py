@@ -36,7 +36,9 @@ class Soup:
     start_share: float = 0.0  # weight of the starting weights themselves in the mean (the rest: the snapshots)
 
 
-STAGE5_STOP = 500  # the lesion recipe's last stage: where the shipped run was stopped
+STAGE5_STOP = 500  # the lesion recipe's fifth stage: where the shipped run was stopped
+STAGE7_STOP = 1000  # the lesion recipe's last stage: the snapshot chosen on the lesion choosing set
+ANOMALY_CHANNELS = ("image", "cord_anomaly")
 SC_STAGE2_STOP = 400  # the cord recipe's second stage: the snapshot chosen on the choosing scans
 
 
@@ -94,6 +96,14 @@ RECIPES = {
                           snapshot_every=250, lesion_style="hard", real_backgrounds=True),
               "shipped run: two CPU cores shared with other jobs, 1 worker; stopped at the snapshot chosen on the "
               "lesion choosing set"),
+        Stage("all", dict(steps=900, batch_size=4, learning_rate=3e-4, seed=91, snapshot_every=150,
+                          lesion_style="hard", real_backgrounds=True, channels=ANOMALY_CHANNELS),
+              "shipped run: two CPU cores, 1 worker, 15 minutes; the network widened with the cord-anomaly input "
+              "channel (its first convolution's new weights start at zero)"),
+        Stage("all", dict(steps=1500, stop_at=STAGE7_STOP, batch_size=4, learning_rate=2e-4, seed=92,
+                          snapshot_every=250, lesion_style="hard", real_backgrounds=True, channels=ANOMALY_CHANNELS),
+              "shipped run: two CPU cores shared with the evaluation of stage 6, 1 worker, 28 minutes for 1,500 "
+              "steps; the snapshot at step 1,000 was chosen on the lesion choosing set"),
     ],
 }
 

@@ -188,18 +188,19 @@ def _export(a, weights, steps, summary):
     from . import tasks
 
     contrast = a.contrast or ",".join(tasks.TASKS[a.task].contrasts)
+    channels = getattr(a, "channels", None)
     if keras.backend.backend() == "tensorflow":
         from .export import export_from_weights
 
         export_from_weights(a.task, weights, a.export, contrast=contrast, summary=summary, steps=steps,
-                            channels=a.channels.split(",") if a.channels else None)
+                            channels=channels.split(",") if channels else None)
     else:  # trained on JAX (GPU): tf2onnx needs the TensorFlow backend, so export in a fresh process
         import subprocess
 
         cmd = [sys.executable, "-m", f"{__package__}.export", a.task, str(weights), a.export,
                "--contrast", contrast, "--summary", summary, "--steps", str(steps)]
-        if a.channels:
-            cmd += ["--channels", a.channels]
+        if channels:
+            cmd += ["--channels", channels]
         subprocess.run(cmd, env={**os.environ, "KERAS_BACKEND": "tensorflow"}, check=True)
     print(f"exported {a.export}", flush=True)
 
