@@ -103,8 +103,9 @@ class Segmenter:
         The mask keeps only lesions that touch the cord and whose mean intensity is at least `min_contrast`
         times the cord's, measured as the lesion model says (the shipped one: against the same places of the
         cord on the slices above and below; others: the median of the lesion-free cord on their slices).
-        None: the model's own value, 1.12 for the shipped one; 0: no screening. The cord is segmented with the cord model along the same
-        centerline. The soft map is the network's output, unscreened. centerline: as for .cord()."""
+        None: the model's own value, 1.12 for the shipped one; 0: no screening. The cord is segmented with the
+        cord model along the same centerline. The soft map is the network's output, unscreened. centerline: as
+        for .cord()."""
         check_min_contrast(min_contrast)
         check_threshold(threshold)
         image, contrast = self._load(img, volume, contrast, progress)
