@@ -62,8 +62,10 @@ def test_onnx_weights_roundtrip(tmp_path):
         import cordseg.inference as inf
 
         path = inf.find_model("lesion", "t2", None, None).path
+    from cordseg.inference import Model
+
     rng = np.random.default_rng(0)
-    x = rng.normal(size=(2, 48, 48, 48, 1)).astype(np.float32)
+    x = rng.normal(size=(2, 48, 48, 48, len(Model.open(path).channels))).astype(np.float32)
     model = onnx_weights.keras_from_onnx(path, x)
     assert onnx_weights.parity(model, path, x) < 1e-4
     # batch norms rebuilt from the calibration data: training-mode statistics start near the moving ones

