@@ -94,3 +94,12 @@ def tiny_onnx():
     """The builder above, as a fixture (tests call tiny_onnx(path, op=..., task=..., ...))."""
     pytest.importorskip("onnx", reason="building test models needs onnx (pip install -e '.[test]')")
     return build_onnx
+
+
+@pytest.fixture(scope="module")
+def psr_phantom():
+    """The command-line tests' lesion-free phantom, stored P S R like the real t2: outputs must come back in
+    the input's own orientation."""
+    from cordseg.phantom import make_phantom
+
+    return make_phantom((40, 40, 20), axcodes=("P", "S", "R"), seed=5)

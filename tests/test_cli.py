@@ -23,7 +23,6 @@ from clirun import cli_runner
 from cordseg import metrics
 from cordseg.api import lesion_table
 from cordseg.cli import main
-from cordseg.phantom import make_phantom
 
 CSV_HEADER = ["slice", "x", "y", "z", "i", "j", "k", "x_mm", "y_mm", "z_mm"]
 LESION_HEADER = ["id", "volume_mm3", "x_mm", "y_mm", "z_mm", "first_slice", "last_slice"]  # then optional columns
@@ -39,9 +38,8 @@ def digest(path) -> str:
 
 
 @pytest.fixture(scope="module")
-def phantom():
-    # PSR like the real t2: the CLI must write outputs in the input's own orientation
-    return make_phantom((40, 40, 20), axcodes=("P", "S", "R"), seed=5)
+def phantom(psr_phantom):
+    return psr_phantom
 
 
 @pytest.fixture

@@ -40,8 +40,8 @@ def leftovers(folder) -> list:
 
 
 @pytest.fixture(scope="module")
-def phantom():
-    return make_phantom((40, 40, 20), axcodes=("P", "S", "R"), seed=5)
+def phantom(psr_phantom):
+    return psr_phantom
 
 
 @pytest.fixture
