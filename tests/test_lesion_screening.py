@@ -170,3 +170,40 @@ def test_local_contrast_needs_cord_above_or_below():
 
     labels, _ = label_lesions(mask * cord)
     assert lesions.local_contrasts(labels, image, cord, (1.0, 1.0, 1.0)) == [None]
+
+
+def test_screening_cord_reaches_beyond_the_lesions_for_the_local_contrast(monkeypatch):
+    """The cord is segmented along the lesions' slabs, and `margin` slices beyond them (the local contrast's
+    reference slices); stretches closer than a patch depth plus both margins are one run."""
+    from types import SimpleNamespace
+
+    from cordseg import segmentation
+    from cordseg.centerline import Centerline
+    from cordseg.orientation import to_rpi
+
+    ph = make_phantom((32, 32, 80), seed=0)
+    rpi = to_rpi(ph.image)
+    zs = np.arange(80)
+    cl = Centerline(zs, np.full(80, 16.0), np.full(80, 16.0), rpi)
+    runs = []
+
+    def fake(stretch, model, progress=None, stage="", on_stage=None):
+        runs.append((int(stretch.z.min()), int(stretch.z.max())))
+        return np.zeros(rpi.shape, np.float32)
+
+    monkeypatch.setattr(segmentation, "soft_segmentation", fake)
+    model = SimpleNamespace(patch_shape=(8, 8, 4), voxel_size=(1.0, 1.0, 1.0), threshold=0.5)
+    mask = np.zeros(rpi.shape, np.uint8)
+    mask[16, 16, 30:33] = 1
+    lesions.cord_along_lesions(mask, cl, model)
+    assert runs == [(29, 33)]
+    runs.clear()
+    lesions.cord_along_lesions(mask, cl, model, margin=10)
+    assert runs == [(19, 43)]
+    runs.clear()
+    mask[16, 16, 52] = 1  # 20 slices on: two runs without a margin, one with margins of 10 (their reaches meet)
+    lesions.cord_along_lesions(mask, cl, model)
+    assert runs == [(29, 33), (51, 53)]
+    runs.clear()
+    lesions.cord_along_lesions(mask, cl, model, margin=10)
+    assert runs == [(19, 63)]
