@@ -72,7 +72,7 @@ RESULT_COLUMNS = ["image", "subject", "session", "suffix", "contrast", "tasks", 
                   "cord_volume_mm3", "cord_length_mm", "mean_csa_mm2", "lesion_count", "lesion_volume_mm3",
                   "centerline_slices", "seconds", "reused", "worker", "notes"]
 LESION_COLUMNS = ["image", "subject", "session", "id", "volume_mm3", "x_mm", "y_mm", "z_mm", "first_slice",
-                  "last_slice"]
+                  "last_slice", "contrast", "local_contrast"]  # contrasts: as `cordseg lesion --csv` (n/a: no cord)
 TABLE_EVERY_S = 10.0  # results.tsv is rewritten at most this often while a study runs, and at its end
 MAX_POOL_BREAKS = 2  # an image in flight when a local worker died this often more is failed, not resubmitted
 PLUGIN_NAME = "cordseg-segmenters"
@@ -427,7 +427,8 @@ def _lesion_metrics(mask_img, image, cord_img) -> dict:
     except TypeError:  # an older lesion_table without the contrast columns
         table = lesion_table(mask_img)
     rows = [{k: getattr(les, k) for k in ("id", "volume_mm3", "first_slice", "last_slice")}
-            | dict(zip(("x_mm", "y_mm", "z_mm"), les.centroid_mm)) for les in table]
+            | dict(zip(("x_mm", "y_mm", "z_mm"), les.centroid_mm))
+            | {k: getattr(les, k, None) for k in ("contrast", "local_contrast")} for les in table]
     return {"lesion_count": len(rows), "lesion_volume_mm3": float(sum(r["volume_mm3"] for r in rows)),
             "lesions": rows}
 
@@ -608,6 +609,12 @@ def _plan(images, out_dir: Path, options: StudyOptions, command: str, version: s
     return plans
 
 
+def _lesion_cell(column, value):
+    if column.endswith(("_mm", "mm3")):
+        return _fmt(value)
+    return _fmt(value, 3) if column.endswith("contrast") else value
+
+
 def _fmt(value, digits=2):
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "n/a"
@@ -638,8 +645,7 @@ def _row(plan: _Plan, result: dict | None) -> tuple[dict, list]:
     lesion_rows = []
     for les in metrics.get("lesions", []) if "lesion" in done else []:
         lesion_rows.append({"image": image.relpath, "subject": image.subject, "session": image.session or "n/a"}
-                           | {k: _fmt(les.get(k)) if k.endswith("_mm") or k.endswith("mm3") else les.get(k)
-                              for k in LESION_COLUMNS[3:]})
+                           | {k: _lesion_cell(k, les.get(k)) for k in LESION_COLUMNS[3:]})
     has = set(done)
     row = {
         "image": image.relpath, "subject": image.subject, "session": image.session or "n/a",

@@ -181,6 +181,10 @@ def test_layout_sidecars_and_table(bids, models):
         assert int(row["centerline_slices"]) == int(centerline.sum())
     lesions = read_tsv(out / "lesions.tsv")
     assert list(lesions[0]) == LESION_COLUMNS
+    # brightness over the cord, as `cordseg lesion --csv` gives it: a number, or n/a where there is no cord to
+    # compare with (the local one also where no slice above or below has cord)
+    for les in lesions:
+        assert all(les[k] == "n/a" or float(les[k]) > 0 for k in ("contrast", "local_contrast"))
     for rel, row in rows.items():
         assert row["lesion_count"] == "n/a" or int(row["lesion_count"]) == sum(les["image"] == rel for les in lesions)
     assert result.counts == {"ok": 3, "failed": 1, "skipped": 1, "reused": 0}
