@@ -43,8 +43,14 @@ def lesion_contrasts(mask: np.ndarray, image: np.ndarray, cord: np.ndarray) -> t
     return labels, _ratios(labels, image, cord)
 
 
+def _floor(image) -> float:
+    """Where intensities are measured from: 0, or the image's lowest values where it has negative ones, so
+    that an offset image measures alike."""
+    return min(0.0, float(np.percentile(image, 0.5)))
+
+
 def _ratios(labels, image, cord) -> list:
-    floor = min(0.0, float(np.percentile(image, 0.5)))
+    floor = _floor(image)
     healthy = cord.astype(bool) & (labels == 0)
     out = []
     for i, sl in enumerate(ndi.find_objects(labels), start=1):
@@ -80,13 +86,12 @@ def local_contrasts(labels: np.ndarray, image: np.ndarray, cord: np.ndarray, zoo
     from .normalization import centres_from_mask
 
     cord = cord.astype(bool)
-    floor = min(0.0, float(np.percentile(image, 0.5)))
+    floor = _floor(image)
     levels = cord_levels(image, cord & (labels == 0), floor)
     centres = centres_from_mask(cord)
     has_cord = cord.any(axis=(0, 1)) & np.isfinite(levels) & (levels > 0)
-    dz = float(zooms[2])
-    reach = max(2, int(np.ceil(reach_mm / dz)))
-    gap = 1 if dz <= 2.0 else 0
+    reach = local_reach_slices(zooms, reach_mm)
+    gap = 1 if float(zooms[2]) <= 2.0 else 0
     out = []
     for i, sl in enumerate(ndi.find_objects(labels), start=1):
         z0, z1 = sl[2].start, sl[2].stop - 1
@@ -179,9 +184,9 @@ def screen_lesions(mask: np.ndarray, image: np.ndarray, cord: np.ndarray, min_co
     return np.where(np.isin(labels, drop), 0, mask).astype(mask.dtype), len(drop)
 
 
-def local_reach_slices(zooms) -> int:
+def local_reach_slices(zooms, reach_mm: float = LOCAL_REACH_MM) -> int:
     """Slices of cord beyond a lesion's own that local_contrasts looks at."""
-    return max(2, int(np.ceil(LOCAL_REACH_MM / float(zooms[2]))))
+    return max(2, int(np.ceil(reach_mm / float(zooms[2]))))
 
 
 def cord_along_lesions(mask: np.ndarray, cl, sc_model, progress=None, on_stage=None, margin: int = 0) -> np.ndarray:

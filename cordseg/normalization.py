@@ -236,7 +236,6 @@ def centres_from_mask(mask: np.ndarray) -> np.ndarray:
     if not has.any():
         return np.tile([(nx - 1) / 2.0, (ny - 1) / 2.0], (nz, 1))
     zs = np.nonzero(has)[0]
-    cx = np.array([np.nonzero(m[:, :, z])[0].mean() for z in zs])
-    cy = np.array([np.nonzero(m[:, :, z])[1].mean() for z in zs])
+    cxy = np.array([[idx.mean() for idx in np.nonzero(m[:, :, z])] for z in zs])
     allz = np.arange(nz)
-    return np.stack([np.interp(allz, zs, cx), np.interp(allz, zs, cy)], axis=1)
+    return np.stack([np.interp(allz, zs, cxy[:, 0]), np.interp(allz, zs, cxy[:, 1])], axis=1)

@@ -126,10 +126,8 @@ def soft_segmentation(cl: Centerline, model: Model, progress=None, stage="segmen
     patches = np.stack([extract_patch(vol, c, patch) for c in corners]).astype(np.float32, copy=False)
     centres = None
     if len(model.channels) > 1:  # where the centerline crosses each patch slice, in the patch's voxels
-        order = np.argsort(zc_model)
-        zs, xs, ys = zc_model[order], xc_model[order], yc_model[order]
-        centres = np.stack([np.stack([np.interp(c[2] + np.arange(patch[2]), zs, xs) - c[0],
-                                      np.interp(c[2] + np.arange(patch[2]), zs, ys) - c[1]], axis=1)
+        centres = np.stack([np.stack([np.interp(c[2] + np.arange(patch[2]), zc_model, xc_model) - c[0],
+                                      np.interp(c[2] + np.arange(patch[2]), zc_model, yc_model) - c[1]], axis=1)
                             for c in corners])
     with timed(on_stage, f"{stage}.normalise"):
         patches = network_input(model.normalisation, patches, model.normalisation_params, channels=model.channels,

@@ -255,9 +255,7 @@ def export_from_weights_checked(task, weights_path, out_path, *, contrast, summa
 
     if task not in tasks.TASKS:
         raise ModelError(f"unknown task '{task}' (known: {', '.join(tasks.TASKS)})")
-    cfg = tasks.with_network(tasks.TASKS[task], network)
-    if channels:
-        cfg.channels = tuple(channels)
+    cfg = tasks.with_network(tasks.TASKS[task], network, channels)
     weights_path = Path(weights_path)
     if not weights_path.exists():
         raise ModelError(f"weights file not found: {weights_path}")
@@ -303,9 +301,7 @@ def main(argv=None) -> int:
             if len(weights) > 1:
                 from . import tasks
 
-                cfg = tasks.with_network(tasks.TASKS[a.task], network)
-                if channels:
-                    cfg.channels = tuple(channels)
+                cfg = tasks.with_network(tasks.TASKS[a.task], network, channels)
                 try:
                     source = average_snapshots(lambda: tasks.build_model(cfg), weights,
                                                Path(tmp) / "mean.weights.h5")

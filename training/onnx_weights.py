@@ -90,13 +90,10 @@ def parity(model, path, x) -> float:
 
 def calibration_patches(task="lesion", n=8, seed=0, channels=("image",)):
     """Synthetic training-like patches, normalised as the network sees them (with its input `channels`)."""
-    import copy
-
     from . import synth, tasks
     from .train import default_labelmaps
 
-    cfg = copy.deepcopy(tasks.TASKS[task])
-    cfg.channels = tuple(channels)
+    cfg = tasks.with_network(tasks.TASKS[task], None, channels)
     anatomy = synth.load_anatomies(default_labelmaps())
     sampler = tasks.Sampler(cfg, anatomy)
     rng = np.random.default_rng(seed)
@@ -114,9 +111,10 @@ def main(argv=None) -> int:
     p.add_argument("--task", help="the task whose patches calibrate the batch norms (default: the model's own)")
     p.add_argument("--n", type=int, default=8, help="calibration patches")
     a = p.parse_args(argv)
-    meta = _contract(a.onnx)
-    channels = tuple(meta.get("cordseg_channels", "image").split(","))
-    x = calibration_patches(a.task or meta["cordseg_task"], a.n, channels=channels)
+    from cordseg.contract import ModelContract
+
+    contract = ModelContract.from_metadata(_contract(a.onnx), a.onnx)
+    x = calibration_patches(a.task or contract.task, a.n, channels=contract.channels)
     model = keras_from_onnx(a.onnx, x)
     err = parity(model, a.onnx, x[:2])
     if err > 1e-3:

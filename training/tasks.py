@@ -57,10 +57,13 @@ TASKS = {
 }
 
 
-def with_network(cfg: TaskConfig, network: dict | None) -> TaskConfig:
-    """A copy of `cfg` whose network settings are updated with `network` (e.g. another CNN2 width)."""
+def with_network(cfg: TaskConfig, network: dict | None, channels=None) -> TaskConfig:
+    """A copy of `cfg` whose network settings are updated with `network` (e.g. another CNN2 width) and, if
+    given, its input `channels`."""
     cfg = copy.deepcopy(cfg)
     cfg.network.update(network or {})
+    if channels:
+        cfg.channels = tuple(channels)
     return cfg
 
 

@@ -32,9 +32,7 @@ def load_init(model, cfg, path):
     except ValueError:
         if cfg.task == "centerline" or len(cfg.channels) == 1:
             raise
-        narrow_cfg = tasks.with_network(cfg, None)
-        narrow_cfg.channels = ("image",)
-        narrow = tasks.build_model(narrow_cfg)
+        narrow = tasks.build_model(tasks.with_network(cfg, None, channels=("image",)))
         narrow.load_weights(str(path))
         copy_widened(narrow, model)
 
@@ -47,7 +45,9 @@ def run(task, out, *, steps=None, batch_size=None, learning_rate=None, labelmaps
     from . import losses, synth, tasks
     from .loop import train
 
-    cfg = tasks.with_network(tasks.TASKS[task], network)  # a copy to adjust
+    if channels and task == "centerline":
+        raise ValueError("--channels is for CNN2 (sc, lesion)")
+    cfg = tasks.with_network(tasks.TASKS[task], network, channels)  # a copy to adjust
     if steps:
         cfg.steps = steps
     if batch_size:
@@ -60,10 +60,6 @@ def run(task, out, *, steps=None, batch_size=None, learning_rate=None, labelmaps
         cfg.patch_shape = tuple(patch_shape)
     if sagittal_share is not None:
         cfg.p_sagittal = sagittal_share
-    if channels:
-        if task == "centerline":
-            raise ValueError("--channels is for CNN2 (sc, lesion)")
-        cfg.channels = tuple(channels)
     if dwi_share:
         if task != "sc":
             raise ValueError("--dwi-share is for the cord task (sc)")
