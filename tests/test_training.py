@@ -421,6 +421,38 @@ def test_average_of_snapshots_is_their_mean(tmp_path):
         average_snapshots(_tiny_cnn1, paths, tmp_path / "bad.weights.h5", weights=[0.5, 0.5, 0.5])
 
 
+@pytest.mark.training
+@pytest.mark.parametrize("channels, base", [(2, 4), (1, 6), (2, 6)])
+def test_a_widened_cnn2_starts_as_the_narrow_one(tmp_path, channels, base):
+    """More input channels and/or more filters: the widened network's output equals the narrow one's on
+    any input (after concatenations the old channels sit apart, so a plain prefix copy would fail)."""
+    pytest.importorskip("keras")
+    from cordseg.training import tasks
+    from cordseg.training.train import load_init
+
+    cfg = tasks.with_network(tasks.TASKS["lesion"], {"base_filters": 4}, channels=("image",))
+    cfg.patch_shape = (16, 16, 16)
+    narrow = tasks.build_model(cfg)
+    rng = np.random.default_rng(0)  # batch-norm statistics away from the identity, so they must be copied
+    narrow.set_weights([rng.normal(1.0 if "variance" in v.path else 0.0, 0.3, v.shape).astype(np.float32)
+                        if "variance" not in v.path else rng.uniform(0.5, 2, v.shape).astype(np.float32)
+                        for v in narrow.weights])
+    narrow.save_weights(str(tmp_path / "narrow.weights.h5"))
+    wide_cfg = tasks.with_network(cfg, {"base_filters": base}, channels=("image", "cord_anomaly")[:channels])
+    wide = tasks.build_model(wide_cfg)
+    load_init(wide, wide_cfg, tmp_path / "narrow.weights.h5")
+    x = rng.normal(0, 1, (2, 16, 16, 16, channels)).astype(np.float32)
+    np.testing.assert_allclose(wide.predict(x, verbose=0), narrow.predict(x[..., :1], verbose=0), atol=1e-5)
+    assert wide.count_params() > narrow.count_params()
+    with pytest.raises(ValueError):  # narrowing is not widening
+        load_init(narrow, cfg, _saved(wide, tmp_path / "wide.weights.h5"))
+
+
+def _saved(model, path):
+    model.save_weights(str(path))
+    return path
+
+
 # ----------------------------------------------------------------------------------------------------
 # the cord's lower end: dural sac and nerve roots below the conus
 

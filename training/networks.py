@@ -66,17 +66,40 @@ def build_cnn2(patch_shape, base_filters=8, dropout=0.1, name="cnn2", in_channel
     return keras.Model(inp, out, name=name)
 
 
+def _input_map(layer, source):
+    """Where each of `source`'s input channels of `layer` sits among the wider network's: a prefix, except
+    after a concatenation, whose parts each start at their own offset."""
+    producer = layer.input._keras_history.operation
+    if not isinstance(producer, layers.Concatenate):
+        return np.arange(source.get_layer(layer.name).input.shape[-1])
+    parts, offset = [], 0
+    for wide, narrow in zip(producer.input, source.get_layer(producer.name).input):
+        parts.append(offset + np.arange(narrow.shape[-1]))
+        offset += wide.shape[-1]
+    return np.concatenate(parts)
+
+
 def copy_widened(source, target):
-    """Copy `source`'s weights into `target`, the same network with more input channels: the first
-    convolution's kernel for the new channels starts at zero, so `target` computes what `source` does until
-    training teaches it to use them."""
+    """Copy `source`'s weights into `target`, the same network with more input channels and/or more filters,
+    so that `target` computes what `source` does until training teaches it to use the rest: kernel weights
+    from new input channels start at zero; new filters keep their random start (their output reaches the old
+    filters only through those zeros); new batch-norm channels start as the identity."""
     for layer in target.layers:
-        weights = source.get_layer(layer.name).get_weights()
         own = layer.get_weights()
-        for i, (w, o) in enumerate(zip(weights, own)):
-            if w.shape != o.shape:  # the first convolution's kernel: (3, 3, 3, channels, filters)
-                padded = np.zeros(o.shape, w.dtype)
-                padded[..., :w.shape[-2], :] = w
-                weights[i] = padded
-        layer.set_weights(weights)
+        if not own:
+            continue
+        weights = source.get_layer(layer.name).get_weights()
+        if isinstance(layer, layers.BatchNormalization):
+            for o, w in zip(own, weights):
+                o[:len(w)] = w
+        else:  # a convolution: kernel (k, k, k, in, out), then the bias if it has one
+            kernel, old = own[0], weights[0]
+            rows = _input_map(layer, source)
+            new_rows = np.setdiff1d(np.arange(kernel.shape[-2]), rows)
+            n_out = old.shape[-1]
+            kernel[..., new_rows, :n_out] = 0.0
+            kernel[..., rows, :n_out] = old
+            if len(own) > 1:
+                own[1][:n_out] = weights[1]
+        layer.set_weights(own)
     return target

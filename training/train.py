@@ -21,18 +21,30 @@ def default_labelmaps() -> Path:
     return data / "labelmaps" if data is not None else Path("labelmaps")
 
 
+def _cnn2_shape(path):
+    """(input channels, base filters) of a CNN2 weights file: its first convolution's kernel."""
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        shape = f["layers/conv3d/vars/0"].shape
+    return shape[-2], shape[-1]
+
+
 def load_init(model, cfg, path):
-    """`path`'s weights into `model`; weights of the same network with fewer input channels are widened
-    (the new channels start with zero weight: the network starts as it was)."""
+    """`path`'s weights into `model`; the weights of a narrower CNN2 (fewer input channels or filters) are
+    widened so that the network starts as it was (training/networks.copy_widened)."""
     from . import tasks
     from .networks import copy_widened
 
     try:
         model.load_weights(str(path))
     except ValueError:
-        if cfg.task == "centerline" or len(cfg.channels) == 1:
+        if cfg.task == "centerline":
             raise
-        narrow = tasks.build_model(tasks.with_network(cfg, None, channels=("image",)))
+        channels, base = _cnn2_shape(path)
+        if channels > len(cfg.channels) or base > cfg.network.get("base_filters", base):
+            raise
+        narrow = tasks.build_model(tasks.with_network(cfg, {"base_filters": base}, channels=cfg.channels[:channels]))
         narrow.load_weights(str(path))
         copy_widened(narrow, model)
 
@@ -189,7 +201,8 @@ def _export(a, weights, steps, summary):
         from .export import export_from_weights
 
         export_from_weights(a.task, weights, a.export, contrast=contrast, summary=summary, steps=steps,
-                            channels=channels.split(",") if channels else None)
+                            channels=channels.split(",") if channels else None,
+                            network={"base_filters": a.base_filters} if a.base_filters else None)
     else:  # trained on JAX (GPU): tf2onnx needs the TensorFlow backend, so export in a fresh process
         import subprocess
 
@@ -197,6 +210,8 @@ def _export(a, weights, steps, summary):
                "--contrast", contrast, "--summary", summary, "--steps", str(steps)]
         if channels:
             cmd += ["--channels", channels]
+        if a.base_filters:
+            cmd += ["--base-filters", str(a.base_filters)]
         subprocess.run(cmd, env={**os.environ, "KERAS_BACKEND": "tensorflow"}, check=True)
     print(f"exported {a.export}", flush=True)
 
