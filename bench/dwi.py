@@ -1,7 +1,7 @@
 """Cord segmentation on diffusion-weighted images: the two real DWI scans of ../shared/data and DWI-like images
 simulated from the spine-generic manual masks.
 
-python bench/dwi.py [--sc F.onnx] [--centerline F.onnx] [--json FILE] [--png DIR]
+python bench/dwi.py [--sc F.onnx] [--centerline F.onnx] [--thresholds 0.3,0.4,0.5] [--json FILE] [--png DIR]
 
 Real scans (no manual cord mask exists for either, so a reference is made here from the image alone):
 - sct_testing/dmri/dwi_mean (40x42x5, 0.84x0.84x17.5 mm), seeded by the published OptiC centerline beside it;
@@ -145,6 +145,8 @@ def main(argv=None):
     p.add_argument("--centerline", type=Path, help="a centerline model to measure instead of the installed one")
     p.add_argument("--json", type=Path)
     p.add_argument("--png", type=Path, help="draw each image with the reference (green) and the mask (red) here")
+    p.add_argument("--thresholds", help="also measure the masks at these cord thresholds (comma-separated; the "
+                   "simulated images are the ones to choose one on, the real ones to report)")
     a = p.parse_args(argv)
     warnings.simplefilter("ignore")
     sc = a.sc or find_model("sc", None).path  # a model that does not serve dwi is measured too
@@ -158,11 +160,19 @@ def main(argv=None):
             ratio = float(pred.sum() / max(ref.sum(), 1))
             rows.append(dict(group=group, image=name, dice=float(d), volume_ratio=ratio))
             print(f"{name:28s} {'x'.join(map(str, img.shape)):>10s} {d:6.3f} {ratio:9.2f}", flush=True)
+            for t in a.thresholds.split(",") if a.thresholds else ():
+                m = np.asarray(seg.cord(img, threshold=float(t)).dataobj) > 0
+                rows[-1].setdefault("by_threshold", {})[t] = dict(dice=float(metrics.dice(m, ref > 0)),
+                                                                  volume_ratio=float(m.sum() / max(ref.sum(), 1)))
             if a.png:
                 _draw(a.png, name, np.asarray(img.dataobj, np.float32), ref, pred)
     for group in ("real", "simulated"):
         sel = [r["dice"] for r in rows if r["group"] == group]
         print(f"median Dice, {group}: {np.median(sel):.3f} over {len(sel)} images (lowest {min(sel):.3f})")
+        for t in a.thresholds.split(",") if a.thresholds else ():
+            by = [r["by_threshold"][t] for r in rows if r["group"] == group]
+            print(f"  threshold {t}: median Dice {np.median([b['dice'] for b in by]):.3f} (lowest "
+                  f"{min(b['dice'] for b in by):.3f}), volume ratio {np.median([b['volume_ratio'] for b in by]):.2f}")
     if a.json:
         a.json.write_text(json.dumps(rows, indent=1))
 

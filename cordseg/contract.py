@@ -13,6 +13,7 @@ Keys (all values are strings in the file):
     cordseg_normalisation        a scheme of cordseg.normalization
     cordseg_threshold            probability threshold, between 0 and 1
   optional:
+    cordseg_contrast_thresholds  thresholds of their own for some of the contrasts served, e.g. "dwi:0.2"
     cordseg_normalisation_params the scheme's constants, comma-separated
     cordseg_size_multiple        spatial sizes the network accepts are multiples of this (default 1)
     cordseg_min_lesion_contrast  lesion models: least lesion/cord intensity ratio reported (default 0: none)
@@ -79,6 +80,7 @@ class ModelContract:
     centerline_slice_mm: float = CENTERLINE_SLICE_MM
     first_pass_mm: float = FIRST_PASS_MM
     channels: tuple = ("image",)
+    contrast_thresholds: tuple = ()  # ((contrast, threshold), ...) overriding `threshold` for those contrasts
     info: dict = field(default_factory=dict, hash=False)
 
     def __post_init__(self):
@@ -146,6 +148,8 @@ class ModelContract:
             meta["cordseg_first_pass_mm"] = _g(self.first_pass_mm)
         if tuple(self.channels) != ("image",):
             meta["cordseg_channels"] = ",".join(self.channels)
+        if self.contrast_thresholds:
+            meta["cordseg_contrast_thresholds"] = ",".join(f"{c}:{_g(t)}" for c, t in self.contrast_thresholds)
         meta.update({PREFIX + k: str(v) for k, v in self.info.items()})
         return meta
 
@@ -190,6 +194,10 @@ def _check(c: ModelContract):
             raise _Invalid("normalisation_params")
     if not (_finite(c.threshold) and 0.0 < c.threshold < 1.0):
         raise _Invalid("threshold")
+    named = [x for x, _ in c.contrast_thresholds]
+    if (len(set(named)) != len(named) or any(x not in c.contrasts for x in named)
+            or not all(_finite(t) and 0.0 < t < 1.0 for _, t in c.contrast_thresholds)):
+        raise _Invalid("contrast_thresholds")
     if isinstance(c.size_multiple, bool) or not isinstance(c.size_multiple, int) or c.size_multiple < 1:
         raise _Invalid("size_multiple")
     for attr in ("min_lesion_contrast", "second_look_mm", "centerline_slice_mm", "first_pass_mm"):
@@ -209,6 +217,11 @@ def _check(c: ModelContract):
 
 def _contrasts(text: str) -> tuple:
     return tuple(c.strip() for c in text.split(",") if c.strip())
+
+
+def _contrast_thresholds(text: str) -> tuple:
+    pairs = [p.split(":") for p in text.split(",") if p.strip()]
+    return tuple((c.strip(), float(t)) for c, t in pairs)
 
 
 def _patch_shape(text: str):
@@ -239,6 +252,7 @@ _PARSERS = {
     "cordseg_centerline_slice_mm": ("centerline_slice_mm", float),
     "cordseg_first_pass_mm": ("first_pass_mm", float),
     "cordseg_channels": ("channels", _contrasts),
+    "cordseg_contrast_thresholds": ("contrast_thresholds", _contrast_thresholds),
 }
 _EXPECTED = {
     "task": f"one of {', '.join(TASKS)}",
@@ -260,4 +274,6 @@ _EXPECTED = {
     "first_pass_mm": "a number >= 0 (0: every slice)",
     "channels": "'image', then other channels of cordseg.normalization.CHANNELS, comma-separated; more than "
                 "one only with the NXYZC layout",
+    "contrast_thresholds": "contrast:threshold pairs, comma-separated, each contrast one the model serves and "
+                           "named once, each threshold between 0 and 1",
 }

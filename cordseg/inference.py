@@ -163,6 +163,10 @@ class Model:
     def threshold(self) -> float:
         return self.contract.threshold
 
+    def threshold_for(self, contrast: str | None) -> float:
+        """The threshold for images of `contrast`: the model's own for it, if it names one, else `threshold`."""
+        return dict(self.contract.contrast_thresholds).get(contrast, self.contract.threshold)
+
     @property
     def min_lesion_contrast(self) -> float:
         """Lesion models: the least lesion/cord intensity ratio a reported lesion has (0: no check)."""
@@ -181,6 +185,7 @@ class Model:
         return (f"{self.path.name}: task {self.task}, contrasts {','.join(self.contrasts)}, "
                 f"patch {self.metadata['cordseg_patch_shape']}, voxel {self.metadata['cordseg_voxel_size']} mm, "
                 f"threshold {self.threshold:g}, "
+                + "".join(f"{c} {t:g}, " for c, t in self.contract.contrast_thresholds)
                 + (f"lesion screening min contrast {self.min_lesion_contrast:g} ({self.contract.lesion_contrast}), "
                    if self.min_lesion_contrast else "")
                 + (f"input channels {','.join(self.channels)}, " if len(self.channels) > 1 else "")

@@ -157,7 +157,7 @@ class Segmenter:
         rpi, prob, model, _ = self._soft_map("sc", image, contrast, centerline, progress)
         if soft:
             return self._output(rpi.to_native(prob), image, np.float32)
-        thr = model.threshold if threshold is None else float(threshold)
+        thr = model.threshold_for(contrast) if threshold is None else float(threshold)
         with timed(self.on_stage, "mask"):
             mask = _segmentation.keep_largest_component((prob >= thr).astype(np.uint8))
         if not mask.any():

@@ -46,6 +46,11 @@ def _meta(task="sc", **changes):
     ("cordseg_channels", "image,t1_map"),
     ("cordseg_channels", "image,image"),
     ("cordseg_channels", ""),
+    ("cordseg_contrast_thresholds", "dwi"),         # no value
+    ("cordseg_contrast_thresholds", "dwi:low"),
+    ("cordseg_contrast_thresholds", "dwi:1.2"),
+    ("cordseg_contrast_thresholds", "flair:0.2"),   # a contrast the model does not serve
+    ("cordseg_contrast_thresholds", "t2:0.2,t2:0.3"),
 ])
 def test_bad_value_is_refused_naming_its_key(key, value):
     with pytest.raises(ModelError, match=f"bad.onnx: metadata {key} = "):
@@ -152,3 +157,15 @@ def test_input_channels_round_trip_and_need_the_channels_last_layout():
     with pytest.raises(ModelError, match="cordseg_channels"):
         ModelContract.from_metadata(_meta("lesion", cordseg_layout="NCXYZ", cordseg_channels="image,cord_anomaly"),
                                     "l.onnx")
+
+
+def test_a_contrast_may_have_its_own_threshold(tmp_path, tiny_onnx):
+    meta = _meta("sc", cordseg_contrast="t2,dwi", cordseg_threshold="0.5", cordseg_contrast_thresholds="dwi:0.2")
+    c = ModelContract.from_metadata(meta, "sc.onnx")
+    assert c.contrast_thresholds == (("dwi", 0.2),)
+    assert c.to_metadata()["cordseg_contrast_thresholds"] == "dwi:0.2"
+    tiny_onnx(tmp_path / "sc.onnx", metadata=meta, input_shape=("N", 64, 64, 48, 1))
+    model = find_model("sc", "dwi", tmp_path / "sc.onnx")
+    assert (model.threshold_for("dwi"), model.threshold_for("t2"), model.threshold_for(None)) == (0.2, 0.5, 0.5)
+    assert "dwi 0.2" in model.describe()
+    assert "cordseg_contrast_thresholds" not in ModelContract.from_metadata(_meta("sc"), "sc.onnx").to_metadata()

@@ -33,6 +33,7 @@ class TaskConfig:
     p_sagittal: float = 0.25  # CNN2: share of patches acquired sagittally (thick slices left-right)
     p_dwi: float = 0.0  # CNN2-SC: share of patches drawn as mean diffusion-weighted images
     channels: tuple = ("image",)  # CNN2 input channels (cordseg.normalization.network_input)
+    contrast_thresholds: tuple = ()  # ((contrast, threshold), ...): contrasts with a threshold of their own
 
 
 # Reported lesions must be this much brighter than the same places of the cord on the slices above and below
@@ -168,9 +169,10 @@ def metadata(cfg: TaskConfig, *, contrast: str, steps: int, summary: str, versio
     from cordseg.contract import ModelContract
 
     centerline = cfg.task == "centerline"
+    contrasts = tuple(c.strip() for c in contrast.split(",") if c.strip())
     return ModelContract(
         task=cfg.task,
-        contrasts=tuple(c.strip() for c in contrast.split(",") if c.strip()),
+        contrasts=contrasts,
         layout="NHWC" if centerline else "NXYZC",
         patch_shape=None if centerline else tuple(int(s) for s in cfg.patch_shape),
         voxel_size=tuple(cfg.voxel_size),
@@ -180,5 +182,6 @@ def metadata(cfg: TaskConfig, *, contrast: str, steps: int, summary: str, versio
         min_lesion_contrast=MIN_LESION_CONTRAST if cfg.task == "lesion" else 0.0,
         lesion_contrast=LESION_CONTRAST if cfg.task == "lesion" else "slice",
         channels=tuple(cfg.channels),
+        contrast_thresholds=tuple((c, t) for c, t in cfg.contrast_thresholds if c in contrasts),
         info={"version": version or __version__, "training": summary, "steps": str(steps)},
     ).to_metadata()
