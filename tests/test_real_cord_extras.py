@@ -33,8 +33,11 @@ def test_dwi_mean_through_the_command(shared_data, tmp_path):
     arr = np.asarray(load_image(image).dataobj)
     ref = dwi.half_max_outline(arr, nib.load(image).header.get_zooms(),
                                dwi.optic_seeds(shared_data / "sct_testing/dmri/dwi_mean_centerline-optic.nii.gz"))
-    d = metrics.dice(np.asarray(out.dataobj) > 0, ref > 0)
-    assert d >= 0.80, f"dwi_mean: cord Dice {d:.3f} against its half-maximum outline"  # measured 0.848
+    pred = np.asarray(out.dataobj) > 0
+    d = metrics.dice(pred, ref > 0)
+    # measured 0.901 and 0.95 with the model's own dwi threshold, 0.15 (at 0.5: 0.848 and 0.78)
+    assert d >= 0.87, f"dwi_mean: cord Dice {d:.3f} against its half-maximum outline"
+    assert 0.85 <= pred.sum() / ref.sum() <= 1.15
 
 
 def test_dwi_series_mean_volume_through_the_command(shared_data, tmp_path):
@@ -49,8 +52,10 @@ def test_dwi_series_mean_volume_through_the_command(shared_data, tmp_path):
     arr = np.asarray(mean.dataobj)
     zooms = mean.header.get_zooms()[:3]
     ref = dwi.half_max_outline(arr, zooms, dwi.brightest_seeds(arr, zooms))
-    d = metrics.dice(np.asarray(out.dataobj) > 0, ref > 0)
-    assert d >= 0.86, f"dmri mean: cord Dice {d:.3f} against its half-maximum outline"  # measured 0.910
+    pred = np.asarray(out.dataobj) > 0
+    d = metrics.dice(pred, ref > 0)
+    assert d >= 0.90, f"dmri mean: cord Dice {d:.3f} against its half-maximum outline"  # measured 0.935 (0.5: 0.910)
+    assert 0.9 <= pred.sum() / ref.sum() <= 1.15  # measured 1.03 (0.5: 0.87)
 
 
 @pytest.mark.parametrize("image, ref, k, bar", [
