@@ -47,6 +47,18 @@ def test_a_widened_input_carries_through_later_stages(tmp_path):
     assert recipes.final_channels("lesion") == recipes.ANOMALY_CHANNELS  # the shipped lesion model's
 
 
+def test_a_wider_network_carries_through_later_stages_and_soups(tmp_path):
+    wide = {"base_filters": 16}
+    plan = {"sc": [Stage("all", dict(steps=2)), Stage("all", dict(steps=3, network=wide)),
+                   Soup((Stage("all", dict(steps=2, seed=1)), Stage("all", dict(steps=2, seed=2))), ((2,), (2,)))]}
+    calls, averaged = [], []
+    recipes.run_recipe("sc", tmp_path / "out", tmp_path, recipes=plan, run=_fake_run(calls), log=lambda m: None,
+                       average=lambda paths, out, shape, weights: averaged.append(shape) or out.write_text("w"))
+    assert [c.get("network") for c in calls] == [None, wide, wide, wide]
+    assert averaged == [{"network": wide}]
+    assert recipes.final_shape("sc", plan) == {"network": wide}
+
+
 def test_a_stage_without_snapshot_is_an_error(tmp_path):
     plan = {"sc": [Stage("all", dict(steps=3))]}
     with pytest.raises(RuntimeError, match="wrote no snapshot"):
@@ -82,8 +94,8 @@ def test_a_soup_stage_averages_named_snapshots_of_branches_from_one_start(tmp_pa
         for k in list(range(snapshot_every, steps, snapshot_every)) + [steps]:
             (out / f"ema_{k:06d}.weights.h5").write_text("w")
 
-    def average(paths, out_path, network, weights):
-        averaged.append((list(paths), out_path, network, weights))
+    def average(paths, out_path, shape, weights):
+        averaged.append((list(paths), out_path, shape, weights))
         out_path.write_text("mean")
 
     plan = {"lesion": [Stage("all", dict(steps=4)),
@@ -99,11 +111,11 @@ def test_a_soup_stage_averages_named_snapshots_of_branches_from_one_start(tmp_pa
     assert [c["init"] for c in calls] == [None, start, start, soup, soup]  # branches start from the stage before
     third = 1 / 3
     assert averaged[0] == ([out / "stage2/branch1/ema_000004.weights.h5", out / "stage2/branch1/ema_000006.weights.h5",
-                            out / "stage2/branch2/ema_000005.weights.h5"], soup, None, [third, third, third])
+                            out / "stage2/branch2/ema_000005.weights.h5"], soup, {}, [third, third, third])
     # start_share: the starting weights enter the mean with that share, the branches share the rest
     assert averaged[1] == ([soup, out / "stage3/branch1/ema_000002.weights.h5",
                             out / "stage3/branch2/ema_000002.weights.h5"],
-                           out / "stage3/ema_000004.weights.h5", None, [0.5, 0.25, 0.25])
+                           out / "stage3/ema_000004.weights.h5", {}, [0.5, 0.25, 0.25])
     assert weights == out / "stage3/ema_000004.weights.h5" and total == 4 + 11 + 4
     calls.clear(), averaged.clear()
     assert recipes.run_recipe("lesion", out, tmp_path, recipes=plan, run=run, average=average,

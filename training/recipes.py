@@ -108,13 +108,28 @@ RECIPES = {
 }
 
 
-def final_channels(task, recipes=None) -> tuple:
-    """The input channels of the network the recipe's last stage trains (stages widen it, never narrow it)."""
-    channels = ("image",)
+CARRIED = ("channels", "network")  # a network's shape: once a stage widens it, the later stages keep it
+
+
+def _carry(options, shape):
+    """`options` with the network shape set by earlier stages (`shape`, updated in place by this stage's)."""
+    shape.update({k: options[k] for k in CARRIED if options.get(k)})
+    return dict(options, **shape)
+
+
+def final_shape(task, recipes=None) -> dict:
+    """{"channels": ..., "network": ...} of the network the recipe's last stage trains, where a stage set them
+    (stages widen the network, never narrow it)."""
+    shape = {}
     for stage in (recipes or RECIPES)[task]:
         for st in (stage.branches if isinstance(stage, Soup) else (stage,)):
-            channels = tuple(st.options.get("channels") or channels)
-    return channels
+            _carry(st.options, shape)
+    return shape
+
+
+def final_channels(task, recipes=None) -> tuple:
+    """The input channels of the network the recipe's last stage trains."""
+    return tuple(final_shape(task, recipes).get("channels", ("image",)))
 
 
 def run_recipe(task, out, labelmaps_root, *, run, workers=0, log=print, recipes=None,
@@ -128,12 +143,10 @@ def run_recipe(task, out, labelmaps_root, *, run, workers=0, log=print, recipes=
     stages = (recipes or RECIPES)[task]
     root, out = Path(labelmaps_root), Path(out)
 
-    channels = ("image",)  # once a stage widens the network's input, the later stages keep it
+    shape = {}
 
     def train_stage(stage, folder, init, label):
-        nonlocal channels
-        channels = tuple(stage.options.get("channels") or channels)
-        options = dict(stage.options, channels=channels) if len(channels) > 1 else stage.options
+        options = _carry(stage.options, shape)
         done = (folder / "done").exists()
         if not done:
             log(f"{label}: {options}" + (f" ({stage.note})" if stage.note else ""))
@@ -162,7 +175,9 @@ def run_recipe(task, out, labelmaps_root, *, run, workers=0, log=print, recipes=
             prev = snapshot_path(folder, steps)
             if not prev.exists():
                 log(f"{label}: the mean of {len(ingredients)} snapshots" + (f" ({stage.note})" if stage.note else ""))
-                average(ingredients, prev, stage.branches[0].options.get("network"), shares)
+                branch_shape = dict(shape)
+                _carry(stage.branches[0].options, branch_shape)
+                average(ingredients, prev, branch_shape, shares)
         else:
             prev = train_stage(stage, folder, prev, label)
             steps = snapshot_step(prev)
@@ -171,10 +186,12 @@ def run_recipe(task, out, labelmaps_root, *, run, workers=0, log=print, recipes=
 
 
 def _average_for(task):
-    def average(paths, out_path, network=None, weights=None):
+    def average(paths, out_path, shape=None, weights=None):
+        """The weighted mean of `paths`, snapshots of the network `shape` (recipe options) describes."""
         from . import tasks
         from .loop import average_snapshots
 
-        cfg = tasks.with_network(tasks.TASKS[task], network)
+        shape = shape or {}
+        cfg = tasks.with_network(tasks.TASKS[task], shape.get("network"), shape.get("channels"))
         return average_snapshots(lambda: tasks.build_model(cfg), paths, out_path, weights)
     return average

@@ -164,9 +164,10 @@ def main(argv=None):
         weights, steps = run_recipe(a.task, a.out, a.labelmaps or default_labelmaps(), run=run, workers=a.workers,
                                     log=log)
         summary = f"trained with `cordseg train {a.task} --recipe shipped`: {steps} steps over its stages"
-        from .recipes import final_channels
+        from .recipes import final_channels, final_shape
 
         a.channels = ",".join(final_channels(a.task))  # the network the last stage trained
+        a.base_filters = final_shape(a.task).get("network", {}).get("base_filters")
         if a.export:
             _export(a, weights, steps, summary)
         return 0
@@ -197,12 +198,13 @@ def _export(a, weights, steps, summary):
 
     contrast = a.contrast or ",".join(tasks.TASKS[a.task].contrasts)
     channels = getattr(a, "channels", None)
+    base = getattr(a, "base_filters", None)
     if keras.backend.backend() == "tensorflow":
         from .export import export_from_weights
 
         export_from_weights(a.task, weights, a.export, contrast=contrast, summary=summary, steps=steps,
                             channels=channels.split(",") if channels else None,
-                            network={"base_filters": a.base_filters} if a.base_filters else None)
+                            network={"base_filters": base} if base else None)
     else:  # trained on JAX (GPU): tf2onnx needs the TensorFlow backend, so export in a fresh process
         import subprocess
 
@@ -210,8 +212,8 @@ def _export(a, weights, steps, summary):
                "--contrast", contrast, "--summary", summary, "--steps", str(steps)]
         if channels:
             cmd += ["--channels", channels]
-        if a.base_filters:
-            cmd += ["--base-filters", str(a.base_filters)]
+        if base:
+            cmd += ["--base-filters", str(base)]
         subprocess.run(cmd, env={**os.environ, "KERAS_BACKEND": "tensorflow"}, check=True)
     print(f"exported {a.export}", flush=True)
 
