@@ -184,8 +184,8 @@ class Model:
     def describe(self) -> str:
         return (f"{self.path.name}: task {self.task}, contrasts {','.join(self.contrasts)}, "
                 f"patch {self.metadata['cordseg_patch_shape']}, voxel {self.metadata['cordseg_voxel_size']} mm, "
-                f"threshold {self.threshold:g}, "
-                + "".join(f"{c} {t:g}, " for c, t in self.contract.contrast_thresholds)
+                f"threshold {self.threshold:g}"
+                + "".join(f" ({c} {t:g})" for c, t in self.contract.contrast_thresholds) + ", "
                 + (f"lesion screening min contrast {self.min_lesion_contrast:g} ({self.contract.lesion_contrast}), "
                    if self.min_lesion_contrast else "")
                 + (f"input channels {','.join(self.channels)}, " if len(self.channels) > 1 else "")
