@@ -1,7 +1,7 @@
 """Evaluation sets of MS cord lesions inserted into real lesion-free scans, by two procedures built apart
 from training.
 
-    python bench/lesion_sets.py build --set choose|report [--data DIR] [--out DIR] [--force]
+    python bench/lesion_sets.py build --set choose|choose2|report [--data DIR] [--out DIR] [--force]
 
 Two insertion procedures that share no code and no modelling assumption with training/synth.py (union of
 ellipsoids, Gaussian-blurred edge, replacement by a uniform lesion/cord gain on a label map, then degraded)
@@ -61,6 +61,7 @@ DEFAULT_OUT = REPO / "work_tmp" / "lesion_eval"
 
 SETS = {  # set -> (seed, procedure, cases per background)
     "choose": (1201, "tube", 2),
+    "choose2": (5309, "tube", 2),  # a second draw of the choosing procedure, for choices the first cannot tell
     "report": (3407, "field", 3),
 }
 RATIO_BANDS = ((1.1, 1.4), (1.4, 2.0))
