@@ -128,7 +128,7 @@ def score(prepared, setting):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--set", default="choose", choices=["choose", "choose2", "report"])
+    ap.add_argument("--set", default="choose", choices=sorted(lesion_sets.SETS))
     ap.add_argument("--model", help="lesion model (default: the installed one)")
     ap.add_argument("--thresholds", default="0.3,0.4,0.5")
     ap.add_argument("--grow", default="0,0.25")

@@ -189,16 +189,19 @@ def local_reach_slices(zooms, reach_mm: float = LOCAL_REACH_MM) -> int:
     return max(2, int(np.ceil(reach_mm / float(zooms[2]))))
 
 
-def cord_along_lesions(mask: np.ndarray, cl, sc_model, progress=None, on_stage=None, margin: int = 0) -> np.ndarray:
+def cord_along_lesions(mask: np.ndarray, cl, sc_model, progress=None, on_stage=None, margin: int = 0,
+                       threshold: float | None = None) -> np.ndarray:
     """The cord on `cl`'s RPI grid, segmented with `sc_model` only along the stretches of centerline that hold
     lesions, `margin` slices on (a patch depth apart or more: separate runs), which keeps screening cheap next
-    to the lesion network's own pass. Stage events of the cord runs: screening.cord.*"""
+    to the lesion network's own pass. threshold: the cord model's for the image's contrast (default: its
+    common one). Stage events of the cord runs: screening.cord.*"""
     from . import centerline as _centerline
     from . import segmentation as _segmentation
 
     parts = None if on_stage is None else (lambda e: on_stage(e._replace(stage="screening." + e.stage)))
     rpi = cl.rpi
     depth = int(np.ceil(sc_model.patch_shape[2] * _centerline.model_grid(rpi, sc_model)[2] / rpi.zooms[2]))
+    thr = sc_model.threshold if threshold is None else threshold
     cord = np.zeros(mask.shape, np.uint8)
     for lo, hi in lesion_slabs(mask, merge_gap=depth + 2 * margin):
         on = (cl.z >= lo - 1 - margin) & (cl.z <= hi + 1 + margin)
@@ -206,7 +209,7 @@ def cord_along_lesions(mask: np.ndarray, cl, sc_model, progress=None, on_stage=N
             continue
         stretch = _centerline.Centerline(cl.z[on], cl.x[on], cl.y[on], rpi)
         prob = _segmentation.soft_segmentation(stretch, sc_model, progress, stage="cord", on_stage=parts)
-        cord |= _segmentation.keep_largest_component((prob >= sc_model.threshold).astype(np.uint8))
+        cord |= _segmentation.keep_largest_component((prob >= thr).astype(np.uint8))
     return cord
 
 

@@ -186,7 +186,8 @@ class Segmenter:
                 with timed(self.on_stage, "screening"):
                     # the local contrast (and the table's) needs the cord above and below each lesion too
                     margin = _lesions.local_reach_slices(rpi.zooms) if c.lesion_contrast == "local" or table else 0
-                    cord = _lesions.cord_along_lesions(mask, cl, sc, progress, on_stage=self.on_stage, margin=margin)
+                    cord = _lesions.cord_along_lesions(mask, cl, sc, progress, on_stage=self.on_stage, margin=margin,
+                                                       threshold=sc.threshold_for(contrast))
                     if least > 0:
                         mask = _lesions.screen_lesions(mask, rpi.data, cord, least, measure=c.lesion_contrast,
                                                        zooms=rpi.zooms)[0]
@@ -212,9 +213,10 @@ class Segmenter:
             return
         with timed(self.on_stage, "cord check"):
             prob = _segmentation.soft_segmentation(cl, sc, None, stage="cord", on_stage=self.on_stage)
-        if not (prob >= sc.threshold).any():
+        thr = sc.threshold_for(contrast)
+        if not (prob >= thr).any():
             raise NoCordError("no spinal cord found (the centerline was found, but no voxel reached the cord "
-                              f"threshold {sc.threshold:g}, so no lesion could be looked for)")
+                              f"threshold {thr:g}, so no lesion could be looked for)")
 
     @typed_errors
     def lesion_table(self, img, *, threshold=None, min_contrast=None, centerline=None, contrast=None, volume=None,

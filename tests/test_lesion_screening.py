@@ -207,3 +207,25 @@ def test_screening_cord_reaches_beyond_the_lesions_for_the_local_contrast(monkey
     runs.clear()
     lesions.cord_along_lesions(mask, cl, model, margin=10)
     assert runs == [(19, 63)]
+
+
+def test_screening_cord_takes_the_threshold_for_the_images_contrast(monkeypatch):
+    """The screening cord is thresholded as `cordseg sc` thresholds that contrast, not at the model's common
+    threshold when the model names one of its own for the contrast."""
+    from types import SimpleNamespace
+
+    from cordseg import segmentation
+    from cordseg.centerline import Centerline
+    from cordseg.orientation import to_rpi
+
+    ph = make_phantom((32, 32, 40), seed=0)
+    rpi = to_rpi(ph.image)
+    cl = Centerline(np.arange(40), np.full(40, 16.0), np.full(40, 16.0), rpi)
+    prob = np.zeros(rpi.shape, np.float32)
+    prob[14:18, 14:18, :] = 0.3
+    monkeypatch.setattr(segmentation, "soft_segmentation", lambda *a, **k: prob)
+    model = SimpleNamespace(patch_shape=(8, 8, 4), voxel_size=(1.0, 1.0, 1.0), threshold=0.5)
+    mask = np.zeros(rpi.shape, np.uint8)
+    mask[16, 16, 20] = 1
+    assert not lesions.cord_along_lesions(mask, cl, model).any()
+    assert lesions.cord_along_lesions(mask, cl, model, threshold=0.2)[16, 16, 20] == 1
