@@ -130,12 +130,15 @@ def main(argv=None):
     p.add_argument("--data", type=Path, default=shared_data())
     p.add_argument("--sc", type=Path, help="a cord model to measure instead of the installed one")
     p.add_argument("--centerline", type=Path, help="a centerline model to measure instead of the installed one")
+    p.add_argument("--conus", type=Path, help="a conus model to measure instead of the installed one")
+    p.add_argument("--no-conus", action="store_true", help="without the conus model (the centerline's own end)")
     p.add_argument("--n", type=int, default=6, help="simulated cases")
     p.add_argument("--seed", type=int, default=50)
     p.add_argument("--json", type=Path)
     a = p.parse_args(argv)
     warnings.simplefilter("ignore")
-    seg = cordseg.Segmenter("t2", centerline_model=a.centerline, cord_model=a.sc)
+    seg = cordseg.Segmenter("t2", centerline_model=a.centerline, cord_model=a.sc, conus_model=a.conus,
+                            conus=not a.no_conus)
     rows = []
     mask = np.asarray(seg.cord(a.data / LUMBAR).dataobj) > 0
     low = lowest(mask)

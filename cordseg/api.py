@@ -28,17 +28,18 @@ def _prepare(src, contrast, volume):
 
 @typed_errors
 def detect_centerline(img, contrast=None, *, model=None, smoothness=_centerline.DEFAULT_SMOOTHNESS,
-                      volume=None, progress=None, threads=None):
+                      volume=None, progress=None, threads=None, conus=True):
     """Returns (centerline mask image on the input grid, Centerline).
 
-    threads: CPU threads for ONNX Runtime (None: its default, one per physical core)."""
+    threads: CPU threads for ONNX Runtime (None: its default, one per physical core). conus: end the
+    centerline at the conus where the roots of the cauda equina run on below it (t1/t2; cordseg.conus)."""
     check_smoothness(smoothness)
     check_threads(threads)
     check_model_path(model)
     check_callable(progress)
     image, contrast = _prepare(img, contrast, volume)
-    return Segmenter(contrast, centerline_model=model, threads=threads, smoothness=smoothness)._centerline(
-        image, contrast, progress)
+    return Segmenter(contrast, centerline_model=model, threads=threads, smoothness=smoothness,
+                     conus=conus)._centerline(image, contrast, progress)
 
 
 @typed_errors
@@ -53,24 +54,24 @@ def centerline_from_mask(img, centerline, *, volume=None):
 
 @typed_errors
 def segment_cord(img, contrast=None, soft=False, *, threshold=None, model=None, centerline_model=None,
-                 centerline=None, volume=None, progress=None, threads=None):
+                 centerline=None, volume=None, progress=None, threads=None, conus=True):
     """Spinal cord mask (uint8) or, with soft=True, its probability map (float32), on the input grid.
 
     centerline: use this centerline instead of detecting one: a mask (path or image, on any grid of the same
     session; marked voxels on a few slices are interpolated between) or the Centerline that
-    detect_centerline returned for this image. threads: as for detect_centerline."""
+    detect_centerline returned for this image. threads, conus: as for detect_centerline."""
     check_threshold(threshold)
     check_threads(threads)
     check_callable(progress)
     image, contrast = _prepare(img, contrast, volume)
-    seg = Segmenter(contrast, centerline_model=centerline_model, cord_model=model, threads=threads)
+    seg = Segmenter(contrast, centerline_model=centerline_model, cord_model=model, threads=threads, conus=conus)
     return seg._cord(image, contrast, soft, threshold, centerline, progress)
 
 
 @typed_errors
 def segment_lesions(img, contrast=None, soft=False, *, threshold=None, min_contrast=None, model=None,
                     centerline_model=None, cord_model=None, centerline=None, volume=None, progress=None,
-                    threads=None):
+                    threads=None, conus=True):
     """MS lesion mask (uint8) or probability map (float32) in the cord, on the input grid (centerline: as
     for segment_cord).
 
@@ -80,14 +81,14 @@ def segment_lesions(img, contrast=None, soft=False, *, threshold=None, min_contr
     lesion-free cord on their slices). None: the model's own value, 1.12 for the shipped one; 0: no
     screening, every voxel at the threshold. The cord is segmented with `cord_model`
     (default: the installed cord model for the contrast) along the same centerline. The soft map is the
-    network's output, unscreened. threads: as for detect_centerline."""
+    network's output, unscreened. threads, conus: as for detect_centerline."""
     check_min_contrast(min_contrast)
     check_threshold(threshold)
     check_threads(threads)
     check_callable(progress)
     image, contrast = _prepare(img, contrast, volume)
     seg = Segmenter(contrast, centerline_model=centerline_model, cord_model=cord_model, lesion_model=model,
-                    threads=threads)
+                    threads=threads, conus=conus)
     return seg._lesions(image, contrast, soft, threshold, min_contrast, centerline, progress)
 
 

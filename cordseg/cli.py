@@ -282,6 +282,7 @@ class Options:
     csv_file: str | None = None
     qc: bool = False
     csa: bool = False
+    no_conus: bool = False
 
     def on_stage(self):
         """The stage-event hook the caller passed to main() as obj={"on_stage": fn}, or None."""
@@ -293,7 +294,8 @@ class Options:
         from .segmenter import Segmenter
 
         kwargs = {} if self.smoothness is None else {"smoothness": self.smoothness}
-        return Segmenter(self.contrast, threads=self.threads, on_stage=self.on_stage(), **models, **kwargs)
+        return Segmenter(self.contrast, threads=self.threads, on_stage=self.on_stage(), conus=not self.no_conus,
+                         **models, **kwargs)
 
 
 def _for_each(opts: Options, one):
@@ -403,6 +405,8 @@ VOLUME = _Volume()
 
 def _common(f):
     f = click.option("-v", "--verbose", is_flag=True, help="print each stage's time")(f)
+    f = click.option("--no-conus", is_flag=True, help="keep the centerline's own lower end: do not end the cord "
+                     "at the conus (t1/t2; see `cordseg models`)")(f)
     f = click.option("--threads", type=click.IntRange(min=1), default=None, envvar="CORDSEG_THREADS",
                      show_envvar=True, help="CPU threads for the networks (default: one per physical core; "
                      "set it to the cores a cluster job was given)")(f)

@@ -5,7 +5,8 @@ ModelError naming the key, not midway through a run. The same class writes the m
 exported or imported, so that the key names are typed in one place.
 
 Keys (all values are strings in the file):
-    cordseg_task                 centerline | sc | lesion
+    cordseg_task                 centerline | sc | lesion | conus (a CNN2 whose cord ends at the conus, used
+                                 only to say where the cord ends: cordseg.conus)
     cordseg_contrast             contrasts served, comma-separated (t1, t2, t2s, dwi)
     cordseg_layout               NHWC | NCHW (2D) or NXYZC | NCXYZ (3D): the network's input layout
     cordseg_patch_shape          "slice" (whole slices, any size) or e.g. "64x64x48"
@@ -40,7 +41,7 @@ from dataclasses import dataclass, field
 
 from .errors import ModelError
 
-TASKS = ("centerline", "sc", "lesion")
+TASKS = ("centerline", "sc", "lesion", "conus")
 CONTRASTS = ("t1", "t2", "t2s", "dwi")
 LESION_CONTRASTS = ("slice", "local")  # what a lesion's brightness is compared with (cordseg.lesions)
 LAYOUTS = {"NHWC": 2, "NCHW": 2, "NXYZC": 3, "NCXYZ": 3}  # layout -> spatial dimensions

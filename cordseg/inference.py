@@ -281,8 +281,10 @@ def _malloc_trim():
         return None
 
 
-def find_model(task: str, contrast: str | None, path=None, threads: int | None = None) -> Model:
-    """The model file for `task` and `contrast`: `path` when given, else the first match in model_dirs()."""
+def find_model(task: str, contrast: str | None, path=None, threads: int | None = None,
+               optional: bool = False) -> Model | None:
+    """The model file for `task` and `contrast`: `path` when given, else the first match in model_dirs()
+    (None where there is none and the model is `optional`)."""
     if path is not None:
         model = Model.open(path, threads)
         if model.task != task:
@@ -299,6 +301,8 @@ def find_model(task: str, contrast: str | None, path=None, threads: int | None =
             served = [c.strip() for c in meta.get("cordseg_contrast", "").split(",")]
             if contrast is None or contrast in served:
                 return Model.from_metadata(candidate, meta, threads)
+    if optional:
+        return None
     where = ", ".join(str(d) for d in model_dirs()) or "(no model folder)"
     raise ModelError(f"no '{task}' model for contrast '{contrast}' in {where}")
 

@@ -18,6 +18,7 @@ import warnings
 import numpy as np
 
 from . import centerline as _centerline
+from . import conus as _conus
 from . import lesions as _lesions
 from . import segmentation as _segmentation
 from .errors import CordsegWarning, InputError, ModelError, NoCordError
@@ -36,6 +37,9 @@ class Segmenter:
 
     contrast: t1, t2, t2s or dwi; None: read from each image's file name.
     centerline_model, cord_model, lesion_model: ONNX files to use instead of the installed models.
+    conus: end the detected centerline, and every mask along it, at the conus where the nerve roots run on
+    below it (cordseg.conus; where a conus model serves the contrast: the installed one serves t1 and t2).
+    conus_model: an ONNX file to use for it instead of the installed one.
     threads: CPU threads for ONNX Runtime (None: its default, one per physical core).
     smoothness: OptiC's curvature penalty for the centerline.
     on_stage: called with a cordseg.stages.StageEvent (stage name, seconds, CPU seconds) after each stage.
@@ -43,33 +47,37 @@ class Segmenter:
 
     def __init__(self, contrast: str | None = None, *, centerline_model=None, cord_model=None, lesion_model=None,
                  threads: int | None = None, smoothness: float = _centerline.DEFAULT_SMOOTHNESS,
-                 on_stage: OnStage | None = None):
+                 on_stage: OnStage | None = None, conus: bool = True, conus_model=None):
         check_threads(threads)
         check_smoothness(smoothness)
         for name, path in (("centerline_model", centerline_model), ("cord_model", cord_model),
-                           ("lesion_model", lesion_model)):
+                           ("lesion_model", lesion_model), ("conus_model", conus_model)):
             check_model_path(path, name)
         check_callable(on_stage, "on_stage")
+        if not isinstance(conus, bool):
+            raise InputError(f"conus must be True or False, not {conus!r}")
         self.contrast = None if contrast is None else resolve_contrast(None, contrast)
-        self.paths = {"centerline": centerline_model, "sc": cord_model, "lesion": lesion_model}
+        self.paths = {"centerline": centerline_model, "sc": cord_model, "lesion": lesion_model, "conus": conus_model}
+        self.conus = conus
         self.threads = threads
         self.smoothness = smoothness
         self.on_stage = on_stage
-        self._models: dict[tuple[str, str], Model] = {}
+        self._models: dict[tuple[str, str], Model | None] = {}  # None: an optional model not installed
 
     def __repr__(self):
-        opened = ", ".join(f"{t}/{c}" for t, c in self._models) or "none yet"
+        opened = ", ".join(f"{t}/{c}" for (t, c), m in self._models.items() if m is not None) or "none yet"
         return f"Segmenter(contrast={self.contrast!r}, threads={self.threads!r}; models open: {opened})"
 
     # --- models ---
-    def model(self, task: str, contrast: str) -> Model:
-        """The model for `task` ("centerline", "sc", "lesion") and `contrast`, found and its session opened
-        on first use, then kept."""
+    def model(self, task: str, contrast: str, optional: bool = False) -> Model | None:
+        """The model for `task` ("centerline", "sc", "lesion", "conus") and `contrast`, found and its session
+        opened on first use, then kept (None where there is none and it is `optional`)."""
         key = (task, contrast)
-        if key not in self._models:
+        if key not in self._models or (self._models[key] is None and not optional):
             with timed(self.on_stage, "models"):
-                model = find_model(task, contrast, self.paths[task], self.threads)
-                model.session()
+                model = find_model(task, contrast, self.paths[task], self.threads, optional=optional)
+                if model is not None:
+                    model.session()
             self._models[key] = model
         return self._models[key]
 
@@ -139,6 +147,10 @@ class Segmenter:
             cl = _centerline.detect(rpi, model, smoothness=self.smoothness, progress=progress,
                                     on_stage=self.on_stage)
         _check_cord_extent(cl, rpi)
+        end = self.model("conus", contrast, optional=True) if self.conus else None
+        if end is not None:
+            with timed(self.on_stage, "conus"):
+                cl = _conus.end_at_conus(cl, end, progress=progress, on_stage=self.on_stage)
         return cl
 
     def _soft_map(self, task, image, contrast, centerline, progress):

@@ -44,6 +44,28 @@ def test_lesion_free_share():
     assert empty == 5
 
 
+def test_thicker_background_averages_slabs():
+    bg = _background((0.9, 0.9, 2.0), (20, 20, 9))
+    bg.image[:, :, 1] += 30.0
+    thick = carve.thicker(bg, 3)
+    assert thick.image.shape == (20, 20, 3) and thick.zooms == (0.9, 0.9, 6.0)  # the trailing partial slab dropped
+    assert np.allclose(thick.image[:, :, 0], bg.image[:, :, :3].mean(axis=2))
+    assert np.array_equal(thick.cord[:, :, 0], bg.cord[:, :, 0])
+    assert carve.thicker(bg, 1) is bg and carve.thicker(bg, 5) is bg  # fewer than two slabs: as it was
+
+
+def test_varied_backgrounds_stay_within_their_bounds():
+    bg = _background((0.9, 0.9, 2.0), (60, 60, 30))
+    rng = np.random.default_rng(0)
+    thicknesses = {carve.vary_background(bg, rng).zooms[2] for _ in range(40)}
+    assert 2.0 in thicknesses and len(thicknesses) > 2 and max(thicknesses) <= 10.0
+    x = np.full((8, 8, 8), 100.0, np.float32)
+    for _ in range(20):
+        y = carve.vary_intensity(x, rng)
+        assert y.shape == x.shape and y.dtype == np.float32 and np.isfinite(y).all() and (y >= 0).all()
+        assert 80.0 < float(np.median(y)) < 125.0  # a gamma about the 99th percentile, noise of at most 5%
+
+
 def test_gain_bands():
     rng = np.random.default_rng(0)
     g = np.array([carve.lesion_gain(rng) for _ in range(2000)])

@@ -72,3 +72,27 @@ def test_thick_sagittal_slices(shared_data, image, ref, k, bar):
     t = np.asarray(truth.dataobj) > 0
     d = metrics.dice(pred, t)
     assert d >= bar, f"{image} with {k}x thicker sagittal slices: Dice {d:.3f}"
+
+
+def test_lumbar_cord_ends_at_the_conus(shared_data, tmp_path):
+    """t2_lumbar: the conus tip read by eye at native slices 95-102 (bench/conus.py); without the conus model
+    the mask ran along the nerve roots to slice 58. Measured: lowest slice 90 (5 mm past the tip's lower
+    bound)."""
+    from bench import conus
+
+    image = shared_data / conus.LUMBAR
+    result = _sc(image, "-o", tmp_path / "end.nii.gz")
+    assert result.exit_code == 0, result.stderr
+    low = conus.lowest(np.asarray(nib.load(tmp_path / "end.nii.gz").dataobj) > 0)
+    assert conus.TIP_BY_EYE[0] - 6 <= low <= conus.TIP_BY_EYE[1], f"mask ends at slice {low}"
+    result = _sc(image, "--no-conus", "-o", tmp_path / "roots.nii.gz")
+    assert result.exit_code == 0, result.stderr
+    assert conus.lowest(np.asarray(nib.load(tmp_path / "roots.nii.gz").dataobj) > 0) < low - 20
+
+
+@pytest.mark.parametrize("image,contrast", [("sct_testing/t2/t2.nii.gz", "t2"), ("sct_testing/t1/t1w.nii.gz", "t1")])
+def test_conus_model_leaves_cervical_scans_alone(shared_data, image, contrast):
+    """A scan that does not reach the conus keeps its mask voxel for voxel."""
+    with_end = cordseg.Segmenter(contrast).cord(shared_data / image)
+    without = cordseg.Segmenter(contrast, conus=False).cord(shared_data / image)
+    assert np.array_equal(np.asarray(with_end.dataobj), np.asarray(without.dataobj))

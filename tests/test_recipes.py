@@ -71,7 +71,7 @@ def test_shipped_recipes_cover_every_task_with_known_options():
     from cordseg.training.train import run
 
     allowed = set(inspect.signature(run).parameters)
-    assert set(recipes.RECIPES) == {"centerline", "sc", "lesion"}
+    assert set(recipes.RECIPES) == {"centerline", "sc", "conus", "lesion"}
     for stages in recipes.RECIPES.values():
         assert stages
         for stage in stages:

@@ -39,7 +39,7 @@ def test_sessions_are_opened_once_for_many_images(phantom, sessions):
         seg.lesions(phantom.image)
         seg.centerline(phantom.image)
     assert sorted(sessions) == sorted(set(sessions)) and len(sessions) >= 2  # CNN1, cord (and lesion) once
-    assert {"cordseg_centerline.onnx", "cordseg_sc.onnx", "cordseg_lesion.onnx"} >= set(sessions)
+    assert {"cordseg_centerline.onnx", "cordseg_sc.onnx", "cordseg_lesion.onnx", "cordseg_conus.onnx"} >= set(sessions)
     assert "cordseg_lesion.onnx" in sessions
 
 
@@ -75,7 +75,7 @@ def test_contrast_read_from_each_name(tmp_path, phantom, sessions):
     seg.cord(b)
     seg.cord(a)
     # the shipped models serve every contrast from one file, but each (task, contrast) is opened once
-    assert sessions.count("cordseg_sc.onnx") == 2 and len(seg._models) == 4
+    assert sessions.count("cordseg_sc.onnx") == 2 and len(seg._models) == 6  # CNN1, cord, conus per contrast
     unnamed = nib.Nifti1Image(np.asarray(phantom.image.dataobj), phantom.image.affine)
     with pytest.raises(InputError, match="cannot tell the contrast"):
         seg.cord(unnamed)

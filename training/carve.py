@@ -79,6 +79,36 @@ def lesion_gain(rng):
     return float(rng.uniform(1.1, 1.4) if rng.random() < 0.5 else rng.uniform(1.4, 2.0))
 
 
+def thicker(bg: Background, k: int) -> Background:
+    """`bg` with axial slices k times thicker (means of k consecutive slices, as a scanner averages a slab;
+    the cord where at least half of the slab is cord)."""
+    n = bg.image.shape[2] // k
+    if k <= 1 or n < 2:
+        return bg
+    slab = (lambda a: a[:, :, :n * k].reshape(a.shape[0], a.shape[1], n, k).mean(axis=3))
+    cord = slab(bg.cord.astype(np.float32)) >= 0.5
+    return Background(slab(bg.image).astype(np.float32), cord, bg.zooms[:2] + (bg.zooms[2] * k,), bg.name)
+
+
+def vary_background(bg: Background, rng, max_slice_mm=10.0) -> Background:
+    """A variant of a real background: half of the time its slices made 2-5 times thicker (up to
+    `max_slice_mm`), so that a few scans stand for the thick-slice acquisitions they are not."""
+    ks = [k for k in range(2, 6) if bg.zooms[2] * k <= max_slice_mm]
+    if not ks or rng.random() < 0.5:
+        return bg
+    out = thicker(bg, int(rng.choice(ks)))
+    return out if out.cord.any() else bg
+
+
+def vary_intensity(x: np.ndarray, rng) -> np.ndarray:
+    """Another scanner's rendering of a patch: a gamma of 0.7-1.4 on its intensities and added noise of up
+    to 5% of its 99th percentile (Rician: magnitude images)."""
+    top = float(np.percentile(x, 99)) or 1.0
+    y = top * np.clip(x / top, 0.0, None) ** float(np.exp(rng.uniform(np.log(0.7), np.log(1.4))))
+    sigma = rng.uniform(0.0, 0.05) * top
+    return np.hypot(y + rng.normal(0, sigma, y.shape), rng.normal(0, sigma, y.shape)).astype(np.float32)
+
+
 def carve_patch(bg: Background, rng, shape, model_zooms, *, p_free=0.3, count=(1, 3), volume_mm3=(2.0, 600.0),
                 shift_mm=3.0):
     """(image patch on the model's grid, lesion target, cord) around a random cord point of `bg`."""
@@ -126,11 +156,12 @@ def carve_patch(bg: Background, rng, shape, model_zooms, *, p_free=0.3, count=(1
 class CarveSampler:
     """Batches mixing carved real-background patches (share `real_share`) with a synthetic sampler's."""
 
-    def __init__(self, synthetic, backgrounds, *, real_share=0.5, p_free=0.3):
+    def __init__(self, synthetic, backgrounds, *, real_share=0.5, p_free=0.3, vary=0.0):
         self.synthetic = synthetic
         self.backgrounds = list(backgrounds)
         self.real_share = float(real_share)
         self.p_free = p_free
+        self.vary = float(vary)  # share of real patches from a varied background (vary_background, vary_intensity)
         cfg = synthetic.cfg
         self.shape, self.zooms, self.batch_size = tuple(cfg.patch_shape), tuple(cfg.voxel_size), cfg.batch_size
 
@@ -139,7 +170,11 @@ class CarveSampler:
         for _ in range(self.batch_size):
             if self.backgrounds and rng.random() < self.real_share:
                 bg = self.backgrounds[int(rng.integers(len(self.backgrounds)))]
-                x, y, cord = carve_patch(bg, rng, self.shape, self.zooms, p_free=self.p_free)
+                varied = bool(self.vary) and rng.random() < self.vary  # drawn only then: streams kept
+                x, y, cord = carve_patch(vary_background(bg, rng) if varied else bg, rng, self.shape, self.zooms,
+                                         p_free=self.p_free)
+                if varied:
+                    x = vary_intensity(x, rng)
             else:
                 x, y, cord = self.synthetic._sample(rng, with_cord=True)
             xs.append(model_input(self.synthetic.cfg, x, cord, rng))

@@ -273,7 +273,7 @@ def export_from_weights_checked(task, weights_path, out_path, *, contrast, summa
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m cordseg.training.export", description=__doc__.split("\n")[0])
-    p.add_argument("task", choices=["centerline", "sc", "lesion"])
+    p.add_argument("task", choices=["centerline", "sc", "conus", "lesion"])
     p.add_argument("weights", nargs="+", help="a *.weights.h5 snapshot written by training/loop.py; several "
                    "snapshots of one run are averaged")
     p.add_argument("out", help="output .onnx file")

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Reproduce the three shipped models from scratch: one command per model runs every training stage the
+# Reproduce the shipped models from scratch: one command per model runs every training stage the
 # shipped file went through (training/recipes.py), then exports it to ONNX with its metadata.
 #
 # Most shipped stages were trained on one GPU with Keras 3 on JAX (KERAS_BACKEND=jax; 4-5 CPU workers per
@@ -14,7 +14,11 @@ OUT=${1:-runs/reproduce}
 MAPS=${2:-../shared/data/labelmaps}
 WORKERS=${WORKERS:-5}
 mkdir -p "$OUT"
-for task in centerline sc lesion; do
+mkdir -p "$OUT/conus"
+for stage in stage1 stage2; do  # the conus recipe begins with the cord recipe's stages: train them once
+  [ -e "$OUT/conus/$stage" ] || ln -s "../sc/$stage" "$OUT/conus/$stage"
+done
+for task in centerline sc conus lesion; do
   cordseg train "$task" --recipe shipped --out "$OUT/$task" --labelmaps "$MAPS" --workers "$WORKERS" \
     --export "$OUT/cordseg_$task.onnx"
 done

@@ -1,4 +1,4 @@
-"""The three trained models: what each learns from, its input grid, normalisation and metadata.
+"""The trained models: what each learns from, its input grid, normalisation and metadata.
 
 Every per-model number the runtime needs is defined here once and written into the ONNX file at export.
 """
@@ -57,6 +57,11 @@ TASKS = {
     "sc": TaskConfig("sc", (0.5, 0.5, 1.0), (64, 64, 48), "zscore_stack", 0.5,
                      batch_size=2, learning_rate=2e-3, steps=6000, network={"base_filters": 8},
                      contrasts=("t1", "t2", "t2s", "dwi"), contrast_thresholds=(("dwi", DWI_THRESHOLD),)),
+    # the cord model's network trained with a dural sac and nerve roots below the template's conus: used only
+    # for where the cord ends (cordseg.conus), on the sagittal T1/T2 scans that reach the conus
+    "conus": TaskConfig("conus", (0.5, 0.5, 1.0), (64, 64, 48), "zscore_stack", 0.5,
+                        batch_size=2, learning_rate=2e-3, steps=6000, network={"base_filters": 8},
+                        contrasts=("t1", "t2")),
     "lesion": TaskConfig("lesion", (0.5, 0.5, 1.0), (48, 48, 48), "zscore_stack", 0.4,
                          batch_size=2, learning_rate=2e-3, steps=6000, network={"base_filters": 8},
                          contrasts=("t2", "t2s")),

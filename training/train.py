@@ -53,7 +53,7 @@ def run(task, out, *, steps=None, batch_size=None, learning_rate=None, labelmaps
         workers=0, max_minutes=None, network=None, init_weights=None, data=None, real_fraction=0.5,
         contrasts=None, patch_shape=None, pos_weight=None, snapshot_every=1000, lesion_style=None,
         cauda_equina=False, stop_at=None, real_backgrounds=False, real_share=0.5, sagittal_share=None,
-        dwi_share=0.0, channels=None):
+        dwi_share=0.0, channels=None, vary_backgrounds=0.0):
     from . import losses, synth, tasks
     from .loop import train
 
@@ -76,6 +76,8 @@ def run(task, out, *, steps=None, batch_size=None, learning_rate=None, labelmaps
         if task != "sc":
             raise ValueError("--dwi-share is for the cord task (sc)")
         cfg.p_dwi = dwi_share
+    if task == "conus" and not cauda_equina:  # what the conus network is for
+        cauda_equina = "bundle"
     if cauda_equina:  # the template's dural sac and nerve roots below the conus, and slices drawn around it
         cfg.p_conus = CONUS_SHARE
     anatomy = synth.load_anatomies(labelmaps or default_labelmaps(),
@@ -90,7 +92,7 @@ def run(task, out, *, steps=None, batch_size=None, learning_rate=None, labelmaps
 
         backgrounds = carve.training_backgrounds(shared_data_dir(), Path(out) / "masks")
         log(f"{len(backgrounds)} real lesion-free backgrounds; real share {real_share}")
-        sampler = carve.CarveSampler(sampler, backgrounds, real_share=real_share)
+        sampler = carve.CarveSampler(sampler, backgrounds, real_share=real_share, vary=vary_backgrounds)
     def build():
         model = tasks.build_model(cfg)
         if init_weights:  # fine-tuning: start from a previous run's (EMA) weights
@@ -110,7 +112,7 @@ def run(task, out, *, steps=None, batch_size=None, learning_rate=None, labelmaps
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="cordseg train", description=__doc__.split("\n")[0])
-    p.add_argument("task", choices=["centerline", "sc", "lesion"])
+    p.add_argument("task", choices=["centerline", "sc", "conus", "lesion"])
     p.add_argument("--out", required=True)
     p.add_argument("--recipe", choices=["shipped"], help="run every stage the shipped model went through "
                    "(training/recipes.py), each in DIR/stageN; the other training options are then ignored")
@@ -139,6 +141,8 @@ def main(argv=None):
     p.add_argument("--real-backgrounds", action="store_true", help="lesion task: mix in lesions carved into "
                    "real lesion-free scans (training/carve.py; subjects unf01 and sub-01 of ../shared/data)")
     p.add_argument("--real-share", type=float, default=0.5, help="share of --real-backgrounds patches")
+    p.add_argument("--vary-backgrounds", type=float, default=0.0, help="share of --real-backgrounds patches cut "
+                   "from a varied scan: slices 2-5x thicker half of the time, another gamma, added noise")
     p.add_argument("--sagittal-share", type=float, help="CNN2: share of synthetic patches acquired sagittally, "
                    "with thick left-right slices (default 0.25)")
     p.add_argument("--dwi-share", type=float, default=0.0, help="sc: share of synthetic patches drawn as mean "
@@ -177,7 +181,8 @@ def main(argv=None):
         contrasts=a.contrast.split(",") if a.contrast else None,
         patch_shape=[int(v) for v in a.patch_shape.split("x")] if a.patch_shape else None, pos_weight=a.pos_weight,
         snapshot_every=a.snapshot_every, lesion_style=a.lesion_style, cauda_equina=a.cauda_equina, stop_at=a.stop_at,
-        real_backgrounds=a.real_backgrounds, real_share=a.real_share, sagittal_share=a.sagittal_share,
+        real_backgrounds=a.real_backgrounds, real_share=a.real_share, vary_backgrounds=a.vary_backgrounds,
+        sagittal_share=a.sagittal_share,
         dwi_share=a.dwi_share, network={"base_filters": a.base_filters} if a.base_filters else None,
         channels=a.channels.split(",") if a.channels else None)
     if a.export:
