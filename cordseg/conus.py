@@ -3,8 +3,7 @@
 Below the conus the nerve roots run on in the dural sac; on T1/T2 images they look enough like cord that
 CNN1 and OptiC follow them, and CNN2 outlines them as cord. A second CNN2, trained with a dural sac and
 roots below the template's conus ("conus" task), marks the cord and not the roots. It runs on the lowest
-stretch of the centerline only (first its lowest patch, which settles most scans), and only the slice where
-its cord ends is used: the centerline (and so
+stretch of the centerline only, and only the slice where its cord ends is used: the centerline (and so
 every mask made along it) is cut there when that is clearly above where the centerline ends. The outline
 stays the cord model's: the conus network is trained for the end, not for the cord's edge.
 """
@@ -16,7 +15,6 @@ from .centerline import Centerline
 from .segmentation import keep_largest_component, soft_segmentation
 
 REACH_MM = 120.0  # the lowest stretch of the centerline the conus network looks at
-FIRST_LOOK_MM = 40.0  # first, one patch's worth: where its cord runs to the end, there is nothing to cut
 MARGIN_MM = 5.0  # cut only where its cord ends at least this far above the centerline's lower end
 
 
@@ -37,17 +35,12 @@ def end_at_conus(cl: Centerline, model, *, reach_mm: float = REACH_MM, margin_mm
     """`cl` without the slices below where the conus network's cord ends, when that is at least `margin_mm`
     above the centerline's lower end; else `cl` itself.
 
-    The lowest patch is looked at first: on most scans the cord runs to the end of the centerline there,
-    and the rest of the reach need not be run."""
-    def short(end):  # no cut: no cord seen, or cord down to (nearly) the centerline's end
-        return end is None or (end - int(cl.z.min())) * float(cl.rpi.zooms[2]) < margin_mm
-
-    end = lowest_cord_slice(cl, model, min(FIRST_LOOK_MM, reach_mm), progress, on_stage)
-    if end is not None and short(end):
-        return cl
-    if reach_mm > FIRST_LOOK_MM:
-        end = lowest_cord_slice(cl, model, reach_mm, progress, on_stage)
-    if short(end):
+    The whole reach is looked at at once: seen alone, the lowest patch of a scan that runs into the roots
+    may hold nothing but roots, which the network then takes for cord (t2_lumbar: cord down to the
+    centerline's end in its lowest 40 mm, but ending 32 mm higher in the lowest 120 mm, where the roots are
+    the smaller piece)."""
+    end = lowest_cord_slice(cl, model, reach_mm, progress, on_stage)
+    if end is None or (end - int(cl.z.min())) * float(cl.rpi.zooms[2]) < margin_mm:
         return cl
     keep = cl.z >= end
     return Centerline(cl.z[keep], cl.x[keep], cl.y[keep], cl.rpi)

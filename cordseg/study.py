@@ -67,7 +67,9 @@ SUFFIX_CONTRAST = {"T1w": "t1", "T2w": "t2", "T2star": "t2s", "T2starw": "t2s", 
 DATATYPES = ("anat", "dwi")
 OUTPUT_SUFFIX = {"sc": "_label-SC_seg", "lesion": "_label-lesion_seg", "centerline": "_label-centerline_seg"}
 # the models an output depends on: its sidecar names each one's SHA-256
-DEPENDS = {"centerline": ("centerline",), "sc": ("centerline", "sc"), "lesion": ("centerline", "lesion", "sc")}
+# models an output depends on; "conus" (where the centerline ends) only where one serves the contrast
+DEPENDS = {"centerline": ("centerline", "conus"), "sc": ("centerline", "conus", "sc"),
+           "lesion": ("centerline", "conus", "lesion", "sc")}
 RESULT_COLUMNS = ["image", "subject", "session", "suffix", "contrast", "tasks", "status", "reason",
                   "cord_volume_mm3", "cord_length_mm", "mean_csa_mm2", "lesion_count", "lesion_volume_mm3",
                   "centerline_slices", "seconds", "reused", "worker", "notes"]
@@ -258,13 +260,14 @@ def file_sha256(path, _cache={}) -> str:  # noqa: B006 - keyed by (path, size, m
 
 def _model_records(task: str, contrast: str, resolve) -> list:
     """[{"Task", "Name", "SHA256"}] for the models an output of `task` depends on; `resolve(task, contrast)`
-    gives a model's path or raises ModelError. A missing screening model (sc, for lesions) is left out."""
+    gives a model's path or raises ModelError. A missing screening model (sc, for lesions) or conus model (for
+    contrasts it does not serve) is left out."""
     records = []
     for dep in DEPENDS[task]:
         try:
             path = resolve(dep, contrast)
         except ModelError:
-            if task == "lesion" and dep == "sc":
+            if dep == "conus" or (task == "lesion" and dep == "sc"):
                 continue
             raise
         records.append({"Task": dep, "Name": Path(path).name, "SHA256": file_sha256(path)})
