@@ -18,16 +18,17 @@ REACH_MM = 120.0  # the lowest stretch of the centerline the conus network looks
 MARGIN_MM = 5.0  # cut only where its cord ends at least this far above the centerline's lower end
 
 
-def lowest_cord_slice(cl: Centerline, model, reach_mm: float = REACH_MM, progress=None, on_stage=None) -> int | None:
-    """The lowest RPI slice of the conus network's cord (its largest component) along the lowest `reach_mm`
-    of the centerline; None where it marks no cord there."""
+def cord_extent(cl: Centerline, model, reach_mm: float = REACH_MM, progress=None,
+                on_stage=None) -> tuple[int, int, int] | None:
+    """(lowest, highest slice of the conus network's cord (its largest component), top slice looked at),
+    along the lowest `reach_mm` of the centerline; None where it marks no cord there."""
     dz = float(cl.rpi.zooms[2])
     keep = cl.z <= cl.z.min() + max(1, int(round(reach_mm / dz)))
     low = Centerline(cl.z[keep], cl.x[keep], cl.y[keep], cl.rpi)
     prob = soft_segmentation(low, model, progress, stage="conus", on_stage=on_stage)
     cord = keep_largest_component((prob >= model.threshold).astype(np.uint8))
     zs = np.nonzero(cord.any(axis=(0, 1)))[0]
-    return int(zs.min()) if len(zs) else None
+    return (int(zs.min()), int(zs.max()), int(low.z.max())) if len(zs) else None
 
 
 def end_at_conus(cl: Centerline, model, *, reach_mm: float = REACH_MM, margin_mm: float = MARGIN_MM,
@@ -38,9 +39,14 @@ def end_at_conus(cl: Centerline, model, *, reach_mm: float = REACH_MM, margin_mm
     The whole reach is looked at at once: seen alone, the lowest patch of a scan that runs into the roots
     may hold nothing but roots, which the network then takes for cord (t2_lumbar: cord down to the
     centerline's end in its lowest 40 mm, but ending 32 mm higher in the lowest 120 mm, where the roots are
-    the smaller piece)."""
-    end = lowest_cord_slice(cl, model, reach_mm, progress, on_stage)
-    if end is None or (end - int(cl.z.min())) * float(cl.rpi.zooms[2]) < margin_mm:
+    the smaller piece). A cord that does not run up to the top of the reach is not one the network is sure
+    of (the cord goes on above the conus): no cut then either."""
+    extent = cord_extent(cl, model, reach_mm, progress, on_stage)
+    dz = float(cl.rpi.zooms[2])
+    if extent is None:
+        return cl
+    end, top, reach_top = extent
+    if (end - int(cl.z.min())) * dz < margin_mm or (reach_top - top) * dz > margin_mm:
         return cl
     keep = cl.z >= end
     return Centerline(cl.z[keep], cl.x[keep], cl.y[keep], cl.rpi)

@@ -78,6 +78,18 @@ def test_only_the_largest_cord_counts(cord_from, monkeypatch):
     assert conus.end_at_conus(cl, _Model()).z.min() == 40
 
 
+def test_no_cut_where_the_cord_does_not_run_up_the_reach(monkeypatch):
+    """A network that marks a piece of cord in the middle only is not trusted with the end."""
+    cl = _centerline()
+
+    def fake(c, model, progress=None, stage="", on_stage=None):
+        prob = np.zeros(c.rpi.shape, np.float32)
+        prob[8:12, 8:12, 30:60] = 0.9  # ends 19 slices under the top of the reach (79)
+        return prob
+    monkeypatch.setattr(conus, "soft_segmentation", fake)
+    assert conus.end_at_conus(cl, _Model()) is cl
+
+
 def test_segmenter_asks_the_conus_model_for_t1_and_t2_only(monkeypatch):
     import cordseg
     from cordseg.phantom import make_phantom
