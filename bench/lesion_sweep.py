@@ -50,7 +50,7 @@ def flip_tta(axes: str):
     return predict
 
 
-def prepare(cases, model=None, log=print, cache=None):
+def prepare(cases, model=None, log=print, cache=None, conus=True):
     """[(case, rpi, prob, cord)] with one Segmenter per contrast (maps kept in `cache`, a folder, if given)."""
     import cordseg
     from cordseg import segmentation
@@ -66,7 +66,9 @@ def prepare(cases, model=None, log=print, cache=None):
                 rpi = to_rpi(load_image(case["image"]))
                 out.append((case, rpi, z["prob"], z["cord"]) if z["prob"].size else (case, None, None, None))
             continue
-        seg = segs.setdefault(case["contrast"], cordseg.Segmenter(case["contrast"], lesion_model=model))
+        if case["contrast"] not in segs:
+            segs[case["contrast"]] = cordseg.Segmenter(case["contrast"], lesion_model=model, conus=conus)
+        seg = segs[case["contrast"]]
         image = load_image(case["image"])
         try:
             rpi, prob, _, cl = seg._soft_map("lesion", image, case["contrast"], None, None)
@@ -138,6 +140,8 @@ def main(argv=None) -> int:
                     "or both (comma-separated; see cordseg.lesions.screen_lesions)")
     ap.add_argument("--out")
     ap.add_argument("--cache", help="keep each case's maps here and reuse them (one folder per model)")
+    ap.add_argument("--no-conus", action="store_true",
+                    help="keep the centerline's own lower end (Segmenter(conus=False))")
     ap.add_argument("--tta", default="", help="lesion network averaged over flips along these axes (e.g. xz; "
                     "the runtime uses x, the mirror)")
     a = ap.parse_args(argv)
@@ -149,7 +153,8 @@ def main(argv=None) -> int:
         Path(a.cache).mkdir(parents=True, exist_ok=True)
     index = lesion_sets.build(a.set)
     cases = json.loads(Path(index).read_text())["cases"]
-    prepared = prepare([c for c in cases if c["kind"] in ("lesion", "free")], a.model, cache=a.cache)
+    prepared = prepare([c for c in cases if c["kind"] in ("lesion", "free")], a.model, cache=a.cache,
+                       conus=not a.no_conus)
     grid = list(itertools.product(*[[float(v) for v in s.split(",")]
                                     for s in (a.thresholds, a.grow, a.min_contrast, a.fill)], a.measure.split(",")))
     results = []
