@@ -37,10 +37,9 @@ def end_at_conus(cl: Centerline, model, *, reach_mm: float = REACH_MM, margin_mm
     above the centerline's lower end; else `cl` itself.
 
     The whole reach is looked at at once: seen alone, the lowest patch of a scan that runs into the roots
-    may hold nothing but roots, which the network then takes for cord (t2_lumbar: cord down to the
-    centerline's end in its lowest 40 mm, but ending 32 mm higher in the lowest 120 mm, where the roots are
-    the smaller piece). A cord that does not run up to the top of the reach is not one the network is sure
-    of (the cord goes on above the conus): no cut then either."""
+    may hold nothing but roots, which the network then takes for cord; over 120 mm the roots are the smaller
+    piece. A cord that does not run up to the top of the reach is not one the network is sure of (the cord
+    goes on above the conus): no cut then either."""
     extent = cord_extent(cl, model, reach_mm, progress, on_stage)
     dz = float(cl.rpi.zooms[2])
     if extent is None:
