@@ -91,10 +91,12 @@ def _labels(values):
               help="Lesion probability threshold (default: the model's).")
 @click.option("--min-contrast", type=float, default=None,
               help="Least lesion/cord intensity ratio kept (default: the model's; 0: no screening).")
+@click.option("--no-conus", is_flag=True, help="Keep each centerline's own lower end (by default t1/t2 images "
+              "end at the conus).")
 @click.option("--qc", is_flag=True, help="Also write the QC report into OUT/qc.")
 @click.option("-q", "--quiet", is_flag=True, help="Print only errors and the summary.")
 def study(bids_dir, out, tasks, participants, include, exclude, jobs, dask, threads, smoothness, sc_threshold,
-          lesion_threshold, min_contrast, qc, quiet):
+          lesion_threshold, min_contrast, no_conus, qc, quiet):
     from .study import run_study
 
     counter = {"n": 0}
@@ -118,7 +120,8 @@ def study(bids_dir, out, tasks, participants, include, exclude, jobs, dask, thre
             result = run_study(bids_dir, out, tasks=tasks, participant_labels=_labels(participants),
                                include=include, exclude=exclude, jobs=jobs, dask=dask, threads=threads,
                                smoothness=smoothness, sc_threshold=sc_threshold, lesion_threshold=lesion_threshold,
-                               min_contrast=min_contrast, qc=qc, command=_command(), on_result=progress)
+                               min_contrast=min_contrast, qc=qc, command=_command(), on_result=progress,
+                               conus=not no_conus)
         except CordsegError as exc:
             error = " ".join(str(exc).split())
         except MemoryError:

@@ -180,6 +180,7 @@ class StudyOptions:
     sc_threshold: float | None = None  # None: the model's own
     lesion_threshold: float | None = None
     min_contrast: float | None = None
+    conus: bool = True  # end the centerline at the conus (cordseg.conus, t1/t2)
 
     def __post_init__(self):
         from .inputs import check_min_contrast, check_smoothness, check_threads, check_threshold
@@ -195,10 +196,12 @@ class StudyOptions:
         check_threshold(self.sc_threshold, "the cord threshold")
         check_threshold(self.lesion_threshold, "the lesion threshold")
         check_min_contrast(self.min_contrast)
+        if not isinstance(self.conus, bool):
+            raise InputError(f"conus must be True or False, not {self.conus!r}")
 
     def for_output(self, task: str) -> dict:
         """The options an output of `task` depends on (recorded in its sidecar, compared on resume)."""
-        opts = {"smoothness": self.smoothness}
+        opts = {"smoothness": self.smoothness, "conus": self.conus}
         if task == "sc":
             opts["threshold"] = self.sc_threshold
         if task == "lesion":
@@ -258,12 +261,14 @@ def file_sha256(path, _cache={}) -> str:  # noqa: B006 - keyed by (path, size, m
     return _cache[key]
 
 
-def _model_records(task: str, contrast: str, resolve) -> list:
+def _model_records(task: str, contrast: str, resolve, conus: bool = True) -> list:
     """[{"Task", "Name", "SHA256"}] for the models an output of `task` depends on; `resolve(task, contrast)`
     gives a model's path or raises ModelError. A missing screening model (sc, for lesions) or conus model (for
-    contrasts it does not serve) is left out."""
+    contrasts it does not serve, or when `conus` is off) is left out."""
     records = []
     for dep in DEPENDS[task]:
+        if dep == "conus" and not conus:
+            continue
         try:
             path = resolve(dep, contrast)
         except ModelError:
@@ -361,12 +366,12 @@ def _worker_cache() -> dict:
 
 
 def _segmenter(cache: dict, contrast: str, options: StudyOptions):
-    key = ("segmenter", contrast, options.threads, options.smoothness)
+    key = ("segmenter", contrast, options.threads, options.smoothness, options.conus)
     if key not in cache:
         from .segmenter import Segmenter
 
         kwargs = {} if options.smoothness is None else {"smoothness": options.smoothness}
-        cache[key] = Segmenter(contrast, threads=options.threads, **kwargs)
+        cache[key] = Segmenter(contrast, threads=options.threads, conus=options.conus, **kwargs)
     return cache[key]
 
 
@@ -529,6 +534,9 @@ def _segment(job: ImageJob, cache: dict, done: dict, failed: dict, notes: list) 
     def resolve(task, contrast):
         return seg.model(task, contrast).path
 
+    def records(task):
+        return _model_records(task, image.contrast, resolve, opts.conus)
+
     def timed_task(task, fn):
         t = time.perf_counter()
         try:
@@ -544,7 +552,7 @@ def _segment(job: ImageJob, cache: dict, done: dict, failed: dict, notes: list) 
     n_slices = int(len(cl.z))
     if "centerline" in job.tasks:
         metrics = {"centerline_slices": n_slices}
-        _write_output(job, "centerline", cl_img, _model_records("centerline", image.contrast, resolve), metrics,
+        _write_output(job, "centerline", cl_img, records("centerline"), metrics,
                       cl_seconds)
         done["centerline"] = metrics
     cord_img = None
@@ -552,7 +560,7 @@ def _segment(job: ImageJob, cache: dict, done: dict, failed: dict, notes: list) 
         cord_img, s = timed_task("sc", lambda: seg.cord(src, centerline=cl, threshold=opts.sc_threshold))
         if cord_img is not None:
             metrics = _cord_metrics(cord_img, notes) | {"centerline_slices": n_slices}
-            _write_output(job, "sc", cord_img, _model_records("sc", image.contrast, resolve), metrics,
+            _write_output(job, "sc", cord_img, records("sc"), metrics,
                           cl_seconds + s)
             done["sc"] = metrics
     if "lesion" in job.tasks:
@@ -560,7 +568,7 @@ def _segment(job: ImageJob, cache: dict, done: dict, failed: dict, notes: list) 
                                                               min_contrast=opts.min_contrast))
         if les_img is not None:
             metrics = _lesion_metrics(les_img, src, cord_img) | {"centerline_slices": n_slices}
-            _write_output(job, "lesion", les_img, _model_records("lesion", image.contrast, resolve), metrics,
+            _write_output(job, "lesion", les_img, records("lesion"), metrics,
                           cl_seconds + s)
             done["lesion"] = metrics
 
@@ -594,7 +602,7 @@ def _plan(images, out_dir: Path, options: StudyOptions, command: str, version: s
             key = (task, image.contrast)
             if key not in records:
                 try:
-                    records[key] = _model_records(task, image.contrast, _driver_resolve)
+                    records[key] = _model_records(task, image.contrast, _driver_resolve, options.conus)
                 except ModelError:
                     records[key] = None
             if records[key] is None:
@@ -788,14 +796,15 @@ def _alive(pid: int) -> bool:
 def run_study(bids_dir, out_dir=None, *, tasks=DEFAULT_TASKS, participant_labels=None, include=None,
               exclude=None, jobs: int = 1, dask=None, threads: int | None = None, smoothness=None,
               sc_threshold=None, lesion_threshold=None, min_contrast=None, qc: bool = False,
-              command: str | None = None,
+              command: str | None = None, conus: bool = True,
               on_result: Callable[[dict, dict | None], None] | None = None) -> StudyResult:
     """Segment every image of a BIDS dataset; write derivatives, results.tsv and lesions.tsv into out_dir.
 
     tasks: any of "centerline", "sc", "lesion". include/exclude: a Selection, or a path to a list file.
     jobs: local worker processes (1: in this process). dask: a distributed.Client or a scheduler address
     (then `jobs` is ignored). threads: ONNX Runtime threads per image (None: the cores divided among the
-    local jobs; 1 on Dask). qc: also write the QC report into out_dir/qc when cordseg.qc can.
+    local jobs; 1 on Dask). qc: also write the QC report into out_dir/qc when cordseg.qc can. conus: end
+    each centerline at the conus on t1/t2 images (cordseg.conus).
     on_result(row, worker_result): called in this process as each image's row is ready (worker_result
     None for images with nothing to compute). Ctrl-C stops the study after writing the table of the images
     done; the next run carries on."""
@@ -814,7 +823,7 @@ def run_study(bids_dir, out_dir=None, *, tasks=DEFAULT_TASKS, participant_labels
     elif threads is None:
         threads = 1
     options = StudyOptions(tuple(tasks.split(",") if isinstance(tasks, str) else tasks), threads, smoothness,
-                           sc_threshold, lesion_threshold, min_contrast)
+                           sc_threshold, lesion_threshold, min_contrast, conus)
     include = read_selection(include) if include is not None and not isinstance(include, Selection) else include
     exclude = read_selection(exclude) if exclude is not None and not isinstance(exclude, Selection) else exclude
     images = find_images(bids_dir, participant_labels, include, exclude)

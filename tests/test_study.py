@@ -235,6 +235,18 @@ def test_second_run_skips_and_changed_options_or_models_rerun(bids, models):
     side = json.loads((out / "sub-01/anat/sub-01_T2w_label-SC_seg.json").read_text())
     assert side["GeneratedBy"][0]["ModelSHA256"] == sha256(models / MODEL_FILES["sc"])
 
+    # without the conus model: every t1/t2 output is computed again, its sidecar says so and leaves the
+    # conus model out of the models it names
+    before = mtimes(out)
+    time.sleep(0.01)
+    run_study(bids, tasks="centerline,sc,lesion", lesion_threshold=0.6, conus=False)
+    sc = out / "sub-01/anat/sub-01_T2w_label-SC_seg.nii.gz"
+    assert mtimes(out)[sc] != before[sc]
+    side = json.loads((out / "sub-01/anat/sub-01_T2w_label-SC_seg.json").read_text())
+    assert side["GeneratedBy"][0]["Options"]["conus"] is False
+    assert "conus" not in {m["Task"] for m in side["GeneratedBy"][0]["Models"]}
+    run_study(bids, tasks="centerline,sc,lesion", lesion_threshold=0.6)
+
     # a task added later runs alone
     (out / "sub-01/anat/sub-01_T1w_label-centerline_seg.json").unlink()
     result = run_study(bids, tasks="centerline,sc,lesion", lesion_threshold=0.6)
