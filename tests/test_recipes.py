@@ -59,6 +59,17 @@ def test_a_wider_network_carries_through_later_stages_and_soups(tmp_path):
     assert recipes.final_shape("sc", plan) == {"network": wide}
 
 
+def test_the_conus_recipe_is_the_cord_recipe_then_one_stage_with_the_roots(tmp_path):
+    calls = []
+    recipes.run_recipe("conus", tmp_path / "out", tmp_path, run=_fake_run(calls), log=lambda m: None)
+    sc = [st.options for st in recipes.RECIPES["sc"]]
+    assert len(calls) == len(sc) + 1 and all(c["task"] == "conus" for c in calls)
+    for call, options in zip(calls, sc):  # the cord stages as they are: no roots there
+        assert {k: call[k] for k in options} == options and not call.get("cauda_equina")
+    assert calls[-1]["cauda_equina"] == "bundle"
+    assert calls[-1]["init"].parent == tmp_path / f"out/stage{len(sc)}"  # from the cord recipe's last snapshot
+
+
 def test_a_stage_without_snapshot_is_an_error(tmp_path):
     plan = {"sc": [Stage("all", dict(steps=3))]}
     with pytest.raises(RuntimeError, match="wrote no snapshot"):

@@ -76,8 +76,6 @@ def run(task, out, *, steps=None, batch_size=None, learning_rate=None, labelmaps
         if task != "sc":
             raise ValueError("--dwi-share is for the cord task (sc)")
         cfg.p_dwi = dwi_share
-    if task == "conus" and not cauda_equina:  # what the conus network is for
-        cauda_equina = "bundle"
     if cauda_equina:  # the template's dural sac and nerve roots below the conus, and slices drawn around it
         cfg.p_conus = CONUS_SHARE
     anatomy = synth.load_anatomies(labelmaps or default_labelmaps(),
@@ -158,6 +156,8 @@ def main(argv=None):
                    "draw a share of its slices around the conus, so that the model learns where the cord ends; "
                    "'bundle': the roots gathered into one clump, as on real lumbar scans (default: strands)")
     a = p.parse_args(argv)
+    if a.task == "conus" and not a.cauda_equina and not a.recipe:  # what the conus network is for
+        a.cauda_equina = "bundle"  # (the conus recipe's first stages are the cord recipe's: no roots there)
     if a.dwi_share and a.task != "sc":
         p.error("--dwi-share is for the cord task (sc)")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
