@@ -83,6 +83,10 @@ class Centerline:
         mask[xi, yi, self.z] = 1
         return self.rpi.to_native(mask)
 
+    def part(self, keep: np.ndarray) -> "Centerline":
+        """The points where the boolean `keep` (one per point) is true, on the same grid."""
+        return Centerline(self.z[keep], self.x[keep], self.y[keep], self.rpi)
+
     def at(self, z_rpi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Centre (x, y) at any RPI slice position, clamped at the ends."""
         return np.interp(z_rpi, self.z, self.x), np.interp(z_rpi, self.z, self.y)

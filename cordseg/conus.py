@@ -23,8 +23,7 @@ def cord_extent(cl: Centerline, model, reach_mm: float = REACH_MM, progress=None
     """(lowest, highest slice of the conus network's cord (its largest component), top slice looked at),
     along the lowest `reach_mm` of the centerline; None where it marks no cord there."""
     dz = float(cl.rpi.zooms[2])
-    keep = cl.z <= cl.z.min() + max(1, int(round(reach_mm / dz)))
-    low = Centerline(cl.z[keep], cl.x[keep], cl.y[keep], cl.rpi)
+    low = cl.part(cl.z <= cl.z.min() + max(1, int(round(reach_mm / dz))))
     prob = soft_segmentation(low, model, progress, stage="conus", on_stage=on_stage)
     cord = keep_largest_component((prob >= model.threshold).astype(np.uint8))
     zs = np.nonzero(cord.any(axis=(0, 1)))[0]
@@ -41,11 +40,10 @@ def end_at_conus(cl: Centerline, model, *, reach_mm: float = REACH_MM, margin_mm
     piece. A cord that does not run up to the top of the reach is not one the network is sure of (the cord
     goes on above the conus): no cut then either."""
     extent = cord_extent(cl, model, reach_mm, progress, on_stage)
-    dz = float(cl.rpi.zooms[2])
     if extent is None:
         return cl
+    dz = float(cl.rpi.zooms[2])
     end, top, reach_top = extent
     if (end - int(cl.z.min())) * dz < margin_mm or (reach_top - top) * dz > margin_mm:
         return cl
-    keep = cl.z >= end
-    return Centerline(cl.z[keep], cl.x[keep], cl.y[keep], cl.rpi)
+    return cl.part(cl.z >= end)

@@ -88,6 +88,11 @@ def check_volume(volume, name="volume"):
         raise InputError(f"{name} must be a whole number >= 0, got {volume!r}")
 
 
+def check_flag(value, name):
+    if not isinstance(value, bool):
+        raise InputError(f"{name} must be True or False, not {value!r}")
+
+
 def check_callable(fn, name="progress"):
     if fn is not None and not callable(fn):
         raise InputError(f"{name} must be a function (or None), got {type(fn).__name__}")

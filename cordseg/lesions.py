@@ -207,8 +207,7 @@ def cord_along_lesions(mask: np.ndarray, cl, sc_model, progress=None, on_stage=N
         on = (cl.z >= lo - 1 - margin) & (cl.z <= hi + 1 + margin)
         if not on.any():
             continue
-        stretch = _centerline.Centerline(cl.z[on], cl.x[on], cl.y[on], rpi)
-        prob = _segmentation.soft_segmentation(stretch, sc_model, progress, stage="cord", on_stage=parts)
+        prob = _segmentation.soft_segmentation(cl.part(on), sc_model, progress, stage="cord", on_stage=parts)
         cord |= _segmentation.keep_largest_component((prob >= thr).astype(np.uint8))
     return cord
 

@@ -23,7 +23,7 @@ from . import lesions as _lesions
 from . import segmentation as _segmentation
 from .errors import CordsegWarning, InputError, ModelError, NoCordError
 from .inference import Model, find_model
-from .inputs import (check_callable, check_min_contrast, check_model_path, check_smoothness, check_threads,
+from .inputs import (check_callable, check_flag, check_min_contrast, check_model_path, check_smoothness, check_threads,
                      check_threshold, resolve_contrast, typed_errors)
 from .io import image_like, input_shape, load_image, same_grid
 from .orientation import to_rpi
@@ -54,8 +54,7 @@ class Segmenter:
                            ("lesion_model", lesion_model), ("conus_model", conus_model)):
             check_model_path(path, name)
         check_callable(on_stage, "on_stage")
-        if not isinstance(conus, bool):
-            raise InputError(f"conus must be True or False, not {conus!r}")
+        check_flag(conus, "conus")
         self.contrast = None if contrast is None else resolve_contrast(None, contrast)
         self.paths = {"centerline": centerline_model, "sc": cord_model, "lesion": lesion_model, "conus": conus_model}
         self.conus = conus

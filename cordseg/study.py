@@ -66,8 +66,8 @@ DEFAULT_TASKS = ("sc", "lesion")
 SUFFIX_CONTRAST = {"T1w": "t1", "T2w": "t2", "T2star": "t2s", "T2starw": "t2s", "MTS": "t2s", "dwi": "dwi"}
 DATATYPES = ("anat", "dwi")
 OUTPUT_SUFFIX = {"sc": "_label-SC_seg", "lesion": "_label-lesion_seg", "centerline": "_label-centerline_seg"}
-# the models an output depends on: its sidecar names each one's SHA-256
-# models an output depends on; "conus" (where the centerline ends) only where one serves the contrast
+# the models an output depends on: its sidecar names each one's SHA-256 ("conus", where the centerline ends:
+# only where one serves the contrast)
 DEPENDS = {"centerline": ("centerline", "conus"), "sc": ("centerline", "conus", "sc"),
            "lesion": ("centerline", "conus", "lesion", "sc")}
 RESULT_COLUMNS = ["image", "subject", "session", "suffix", "contrast", "tasks", "status", "reason",
@@ -183,7 +183,7 @@ class StudyOptions:
     conus: bool = True  # end the centerline at the conus (cordseg.conus, t1/t2)
 
     def __post_init__(self):
-        from .inputs import check_min_contrast, check_smoothness, check_threads, check_threshold
+        from .inputs import check_flag, check_min_contrast, check_smoothness, check_threads, check_threshold
 
         tasks = tuple(dict.fromkeys(str(t).strip().lower() for t in self.tasks if str(t).strip()))
         bad = [t for t in tasks if t not in TASKS]
@@ -196,8 +196,7 @@ class StudyOptions:
         check_threshold(self.sc_threshold, "the cord threshold")
         check_threshold(self.lesion_threshold, "the lesion threshold")
         check_min_contrast(self.min_contrast)
-        if not isinstance(self.conus, bool):
-            raise InputError(f"conus must be True or False, not {self.conus!r}")
+        check_flag(self.conus, "conus")
 
     def for_output(self, task: str) -> dict:
         """The options an output of `task` depends on (recorded in its sidecar, compared on resume)."""
@@ -532,7 +531,10 @@ def _segment(job: ImageJob, cache: dict, done: dict, failed: dict, notes: list) 
     opts = job.options
 
     def resolve(task, contrast):
-        return seg.model(task, contrast).path
+        model = seg.model(task, contrast, optional=task == "conus")  # a missing one is looked up once
+        if model is None:
+            raise ModelError(f"no '{task}' model for contrast '{contrast}'")
+        return model.path
 
     def records(task):
         return _model_records(task, image.contrast, resolve, opts.conus)
@@ -552,24 +554,21 @@ def _segment(job: ImageJob, cache: dict, done: dict, failed: dict, notes: list) 
     n_slices = int(len(cl.z))
     if "centerline" in job.tasks:
         metrics = {"centerline_slices": n_slices}
-        _write_output(job, "centerline", cl_img, records("centerline"), metrics,
-                      cl_seconds)
+        _write_output(job, "centerline", cl_img, records("centerline"), metrics, cl_seconds)
         done["centerline"] = metrics
     cord_img = None
     if "sc" in job.tasks:
         cord_img, s = timed_task("sc", lambda: seg.cord(src, centerline=cl, threshold=opts.sc_threshold))
         if cord_img is not None:
             metrics = _cord_metrics(cord_img, notes) | {"centerline_slices": n_slices}
-            _write_output(job, "sc", cord_img, records("sc"), metrics,
-                          cl_seconds + s)
+            _write_output(job, "sc", cord_img, records("sc"), metrics, cl_seconds + s)
             done["sc"] = metrics
     if "lesion" in job.tasks:
         les_img, s = timed_task("lesion", lambda: seg.lesions(src, centerline=cl, threshold=opts.lesion_threshold,
                                                               min_contrast=opts.min_contrast))
         if les_img is not None:
             metrics = _lesion_metrics(les_img, src, cord_img) | {"centerline_slices": n_slices}
-            _write_output(job, "lesion", les_img, records("lesion"), metrics,
-                          cl_seconds + s)
+            _write_output(job, "lesion", les_img, records("lesion"), metrics, cl_seconds + s)
             done["lesion"] = metrics
 
 
