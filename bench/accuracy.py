@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -19,6 +20,9 @@ from cordseg import metrics
 from cordseg.datasets import shared_data
 from cordseg.io import load_image
 from cordseg.orientation import to_rpi
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench import tta  # noqa: E402
 
 CORD_CASES = [  # image, contrast, reference cord mask
     ("sct_testing/t2/t2.nii.gz", "t2", "sct_testing/t2/t2_seg-manual.nii.gz"),
@@ -58,7 +62,9 @@ def main(argv=None):
         p.add_argument(f"--{task}", type=Path, help=f"a {task} model to measure instead of the installed one")
     p.add_argument("--sc-thresholds", help="also report cord Dice of the soft map thresholded at these values "
                    "(comma-separated, e.g. 0.3,0.5,0.7; the mask itself also keeps the largest component only)")
+    p.add_argument("--tta", default="", help=tta.HELP.format(task="cord"))
     a = p.parse_args(argv)
+    tta.install(a.tta, "sc")
     ctr = dict(centerline_model=a.centerline)
     warnings.simplefilter("ignore")
     rows = []

@@ -22,32 +22,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench import lesion_eval, lesion_sets  # noqa: E402
-
-
-def flip_tta(axes: str):
-    """A Model.predict that averages the lesion network over every combination of flips along `axes` ("x":
-    left-right, as the runtime's mirror; "y": antero-posterior; "z": along the cord), for measuring
-    test-time augmentation beyond the mirror."""
-    import itertools
-
-    from cordseg.inference import Model
-
-    plain = Model.predict
-    dims = [" xyz".index(a) for a in axes]
-
-    def predict(self, batch, *, flip_average=False):
-        if not flip_average or self.task != "lesion":
-            return plain(self, batch, flip_average=flip_average)
-        outs = []
-        for k in range(len(dims) + 1):
-            for combo in itertools.combinations(dims, k):
-                flipped = np.ascontiguousarray(np.flip(batch, combo)) if combo else batch
-                y = plain(self, flipped)
-                outs.append(np.flip(y, combo) if combo else y)
-        return np.mean(outs, axis=0)
-
-    return predict
+from bench import lesion_eval, lesion_sets, tta  # noqa: E402
 
 
 def prepare(cases, model=None, log=print, cache=None, conus=True):
@@ -142,13 +117,9 @@ def main(argv=None) -> int:
     ap.add_argument("--cache", help="keep each case's maps here and reuse them (one folder per model)")
     ap.add_argument("--no-conus", action="store_true",
                     help="keep the centerline's own lower end (Segmenter(conus=False))")
-    ap.add_argument("--tta", default="", help="lesion network averaged over flips along these axes (e.g. xz; "
-                    "the runtime uses x, the mirror)")
+    ap.add_argument("--tta", default="", help=tta.HELP.format(task="lesion"))
     a = ap.parse_args(argv)
-    if a.tta:
-        from cordseg.inference import Model
-
-        Model.predict = flip_tta(a.tta)
+    tta.install(a.tta, "lesion")
     if a.cache:
         Path(a.cache).mkdir(parents=True, exist_ok=True)
     index = lesion_sets.build(a.set)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -25,6 +26,9 @@ import numpy as np
 import cordseg
 from cordseg import metrics
 from cordseg.datasets import shared_data
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench import tta  # noqa: E402
 
 CASES = [  # image, contrast, reference cord mask, subject
     ("sct_testing/t2/t2.nii.gz", "t2", "sct_testing/t2/t2_seg-manual.nii.gz", "sct"),
@@ -77,7 +81,9 @@ def main(argv=None):
     p.add_argument("--sc", type=Path, help="a cord model to measure instead of the installed one")
     p.add_argument("--centerline", type=Path, help="a centerline model to measure instead of the installed one")
     p.add_argument("--json", type=Path)
+    p.add_argument("--tta", default="", help=tta.HELP.format(task="cord"))
     a = p.parse_args(argv)
+    tta.install(a.tta, "sc")
     warnings.simplefilter("ignore")
     thick = [float(v) for v in a.mm.split(",")]
     segmenters = {}

@@ -45,3 +45,23 @@ def test_pos_weight_prices_missed_lesion_voxels_only():
 
     assert loss(miss, 5.0) > loss(miss, 2.0) + 0.1
     assert loss(extra, 5.0) == pytest.approx(loss(extra, 2.0), abs=1e-3)
+
+
+def test_patch_dice_counts_each_lesion_patch_alike_and_ignores_lesion_free_ones():
+    y = np.zeros((3, 8, 8, 8, 1), np.float32)
+    y[0, 1:7, 1:7, 1:7] = 1.0  # a large lesion, found
+    y[1, 2:6, 2:6, 3:5] = 1.0  # a smaller one, missed; patch 2 holds none
+    p = np.where(y > 0, 0.99, 1e-3).astype(np.float32)
+    p[1] = 1e-3
+
+    def loss(pred, w):
+        return float(lesion_loss(tf.constant(y), tf.constant(pred), patch_dice=w))
+
+    # the batch Dice hardly notices the missed small lesion; the patch Dice prices it as half the patches
+    assert loss(p, 1.0) - loss(p, 0.0) == pytest.approx(0.5, abs=0.05)
+    # a false response on the lesion-free patch changes the patch term not at all
+    noisy = p.copy()
+    noisy[2, 2:4, 2:4, 2:4] = 0.9
+    assert (loss(noisy, 1.0) - loss(noisy, 0.0)) == pytest.approx(loss(p, 1.0) - loss(p, 0.0), abs=1e-6)
+    empty, flat = tf.constant(np.zeros_like(y)), tf.constant(np.full_like(y, 1e-3))
+    assert float(lesion_loss(empty, flat, patch_dice=1.0)) == pytest.approx(float(lesion_loss(empty, flat)), abs=1e-6)

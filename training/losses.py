@@ -18,15 +18,27 @@ def dice_bce_loss(y_true, y_pred, bce_weight=1.0):
     return soft_dice_loss(y_true, y_pred) + bce_weight * bce
 
 
-def lesion_loss(y_true, y_pred, bce_weight=1.0, pos_weight=2.0):
+def lesion_loss(y_true, y_pred, bce_weight=1.0, pos_weight=2.0, patch_dice=0.0):
     """For sparse targets (lesions): Dice over the whole batch plus positively weighted cross-entropy.
 
     Batch-level Dice keeps lesion-free patches from rewarding an all-zero output; the cross-entropy uses
     log(p + eps) rather than a clipped p, whose gradient vanishes once the output falls below the clip
     (the first lesion model died that way: it learned to output ~1e-7 everywhere).
+
+    patch_dice: weight of a second Dice, per patch and averaged over the patches that hold lesion voxels
+    only. In the batch Dice a patch's weight is its lesion volume, so a small or faint lesion barely counts
+    beside a large one; here each lesion-holding patch counts alike, and lesion-free patches still reward
+    nothing.
     """
     eps, smooth = 1e-6, 1.0
     inter = ops.sum(y_true * y_pred)
     dice = 1.0 - (2.0 * inter + smooth) / (ops.sum(y_true) + ops.sum(y_pred) + smooth)
     bce = -ops.mean(pos_weight * y_true * ops.log(y_pred + eps) + (1.0 - y_true) * ops.log(1.0 - y_pred + eps))
-    return dice + bce_weight * bce
+    loss = dice + bce_weight * bce
+    if patch_dice:
+        axes = tuple(range(1, len(y_pred.shape)))
+        truth = ops.sum(y_true, axis=axes)
+        per = 1.0 - (2.0 * ops.sum(y_true * y_pred, axis=axes) + smooth) / (truth + ops.sum(y_pred, axis=axes) + smooth)
+        holds = ops.cast(truth > 0.5, per.dtype)
+        loss = loss + patch_dice * ops.sum(per * holds) / ops.maximum(ops.sum(holds), 1.0)
+    return loss
