@@ -41,6 +41,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 import lesion_sets  # noqa: E402
+import tta  # noqa: E402
 
 ANCHORS = REPO.parent / "shared" / "anchors"
 PUBLISHED = {  # stem -> (task, contrasts)
@@ -418,7 +419,9 @@ def main(argv=None) -> int:
     p.add_argument("--data", type=Path, default=lesion_sets.DEFAULT_DATA)
     p.add_argument("--out", type=Path, default=lesion_sets.DEFAULT_OUT)
     p.add_argument("--anchors", type=Path, default=ANCHORS)
+    p.add_argument("--tta", default="", help=tta.HELP.format(task="lesion"))
     a = p.parse_args(argv)
+    tta.install(a.tta, "lesion")
     if a.compact:
         runs = dict(x.split("=", 1) for x in a.compact)
         print(compact({n: load_runs(f) for n, f in runs.items()}))

@@ -65,3 +65,20 @@ def test_patch_dice_counts_each_lesion_patch_alike_and_ignores_lesion_free_ones(
     assert (loss(noisy, 1.0) - loss(noisy, 0.0)) == pytest.approx(loss(p, 1.0) - loss(p, 0.0), abs=1e-6)
     empty, flat = tf.constant(np.zeros_like(y)), tf.constant(np.full_like(y, 1e-3))
     assert float(lesion_loss(empty, flat, patch_dice=1.0)) == pytest.approx(float(lesion_loss(empty, flat)), abs=1e-6)
+
+
+def test_free_penalty_prices_a_small_false_lesion_in_a_lesion_free_patch_only():
+    y = np.zeros((2, 8, 8, 8, 1), np.float32)
+    y[0, 2:4, 2:4, 2:4] = 1.0
+    p = np.where(y > 0, 0.9, 0.01).astype(np.float32)
+
+    def loss(pred, w):
+        return float(lesion_loss(tf.constant(y), tf.constant(pred), free_penalty=w))
+
+    assert loss(p, 1.0) == pytest.approx(loss(p, 0.0), abs=1e-6)  # background level: no price
+    false = p.copy()
+    false[1, 1:3, 1:3, 1:2] = 1.0  # 4 voxels at full confidence where no lesion is
+    assert loss(false, 1.0) - loss(false, 0.0) == pytest.approx(4 * 0.7 / (4 * 0.7 + 5.0), abs=1e-4)
+    over = p.copy()
+    over[0, 4:6, 2:4, 2:4] = 1.0  # the same excess in the lesion-holding patch is the Dice's business
+    assert loss(over, 1.0) == pytest.approx(loss(over, 0.0), abs=1e-6)

@@ -18,7 +18,7 @@ def dice_bce_loss(y_true, y_pred, bce_weight=1.0):
     return soft_dice_loss(y_true, y_pred) + bce_weight * bce
 
 
-def lesion_loss(y_true, y_pred, bce_weight=1.0, pos_weight=2.0, patch_dice=0.0):
+def lesion_loss(y_true, y_pred, bce_weight=1.0, pos_weight=2.0, patch_dice=0.0, free_penalty=0.0):
     """For sparse targets (lesions): Dice over the whole batch plus positively weighted cross-entropy.
 
     Batch-level Dice keeps lesion-free patches from rewarding an all-zero output; the cross-entropy uses
@@ -29,16 +29,27 @@ def lesion_loss(y_true, y_pred, bce_weight=1.0, pos_weight=2.0, patch_dice=0.0):
     only. In the batch Dice a patch's weight is its lesion volume, so a small or faint lesion barely counts
     beside a large one; here each lesion-holding patch counts alike, and lesion-free patches still reward
     nothing.
+
+    free_penalty: weight of a price on any response in a lesion-free patch, e/(e + 5) where e is the patch's
+    summed output above 0.3 (a 5-voxel false lesion at full confidence costs 0.5, a map at the background's
+    level nothing), averaged over the lesion-free patches: the cross-entropy spreads a small false lesion's
+    cost over the whole batch.
     """
     eps, smooth = 1e-6, 1.0
     inter = ops.sum(y_true * y_pred)
     dice = 1.0 - (2.0 * inter + smooth) / (ops.sum(y_true) + ops.sum(y_pred) + smooth)
     bce = -ops.mean(pos_weight * y_true * ops.log(y_pred + eps) + (1.0 - y_true) * ops.log(1.0 - y_pred + eps))
     loss = dice + bce_weight * bce
+    if not (patch_dice or free_penalty):
+        return loss
+    axes = tuple(range(1, len(y_pred.shape)))
+    truth = ops.sum(y_true, axis=axes)
+    holds = ops.cast(truth > 0.5, y_pred.dtype)
     if patch_dice:
-        axes = tuple(range(1, len(y_pred.shape)))
-        truth = ops.sum(y_true, axis=axes)
         per = 1.0 - (2.0 * ops.sum(y_true * y_pred, axis=axes) + smooth) / (truth + ops.sum(y_pred, axis=axes) + smooth)
-        holds = ops.cast(truth > 0.5, per.dtype)
         loss = loss + patch_dice * ops.sum(per * holds) / ops.maximum(ops.sum(holds), 1.0)
+    if free_penalty:
+        excess = ops.sum(ops.relu(y_pred - 0.3), axis=axes)
+        free = 1.0 - holds
+        loss = loss + free_penalty * ops.sum(excess / (excess + 5.0) * free) / ops.maximum(ops.sum(free), 1.0)
     return loss

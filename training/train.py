@@ -53,7 +53,7 @@ def run(task, out, *, steps=None, batch_size=None, learning_rate=None, labelmaps
         workers=0, max_minutes=None, network=None, init_weights=None, data=None, real_fraction=0.5,
         contrasts=None, patch_shape=None, pos_weight=None, snapshot_every=1000, lesion_style=None,
         cauda_equina=False, stop_at=None, real_backgrounds=False, real_share=0.5, sagittal_share=None,
-        dwi_share=0.0, channels=None, vary_backgrounds=0.0, patch_dice=0.0):
+        dwi_share=0.0, channels=None, vary_backgrounds=0.0, patch_dice=0.0, free_penalty=0.0):
     from . import losses, synth, tasks
     from .loop import train
 
@@ -97,14 +97,14 @@ def run(task, out, *, steps=None, batch_size=None, learning_rate=None, labelmaps
             load_init(model, cfg, init_weights)
         return model
 
-    if patch_dice and task != "lesion":
-        raise ValueError("--patch-dice is for the lesion task")
+    if (patch_dice or free_penalty) and task != "lesion":
+        raise ValueError("--patch-dice and --free-penalty are for the lesion task")
     loss = losses.lesion_loss if task == "lesion" else losses.dice_bce_loss
-    if task == "lesion" and (pos_weight is not None or patch_dice):
+    if task == "lesion" and (pos_weight is not None or patch_dice or free_penalty):
         weighting = {"pos_weight": pos_weight} if pos_weight is not None else {}
 
         def lesion_loss(y_true, y_pred):
-            return losses.lesion_loss(y_true, y_pred, patch_dice=patch_dice, **weighting)
+            return losses.lesion_loss(y_true, y_pred, patch_dice=patch_dice, free_penalty=free_penalty, **weighting)
         loss = lesion_loss
     return train(build, loss, sampler, out_dir=out, steps=cfg.steps,
                  learning_rate=cfg.learning_rate, seed=seed, log=log, workers=workers,
@@ -137,6 +137,8 @@ def main(argv=None):
                    "(default 2, as the shipped model; 5 found fewer lesions in bench/lesions.py)")
     p.add_argument("--patch-dice", type=float, default=0.0, help="lesion task: weight of a Dice per patch over "
                    "the patches holding lesions (each such patch counts alike, whatever its lesion volume)")
+    p.add_argument("--free-penalty", type=float, default=0.0, help="lesion task: weight of a price on any "
+                   "response in a lesion-free patch (training/losses.py)")
     p.add_argument("--snapshot-every", type=int, default=1000, help="write an EMA weights snapshot every N steps "
                    "(to compare checkpoints of one run)")
     p.add_argument("--export", help="after training, export the final weights to this ONNX file")
@@ -190,7 +192,8 @@ def main(argv=None):
         real_backgrounds=a.real_backgrounds, real_share=a.real_share, vary_backgrounds=a.vary_backgrounds,
         sagittal_share=a.sagittal_share,
         dwi_share=a.dwi_share, network={"base_filters": a.base_filters} if a.base_filters else None,
-        channels=a.channels.split(",") if a.channels else None, patch_dice=a.patch_dice)
+        channels=a.channels.split(",") if a.channels else None, patch_dice=a.patch_dice,
+        free_penalty=a.free_penalty)
     if a.export:
         from .loop import last_snapshot, snapshot_step
 
