@@ -51,3 +51,31 @@ def test_simulated_lumbar_scan_has_its_tip_where_the_labels_end():
     assert (lab[:, :, : tip - 10] == 4).any(axis=(0, 1)).all()  # roots on every slice under the conus
     img, truth = conus.render(lab, np.random.default_rng(1), t1_like=False)
     assert img.shape == truth.shape and abs(conus.lowest(truth) - tip / 2) <= 1.5
+
+
+def test_flip_tta_averages_only_the_named_task_over_its_flips(monkeypatch):
+    from bench import tta
+    from cordseg.inference import Model
+
+    calls = []
+
+    def plain(self, batch, *, flip_average=False):
+        calls.append(flip_average)
+        return batch[..., 0] if batch.ndim == 5 else batch.copy()  # a network that echoes its input
+
+    monkeypatch.setattr(Model, "predict", plain)
+    predict = tta.flip_tta("xz", "sc")
+    batch = np.random.default_rng(0).random((1, 4, 3, 5)).astype(np.float32)
+
+    class Net:
+        task = "sc"
+
+    # an echoing network is flip-equivariant: the average over flips and back gives the input again, in 4 passes
+    np.testing.assert_allclose(predict(Net(), batch, flip_average=True), batch, rtol=1e-6)
+    assert len(calls) == 4
+    Net.task = "lesion"
+    calls.clear()
+    predict(Net(), batch, flip_average=True)
+    assert calls == [True]  # another network runs as at run time
+    with pytest.raises(SystemExit):
+        tta.install("xw", "sc")
