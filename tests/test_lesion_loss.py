@@ -82,3 +82,12 @@ def test_free_penalty_prices_a_small_false_lesion_in_a_lesion_free_patch_only():
     over = p.copy()
     over[0, 4:6, 2:4, 2:4] = 1.0  # the same excess in the lesion-holding patch is the Dice's business
     assert loss(over, 1.0) == pytest.approx(loss(over, 0.0), abs=1e-6)
+
+
+@pytest.mark.parametrize("option", ["patch_dice", "free_penalty"])
+def test_lesion_loss_terms_are_refused_for_other_tasks(tmp_path, option):
+    from cordseg.training.train import run
+
+    with pytest.raises(ValueError, match="lesion task"):
+        run("sc", tmp_path, steps=1, **{option: 1.0})
+    assert not any(tmp_path.iterdir())  # refused before anything was built or written

@@ -59,6 +59,8 @@ def run(task, out, *, steps=None, batch_size=None, learning_rate=None, labelmaps
 
     if channels and task == "centerline":
         raise ValueError("--channels is for CNN2 (sc, lesion)")
+    if (patch_dice or free_penalty) and task != "lesion":
+        raise ValueError("--patch-dice and --free-penalty are for the lesion task")
     cfg = tasks.with_network(tasks.TASKS[task], network, channels)  # a copy to adjust
     if steps:
         cfg.steps = steps
@@ -97,8 +99,6 @@ def run(task, out, *, steps=None, batch_size=None, learning_rate=None, labelmaps
             load_init(model, cfg, init_weights)
         return model
 
-    if (patch_dice or free_penalty) and task != "lesion":
-        raise ValueError("--patch-dice and --free-penalty are for the lesion task")
     loss = losses.lesion_loss if task == "lesion" else losses.dice_bce_loss
     if task == "lesion" and (pos_weight is not None or patch_dice or free_penalty):
         weighting = {"pos_weight": pos_weight} if pos_weight is not None else {}
