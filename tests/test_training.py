@@ -497,6 +497,23 @@ def test_cauda_equina_adds_a_sac_with_roots_below_the_conus_and_no_cord():
     assert np.array_equal(out[:, :, :pad] == synth.BONE, labels[:, :, pad - 1::-1] == synth.BONE)
 
 
+def test_cauda_equina_bundles_are_template_copies_with_their_clumps_elsewhere(tmp_path, monkeypatch):
+    labels = _anatomy_with_conus()
+    clumps = [np.argwhere(synth.add_cauda_equina(labels, below_mm=10.0, seed=k, bundle=True)[:, :, 5:20]
+                          == synth.ROOTS)[:, :2].mean(axis=0) for k in range(synth.ROOT_VARIANTS)]
+    gaps = [np.hypot(*(a - b)) for i, a in enumerate(clumps) for b in clumps[i + 1:]]
+    assert min(gaps) > 0.5  # voxels of 0.5 mm: no two copies clump at the same place
+    calls = []
+    monkeypatch.setattr(synth.Anatomy, "from_pam50",
+                        classmethod(lambda cls, folder, **kw: calls.append(kw) or len(calls)))
+    (tmp_path / "PAM50_cord.nii.gz").touch()
+    assert synth.load_anatomies(tmp_path, cauda_equina="bundles") == list(range(1, synth.ROOT_VARIANTS + 1))
+    assert calls == [dict(cauda_equina="bundle", root_seed=k) for k in range(synth.ROOT_VARIANTS)]
+    calls.clear()
+    synth.load_anatomies(tmp_path, cauda_equina="bundle")
+    assert calls == [dict(cauda_equina="bundle")]  # the shipped recipe's single copy, as it was
+
+
 def test_cauda_equina_bundle_gathers_the_roots_into_one_clump():
     """bundle=True: more roots, gathered tighter than the strands (their spread on the slices under the tip),
     with the same guarantees: no cord below the tip, roots inside the sac."""

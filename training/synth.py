@@ -39,10 +39,11 @@ class Anatomy:
     extend_z: bool = False
 
     @classmethod
-    def from_pam50(cls, folder, *, cauda_equina=False) -> "Anatomy":
+    def from_pam50(cls, folder, *, cauda_equina=False, root_seed=0) -> "Anatomy":
         """The PAM50 template's labels. It stops at the conus: below it there is bone only, no dural sac.
         `cauda_equina` adds one (see add_cauda_equina; "bundle" for its clumped roots), so that a model
-        learns where the cord ends on lumbar scans instead of taking the nerve roots in the sac for cord."""
+        learns where the cord ends on lumbar scans instead of taking the nerve roots in the sac for cord;
+        `root_seed` draws the roots' course (for "bundle": where the clump gathers)."""
         folder = Path(folder)
 
         def load(name):
@@ -58,7 +59,7 @@ class Anatomy:
         labels[cord] = WM
         labels[cord & gm] = GM
         if cauda_equina:
-            labels = add_cauda_equina(labels, bundle=cauda_equina == "bundle")
+            labels = add_cauda_equina(labels, bundle=cauda_equina == "bundle", seed=root_seed)
         return cls._with_centres(labels)
 
     @classmethod
@@ -196,8 +197,18 @@ def add_cauda_equina(labels, *, below_mm=60.0, n_roots=16, seed=0, bundle=False)
     return out
 
 
+ROOT_VARIANTS = 4  # cauda_equina="bundles": the template this many times, each with its own clump of roots
+
+
+def _pam50(folder, cauda_equina) -> list:
+    if cauda_equina == "bundles":  # one clump geometry alone is learnt by heart; real sacs differ
+        return [Anatomy.from_pam50(folder, cauda_equina="bundle", root_seed=k) for k in range(ROOT_VARIANTS)]
+    return [Anatomy.from_pam50(folder, cauda_equina=cauda_equina)]
+
+
 def load_anatomies(source, *, cauda_equina=False) -> list:
-    """Every training anatomy under `source`, PAM50 first.
+    """Every training anatomy under `source`, PAM50 first (several PAM50 copies with `cauda_equina`
+    "bundles", each with its roots clumped elsewhere).
 
     `source`: the PAM50 folder; a label-map folder holding `PAM50/` and optionally `spinegeneric/` (manual
     cord and CSF masks, `*_seg-manual` / `*_csfseg-manual`); an .npz of one anatomy (`Anatomy.save`); or a
@@ -207,13 +218,13 @@ def load_anatomies(source, *, cauda_equina=False) -> list:
     if source.suffix == ".npz":
         return [Anatomy.load(source)]
     if (source / "PAM50_cord.nii.gz").exists():
-        return [Anatomy.from_pam50(source, cauda_equina=cauda_equina)]
+        return _pam50(source, cauda_equina)
     npz = sorted(source.glob("*.npz"))
     if npz:
         return [Anatomy.load(f) for f in npz]
     if not (source / "PAM50").is_dir():
         raise FileNotFoundError(f"no PAM50 label maps in {source}")
-    return [Anatomy.from_pam50(source / "PAM50", cauda_equina=cauda_equina)] + mask_anatomies(source)
+    return _pam50(source / "PAM50", cauda_equina) + mask_anatomies(source)
 
 
 def mask_anatomies(labelmaps, *, held_out: bool = False) -> list:

@@ -81,7 +81,8 @@ def run(task, out, *, steps=None, batch_size=None, learning_rate=None, labelmaps
     if cauda_equina:  # the template's dural sac and nerve roots below the conus, and slices drawn around it
         cfg.p_conus = CONUS_SHARE
     anatomy = synth.load_anatomies(labelmaps or default_labelmaps(),
-                                   cauda_equina="bundle" if cauda_equina == "bundle" else bool(cauda_equina))
+                                   cauda_equina=cauda_equina if cauda_equina in ("bundle", "bundles")
+                                   else bool(cauda_equina))
     real = tasks.load_real(cfg, data, contrasts) if data else []
     if data:
         log(f"{len(real)} labelled real volumes from {data}; real fraction {real_fraction if real else 0}")
@@ -159,10 +160,12 @@ def main(argv=None):
                    "bright grey matter, strong shading, lesions down to 1.1x the cord)")
     p.add_argument("--channels", help="CNN2 input channels, comma-separated, 'image' first (e.g. "
                    "image,cord_anomaly; see cordseg.normalization.CHANNELS)")
-    p.add_argument("--cauda-equina", nargs="?", const="strands", choices=["strands", "bundle"], default=None,
+    p.add_argument("--cauda-equina", nargs="?", const="strands", choices=["strands", "bundle", "bundles"],
+                   default=None,
                    help="add a dural sac with nerve roots below the template's conus (synth.add_cauda_equina) and "
                    "draw a share of its slices around the conus, so that the model learns where the cord ends; "
-                   "'bundle': the roots gathered into one clump, as on real lumbar scans (default: strands)")
+                   "'bundle': the roots gathered into one clump, as on real lumbar scans; 'bundles': several "
+                   "copies of the template, each with its clump elsewhere (default: strands)")
     a = p.parse_args(argv)
     if a.task == "conus" and not a.cauda_equina and not a.recipe:  # what the conus network is for
         a.cauda_equina = "bundle"  # (the conus recipe's first stages are the cord recipe's: no roots there)
