@@ -112,7 +112,7 @@ def main(argv=None) -> int:
     ap.add_argument("--min-contrast", default="1.1,1.15,1.2")
     ap.add_argument("--fill", default="0")
     ap.add_argument("--measure", default="slice", help="what the min contrast is measured against: slice, local "
-                    "or both (comma-separated; see cordseg.lesions.screen_lesions)")
+                    "or adaptive, or several (comma-separated; see cordseg.lesions.screen_lesions)")
     ap.add_argument("--out")
     ap.add_argument("--cache", help="keep each case's maps here and reuse them (one folder per model)")
     ap.add_argument("--no-conus", action="store_true",

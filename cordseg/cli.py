@@ -564,9 +564,9 @@ def _cell(v):
 @click.option("--soft", is_flag=True, help="write the float32 probability map instead of a mask")
 @click.option("--threshold", type=float, default=None, help="probability threshold (default: the model's)")
 @click.option("--min-contrast", type=float, default=None,
-              help="report only lesions touching the cord and at least this many times brighter than the "
-              "cord (the shipped model: than the same places of the cord above and below; default: the model's, "
-              "1.12 for the shipped one; 0: no screening)")
+              help="one fixed bar for every lesion: report only lesions touching the cord and at least this "
+              "many times brighter than it (the shipped model: than the same places of the cord above and below; "
+              "default: the model's screening, for the shipped one a bar each scan sets itself; 0: no screening)")
 @click.option("--model", type=click.Path(dir_okay=False), help="a CNN2 lesion ONNX model file to use")
 @_given_centerline_option
 @_qc_option

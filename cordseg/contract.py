@@ -20,7 +20,10 @@ Keys (all values are strings in the file):
     cordseg_min_lesion_contrast  lesion models: least lesion/cord intensity ratio reported (default 0: none)
     cordseg_lesion_contrast      lesion models: what min_lesion_contrast is measured against: "slice" (the
                                  lesion-free cord on the lesion's slices; default) or "local" (the same places
-                                 of the cord on the slices above and below; "slice" where there are none)
+                                 of the cord on the slices above and below; "slice" where there are none) or
+                                 "adaptive" (the local contrast against the brightest place of the lesion's own
+                                 shape elsewhere on the scan's cord; min_lesion_contrast where too few places)
+    cordseg_lesion_contrast_floor lesion models, "adaptive": the least local contrast kept (default 1.05)
     cordseg_lesion_grow_to       lesion models: lesions grown from the threshold down to this probability
                                  (hysteresis; default 0: none)
     cordseg_lesion_fill          lesion models: lesions grown inside the cord to this share of their own
@@ -43,7 +46,7 @@ from .errors import ModelError
 
 TASKS = ("centerline", "sc", "lesion", "conus")
 CONTRASTS = ("t1", "t2", "t2s", "dwi")
-LESION_CONTRASTS = ("slice", "local")  # what a lesion's brightness is compared with (cordseg.lesions)
+LESION_CONTRASTS = ("slice", "local", "adaptive")  # what a lesion's brightness is compared with (cordseg.lesions)
 LAYOUTS = {"NHWC": 2, "NCHW": 2, "NXYZC": 3, "NCXYZ": 3}  # layout -> spatial dimensions
 PREFIX = "cordseg_"
 REQUIRED_KEYS = ("cordseg_task", "cordseg_contrast", "cordseg_layout", "cordseg_patch_shape",
@@ -52,6 +55,7 @@ REQUIRED_KEYS = ("cordseg_task", "cordseg_contrast", "cordseg_layout", "cordseg_
 SECOND_LOOK_MM = 56.0
 CENTERLINE_SLICE_MM = 2.0
 FIRST_PASS_MM = 8.0
+LESION_CONTRAST_FLOOR = 1.05  # "adaptive" lesion screening: the least local contrast kept, however clean the scan
 
 
 def _g(value: float) -> str:
@@ -74,6 +78,7 @@ class ModelContract:
     size_multiple: int = 1
     min_lesion_contrast: float = 0.0
     lesion_contrast: str = "slice"
+    lesion_contrast_floor: float = LESION_CONTRAST_FLOOR
     lesion_grow_to: float = 0.0
     lesion_fill: float = 0.0
     warning: str | None = None
@@ -135,6 +140,8 @@ class ModelContract:
             meta["cordseg_min_lesion_contrast"] = _g(self.min_lesion_contrast)
         if self.lesion_contrast != "slice":
             meta["cordseg_lesion_contrast"] = self.lesion_contrast
+        if self.lesion_contrast_floor != LESION_CONTRAST_FLOOR:
+            meta["cordseg_lesion_contrast_floor"] = _g(self.lesion_contrast_floor)
         if self.lesion_grow_to:
             meta["cordseg_lesion_grow_to"] = _g(self.lesion_grow_to)
         if self.lesion_fill:
@@ -201,7 +208,8 @@ def _check(c: ModelContract):
         raise _Invalid("contrast_thresholds")
     if isinstance(c.size_multiple, bool) or not isinstance(c.size_multiple, int) or c.size_multiple < 1:
         raise _Invalid("size_multiple")
-    for attr in ("min_lesion_contrast", "second_look_mm", "centerline_slice_mm", "first_pass_mm"):
+    for attr in ("min_lesion_contrast", "lesion_contrast_floor", "second_look_mm", "centerline_slice_mm",
+                 "first_pass_mm"):
         v = getattr(c, attr)
         if not (_finite(v) and v >= 0):
             raise _Invalid(attr)
@@ -246,6 +254,7 @@ _PARSERS = {
     "cordseg_size_multiple": ("size_multiple", int),
     "cordseg_min_lesion_contrast": ("min_lesion_contrast", float),
     "cordseg_lesion_contrast": ("lesion_contrast", str),
+    "cordseg_lesion_contrast_floor": ("lesion_contrast_floor", float),
     "cordseg_lesion_grow_to": ("lesion_grow_to", float),
     "cordseg_lesion_fill": ("lesion_fill", float),
     "cordseg_warning": ("warning", lambda t: t or None),
@@ -266,7 +275,8 @@ _EXPECTED = {
     "normalisation_params": "finite numbers, comma-separated; required by published_* schemes",
     "size_multiple": "a whole number >= 1",
     "min_lesion_contrast": "a number >= 0",
-    "lesion_contrast": "slice or local",
+    "lesion_contrast": "slice, local or adaptive",
+    "lesion_contrast_floor": "a number >= 0",
     "lesion_grow_to": "a number >= 0 and below the threshold",
     "lesion_fill": "a number >= 0 and below 1",
     "warning": "text",

@@ -2,8 +2,9 @@
 per-lesion contrast, and the lesion table.
 
 The lesion network's false lesions are bright grey matter and specks in thin bright CSF; t2 and t2s lesions
-are hyper-intense by definition. A reported lesion therefore touches the cord and is brighter than the
-lesion-free cord on its slices by the lesion model's `min_lesion_contrast`.
+are hyper-intense by definition. A reported lesion therefore touches the cord and is brighter than the cord
+around it, by a bar the lesion model names (`min_lesion_contrast`) or, for "adaptive" models, by the bar the
+scan sets itself: what the lesion's own shape measures elsewhere on the same cord.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage as ndi
 
+from .contract import LESION_CONTRAST_FLOOR
 from .metrics import axial_axis, label_lesions
 
 MIN_REFERENCE_VOXELS = 20  # lesion-free cord voxels needed to judge a lesion's contrast
@@ -63,6 +65,7 @@ def _ratios(labels, image, cord) -> list:
 
 
 LOCAL_REACH_MM = 20.0  # reference slices for a lesion's local contrast: this far above and below it
+ADAPTIVE_MIN_PLACES = 3  # "adaptive" screening: fewer places of a lesion's shape than this -> the fixed bar
 
 
 def cord_levels(image: np.ndarray, healthy: np.ndarray, floor: float) -> np.ndarray:
@@ -83,36 +86,88 @@ def local_contrasts(labels: np.ndarray, image: np.ndarray, cord: np.ndarray, zoo
 
     Unlike the contrast over the whole cord's median on its slices, this does not take brighter grey matter,
     or a bright cord edge, for a lesion: those are as bright on the other slices."""
-    from .normalization import centres_from_mask
+    ctx = _LocalContext(labels, image, cord, zooms, reach_mm)
+    return [ctx.contrast(vox) for vox in _voxels(labels)]
 
-    cord = cord.astype(bool)
-    floor = _floor(image)
-    levels = cord_levels(image, cord & (labels == 0), floor)
-    centres = centres_from_mask(cord)
-    has_cord = cord.any(axis=(0, 1)) & np.isfinite(levels) & (levels > 0)
-    reach = local_reach_slices(zooms, reach_mm)
-    gap = 1 if float(zooms[2]) <= 2.0 else 0
+
+def null_contrasts(labels: np.ndarray, image: np.ndarray, cord: np.ndarray, zooms=(1.0, 1.0, 1.0),
+                   reach_mm: float = LOCAL_REACH_MM) -> list:
+    """For each labelled lesion, the local contrasts (local_contrasts) of its own shape moved along the cord
+    of the same scan, in steps of half its length, following the cord's centre, wherever the moved shape
+    clears its own slices and every labelled lesion: what that shape measures on this scan where there is
+    (most likely) no lesion. An array per lesion, possibly empty; empty for a lesion within the local
+    reach of the cord's first or last slice, whose reference is one-sided and where a coil's shading
+    changes fastest: the middle of the cord does not tell what is normal there.
+
+    The spread of these is the scan's own: noise, grey matter, shading and partial volume at that size."""
+    ctx = _LocalContext(labels, image, cord, zooms, reach_mm)
+    has = ctx.cord.any(axis=(0, 1))
+    span = np.nonzero(has)[0]
+    avoid = ndi.binary_dilation(labels > 0, iterations=2)
+    nz = image.shape[2]
     out = []
-    for i, sl in enumerate(ndi.find_objects(labels), start=1):
-        z0, z1 = sl[2].start, sl[2].stop - 1
-        refs = [z for z in range(max(0, z0 - reach), min(image.shape[2], z1 + reach + 1))
-                if (z < z0 - gap or z > z1 + gap) and has_cord[z]]
-        vox = np.argwhere(labels[sl] == i) + [s.start for s in sl]
+    for vox in _voxels(labels):
+        z0, z1 = int(vox[:, 2].min()), int(vox[:, 2].max())
+        ext = z1 - z0 + 1
+        found = []
+        if not span.size or z0 - span[0] < ctx.reach or span[-1] - z1 < ctx.reach:
+            out.append(np.zeros(0))
+            continue
+        for dz in range(-z0, nz - z1, max(1, ext // 2)):
+            if abs(dz) <= ext or not has[vox[:, 2] + dz].all():
+                continue
+            z = vox[:, 2] + dz
+            moved = np.rint(vox[:, :2] - ctx.centres[vox[:, 2]] + ctx.centres[z]).astype(int)
+            if (moved < 0).any() or (moved >= image.shape[:2]).any() or avoid[moved[:, 0], moved[:, 1], z].any():
+                continue
+            c = ctx.contrast(np.column_stack([moved, z]))
+            if c is not None:
+                found.append(c)
+        out.append(np.asarray(found, float))
+    return out
+
+
+def _voxels(labels):
+    """Each label's voxel indices, in label order."""
+    return [np.argwhere(labels[sl] == i) + [s.start for s in sl]
+            for i, sl in enumerate(ndi.find_objects(labels), start=1)]
+
+
+class _LocalContext:
+    """What local contrasts of one scan share: the cord's level per slice (lesions left out), its centre per
+    slice, the slices that can serve as a reference."""
+
+    def __init__(self, labels, image, cord, zooms, reach_mm):
+        from .normalization import centres_from_mask
+
+        self.image = image
+        self.cord = cord.astype(bool)
+        self.floor = _floor(image)
+        self.levels = cord_levels(image, self.cord & (labels == 0), self.floor)
+        self.centres = centres_from_mask(self.cord)
+        self.has_cord = self.cord.any(axis=(0, 1)) & np.isfinite(self.levels) & (self.levels > 0)
+        self.reach = local_reach_slices(zooms, reach_mm)
+        self.gap = 1 if float(zooms[2]) <= 2.0 else 0
+
+    def contrast(self, vox) -> float | None:
+        """The local contrast of the voxels `vox` (N x 3 indices)."""
+        image, levels = self.image, self.levels
+        z0, z1 = int(vox[:, 2].min()), int(vox[:, 2].max())
+        refs = [z for z in range(max(0, z0 - self.reach), min(image.shape[2], z1 + self.reach + 1))
+                if (z < z0 - self.gap or z > z1 + self.gap) and self.has_cord[z]]
         own_levels = levels[vox[:, 2]]
         if not refs or not np.all(np.isfinite(own_levels) & (own_levels > 0)):
-            out.append(None)
-            continue
-        off = vox[:, :2] - centres[vox[:, 2]]
+            return None
+        off = vox[:, :2] - self.centres[vox[:, 2]]
         zs = np.asarray(refs)
-        px = centres[zs, 0][None, :] + off[:, :1]
-        py = centres[zs, 1][None, :] + off[:, 1:]
+        px = self.centres[zs, 0][None, :] + off[:, :1]
+        py = self.centres[zs, 1][None, :] + off[:, 1:]
         pz = np.broadcast_to(zs[None, :].astype(float), px.shape)
         samples = ndi.map_coordinates(image, [px.ravel(), py.ravel(), pz.ravel()], order=1, mode="nearest")
-        expected = np.median((samples.reshape(px.shape) - floor) / levels[zs][None, :], axis=1)
-        own = (image[vox[:, 0], vox[:, 1], vox[:, 2]] - floor) / own_levels
+        expected = np.median((samples.reshape(px.shape) - self.floor) / levels[zs][None, :], axis=1)
+        own = (image[vox[:, 0], vox[:, 1], vox[:, 2]] - self.floor) / own_levels
         base = float(expected.mean())
-        out.append(float(own.mean()) / base if base > 0 else None)
-    return out
+        return float(own.mean()) / base if base > 0 else None
 
 
 def grow_lesions(mask: np.ndarray, prob: np.ndarray, low: float) -> np.ndarray:
@@ -167,18 +222,27 @@ def fill_to_edge(mask: np.ndarray, image: np.ndarray, cord: np.ndarray, fraction
 
 
 def screen_lesions(mask: np.ndarray, image: np.ndarray, cord: np.ndarray, min_contrast: float, *,
-                   measure: str = "slice", zooms=(1.0, 1.0, 1.0)):
-    """`mask` without the lesions that lie wholly outside `cord` or are not brighter than the cord by
-    `min_contrast`: measured against the lesion-free cord on their slices (`measure` "slice"), or against
-    the same places of the cord on the slices above and below ("local", local_contrasts; "slice" for a lesion
-    with no such slice). Returns (mask, number dropped)."""
+                   measure: str = "slice", zooms=(1.0, 1.0, 1.0), floor: float = LESION_CONTRAST_FLOOR):
+    """`mask` without the lesions that lie wholly outside `cord` or are not bright enough. `measure`:
+    - "slice": brighter than the lesion-free cord on their slices by `min_contrast`;
+    - "local": brighter than the same places of the cord on the slices above and below by `min_contrast`
+      (local_contrasts; "slice" for a lesion with no such slice);
+    - "adaptive": the local contrast, against a bar set by the scan itself: the highest local contrast of
+      the lesion's own shape moved along this scan's cord (null_contrasts), and no lower than `floor`;
+      `min_contrast` where fewer than ADAPTIVE_MIN_PLACES such places exist. A noisy or shaded scan raises
+      its own bar; a clean one lets a faint lesion through. `cord` should then cover the whole cord.
+    Returns (mask, number dropped)."""
     labels, contrasts = lesion_contrasts(mask, image, cord)
-    if measure == "local":
+    bars = [min_contrast] * len(contrasts)
+    if measure in ("local", "adaptive"):
         local = local_contrasts(labels, image, cord, zooms)
         contrasts = [c if v is None else v for c, v in zip(contrasts, local)]
+    if measure == "adaptive":
+        bars = [max(floor, float(n.max())) if n.size >= ADAPTIVE_MIN_PLACES else min_contrast
+                for n in null_contrasts(labels, image, cord, zooms)]
     inside = ndi.maximum(cord.astype(bool), labels, index=np.arange(1, len(contrasts) + 1))
-    drop = [i for i, (c, touches) in enumerate(zip(contrasts, np.atleast_1d(inside)), start=1)
-            if not touches or (c is not None and c < min_contrast)]
+    drop = [i for i, (c, bar, touches) in enumerate(zip(contrasts, bars, np.atleast_1d(inside)), start=1)
+            if not touches or (c is not None and c < bar)]
     if not drop:
         return mask, 0
     return np.where(np.isin(labels, drop), 0, mask).astype(mask.dtype), len(drop)

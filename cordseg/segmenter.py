@@ -107,10 +107,10 @@ class Segmenter:
                 volume=None, progress=None):
         """MS lesion mask (uint8) or probability map (float32) in the cord, on the input grid.
 
-        The mask keeps only lesions that touch the cord and whose mean intensity is at least `min_contrast`
-        times the cord's, measured as the lesion model says (the shipped one: against the same places of the
-        cord on the slices above and below; others: the median of the lesion-free cord on their slices).
-        None: the model's own value, 1.12 for the shipped one; 0: no screening. The cord is segmented with the
+        The mask keeps only lesions that touch the cord and are bright enough, as the lesion model says (the
+        shipped one: against the same places of the cord on the slices above and below, with a bar the scan
+        sets itself; others: the median of the lesion-free cord on their slices). min_contrast None: the
+        model's screening; a number: that one bar for every lesion; 0: no screening. The cord is segmented with the
         cord model along the same centerline. The soft map is the network's output, unscreened. centerline: as
         for .cord()."""
         check_min_contrast(min_contrast)
@@ -187,6 +187,8 @@ class Segmenter:
             if 0 < c.lesion_grow_to < thr:  # cores grown to the map's lower contour (whole lesions)
                 mask = _lesions.grow_lesions(mask, prob, c.lesion_grow_to)
         least = model.min_lesion_contrast if min_contrast is None else float(min_contrast)
+        # a bar the caller names is one bar for every lesion: the scan's own (adaptive) bar is the model's
+        measure = "local" if min_contrast is not None and c.lesion_contrast == "adaptive" else c.lesion_contrast
         cord = None
         if (least > 0 or c.lesion_fill or table) and mask.any():
             try:
@@ -195,13 +197,15 @@ class Segmenter:
                 warnings.warn(f"lesion screening skipped: {err}", CordsegWarning, stacklevel=3)
             else:
                 with timed(self.on_stage, "screening"):
-                    # the local contrast (and the table's) needs the cord above and below each lesion too
-                    margin = _lesions.local_reach_slices(rpi.zooms) if c.lesion_contrast == "local" or table else 0
+                    # the local contrast (and the table's) needs the cord above and below each lesion; the
+                    # adaptive bar needs all of it, to move each lesion's shape along
+                    margin = (prob.shape[2] if measure == "adaptive" and least > 0 else
+                              _lesions.local_reach_slices(rpi.zooms) if measure != "slice" or table else 0)
                     cord = _lesions.cord_along_lesions(mask, cl, sc, progress, on_stage=self.on_stage, margin=margin,
                                                        threshold=sc.threshold_for(contrast))
                     if least > 0:
-                        mask = _lesions.screen_lesions(mask, rpi.data, cord, least, measure=c.lesion_contrast,
-                                                       zooms=rpi.zooms)[0]
+                        mask = _lesions.screen_lesions(mask, rpi.data, cord, least, measure=measure,
+                                                       floor=c.lesion_contrast_floor, zooms=rpi.zooms)[0]
                     if c.lesion_fill and mask.any():
                         mask = _lesions.fill_to_edge(mask, rpi.data, cord, c.lesion_fill, rpi.zooms)
         if not mask.any():

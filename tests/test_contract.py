@@ -40,6 +40,9 @@ def _meta(task="sc", **changes):
     ("cordseg_size_multiple", "four"),
     ("cordseg_size_multiple", "0"),
     ("cordseg_min_lesion_contrast", "-1"),
+    ("cordseg_lesion_contrast", "global"),
+    ("cordseg_lesion_contrast_floor", "-0.5"),
+    ("cordseg_lesion_contrast_floor", "high"),
     ("cordseg_second_look_mm", "wide"),
     ("cordseg_centerline_slice_mm", "-2"),
     ("cordseg_channels", "cord_anomaly"),          # the image must come first
@@ -169,3 +172,13 @@ def test_a_contrast_may_have_its_own_threshold(tmp_path, tiny_onnx):
     assert (model.threshold_for("dwi"), model.threshold_for("t2"), model.threshold_for(None)) == (0.2, 0.5, 0.5)
     assert "dwi 0.2" in model.describe()
     assert "cordseg_contrast_thresholds" not in ModelContract.from_metadata(_meta("sc"), "sc.onnx").to_metadata()
+
+
+def test_adaptive_lesion_screening_and_its_floor_round_trip():
+    c = ModelContract.from_metadata(_meta("lesion", cordseg_lesion_contrast="adaptive"), "l.onnx")
+    assert c.lesion_contrast == "adaptive" and c.lesion_contrast_floor == pytest.approx(1.05)
+    assert "cordseg_lesion_contrast_floor" not in c.to_metadata()  # the default is not written
+    c = ModelContract.from_metadata(_meta("lesion", cordseg_lesion_contrast="adaptive",
+                                          cordseg_lesion_contrast_floor="1.08"), "l.onnx")
+    assert c.to_metadata()["cordseg_lesion_contrast_floor"] == "1.08"
+    assert ModelContract.from_metadata(c.to_metadata(), "l.onnx") == c

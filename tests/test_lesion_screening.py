@@ -229,3 +229,103 @@ def test_screening_cord_takes_the_threshold_for_the_images_contrast(monkeypatch)
     mask[16, 16, 20] = 1
     assert not lesions.cord_along_lesions(mask, cl, model).any()
     assert lesions.cord_along_lesions(mask, cl, model, threshold=0.2)[16, 16, 20] == 1
+
+
+def _long_cord(noise=0.0, seed=0, nz=60):
+    """A straight 12-voxel-wide square cord of 100 over `nz` 1 mm slices, with Gaussian noise of sd `noise`."""
+    rng = np.random.default_rng(seed)
+    image = np.full((40, 40, nz), 20.0, np.float32)
+    cord = np.zeros(image.shape, np.uint8)
+    cord[14:26, 14:26, :] = 1
+    image[cord > 0] = 100.0
+    image += rng.normal(0.0, noise, image.shape).astype(np.float32)
+    return image, cord
+
+
+def test_null_contrasts_move_each_lesions_shape_along_the_cord():
+    """On a clean cord the lesion's shape measures 1.0 wherever it is moved; the places keep clear of the
+    lesion's own slices and of every other lesion."""
+    image, cord = _long_cord()
+    mask = np.zeros(image.shape, np.uint8)
+    mask[18:21, 18:21, 28:32] = 1  # 4 slices: moved in steps of 2, never within 4 slices of itself
+    image[mask > 0] = 108.0
+    labels, _ = lesions.lesion_contrasts(mask, image, cord)
+    (null,) = lesions.null_contrasts(labels, image, cord, (1.0, 1.0, 1.0))
+    assert null.size >= 20 and np.allclose(null, 1.0, atol=1e-6)
+    # a second lesion takes its places (and their dilation) out of the first one's
+    mask[18:21, 18:21, 8:12] = 1
+    labels, _ = lesions.lesion_contrasts(mask, image, cord)
+    assert all(n.size < null.size for n in lesions.null_contrasts(labels, image, cord, (1.0, 1.0, 1.0)))
+
+
+def test_adaptive_screening_keeps_a_faint_lesion_on_a_clean_scan():
+    """A 1.08x lesion: under the fixed local bar (1.12) it is dropped; the clean scan's own bar (1.0 elsewhere,
+    raised to the floor 1.05) keeps it."""
+    image, cord = _long_cord(noise=0.5)
+    mask = np.zeros(image.shape, np.uint8)
+    mask[18:21, 18:21, 28:32] = 1
+    image[mask > 0] *= 1.08
+    zooms = (1.0, 1.0, 1.0)
+    assert lesions.screen_lesions(mask, image, cord, 1.12, measure="local", zooms=zooms)[1] == 1
+    kept, dropped = lesions.screen_lesions(mask, image, cord, 1.12, measure="adaptive", zooms=zooms)
+    assert dropped == 0 and (kept == mask).all()
+    # under the floor it goes, however clean the scan
+    assert lesions.screen_lesions(mask, image, cord, 1.12, measure="adaptive", zooms=zooms, floor=1.1)[1] == 1
+    # within the local reach (20 mm) of the cord's end the scan's middle says nothing: the fixed bar judges
+    end = np.zeros(image.shape, np.uint8)
+    end[18:21, 18:21, 50:54] = 1
+    image[end > 0] *= 1.08
+    labels, _ = lesions.lesion_contrasts(mask | end, image, cord)
+    nulls = lesions.null_contrasts(labels, image, cord, zooms)
+    assert nulls[labels[19, 19, 51] - 1].size == 0 and nulls[labels[19, 19, 29] - 1].size >= 15
+    kept, dropped = lesions.screen_lesions(mask | end, image, cord, 1.12, measure="adaptive", zooms=zooms)
+    assert dropped == 1 and kept[18:21, 18:21, 28:32].all() and not kept[18:21, 18:21, 50:54].any()
+
+
+def test_adaptive_screening_drops_what_the_scan_repeats_along_the_cord():
+    """A bright spot that recurs every 12 slices at the same place of the cord (1.2-1.25x), as anatomy or an
+    artefact would: its local contrast passes the fixed bar, and the same shape elsewhere on this scan
+    measures more, so the adaptive bar drops it. A lesion elsewhere in the cord, no brighter, is kept."""
+    image, cord = _long_cord(noise=0.5)
+    for z in range(4, 60, 12):
+        image[15:17, 15:17, z:z + 2] *= 1.2 if z == 28 else 1.25
+    mask = np.zeros(image.shape, np.uint8)
+    mask[15:17, 15:17, 28:30] = 1  # one of the recurring spots
+    mask[21:24, 21:24, 40:43] = 1  # a lesion
+    image[21:24, 21:24, 40:43] *= 1.2
+    labels, _ = lesions.lesion_contrasts(mask, image, cord)
+    spot, lesion = int(labels[15, 15, 28]), int(labels[22, 22, 41])
+    local = lesions.local_contrasts(labels, image, cord, (1.0, 1.0, 1.0))
+    assert local[spot - 1] > 1.12 and local[lesion - 1] > 1.12
+    kept, dropped = lesions.screen_lesions(mask, image, cord, 1.12, measure="adaptive", zooms=(1.0, 1.0, 1.0))
+    assert dropped == 1 and not kept[15:17, 15:17, 28:30].any() and kept[21:24, 21:24, 40:43].all()
+
+
+def test_adaptive_screening_takes_the_fixed_bar_where_the_cord_is_too_short():
+    """Too few places to move a lesion to (a cord of 12 slices): the model's fixed bar judges it."""
+    image, cord = _long_cord(noise=0.5, nz=12)
+    mask = np.zeros(image.shape, np.uint8)
+    mask[18:21, 18:21, 5:9] = 1
+    image[mask > 0] *= 1.08
+    labels, _ = lesions.lesion_contrasts(mask, image, cord)
+    assert lesions.null_contrasts(labels, image, cord, (1.0, 1.0, 1.0))[0].size < lesions.ADAPTIVE_MIN_PLACES
+    assert lesions.screen_lesions(mask, image, cord, 1.12, measure="adaptive", zooms=(1.0, 1.0, 1.0))[1] == 1
+    assert lesions.screen_lesions(mask, image, cord, 1.05, measure="adaptive", zooms=(1.0, 1.0, 1.0))[1] == 0
+
+
+@pytest.mark.slow
+def test_the_models_screening_is_adaptive_and_a_named_bar_is_fixed(monkeypatch):
+    """The shipped lesion model screens with the scan's own bar; a min_contrast the caller names is one fixed
+    bar for every lesion, measured against the same places above and below."""
+    seen = []
+    real = lesions.screen_lesions
+
+    def spy(*args, **kwargs):
+        seen.append((args[3], kwargs["measure"]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(lesions, "screen_lesions", spy)
+    ph = make_phantom((48, 48, 40), seed=3, n_lesions=3)
+    cordseg.segment_lesions(ph.image, "t2")
+    cordseg.segment_lesions(ph.image, "t2", min_contrast=1.3)
+    assert seen == [(pytest.approx(1.12), "adaptive"), (pytest.approx(1.3), "local")]
