@@ -79,8 +79,8 @@ def segment_lesions(img, contrast=None, soft=False, *, threshold=None, min_contr
     shipped one: against the same places of the cord on the slices above and below,
     cordseg.lesions.local_contrasts, with a bar the scan sets itself, cordseg.lesions.null_contrasts; others:
     the median of the lesion-free cord on their slices). min_contrast None: the model's screening; a number:
-    that one bar for every lesion; 0: no screening, every voxel at the threshold. The cord is segmented with `cord_model`
-    (default: the installed cord model for the contrast) along the same centerline. The soft map is the
+    that one bar for every lesion; 0: no screening, every voxel at the threshold. The cord is segmented with
+    `cord_model` (default: the installed cord model for the contrast) along the same centerline. The soft map is the
     network's output, unscreened. threads, conus: as for detect_centerline."""
     check_min_contrast(min_contrast)
     check_threshold(threshold)
