@@ -3,10 +3,10 @@ then every setting is scored from the kept maps.
 
     python bench/lesion_sweep.py --set choose [--model F.onnx] [--out sweep.json]
 
-Per case it keeps the lesion map, the cord (cord model along the whole centerline: a superset of what the
-runtime's screening segments, so a setting scores here as it does in `cordseg lesion` up to the screening
-cord's ends) and the image, on the runtime's RPI grid; a setting is threshold -> hysteresis growth ->
-screening (touch the cord, min contrast) -> growth to the half-maximum edge, scored on the native grid with
+Per case it keeps the lesion map, the cord (cord model along the whole centerline, as the runtime's adaptive
+screening segments it; the fixed bars' screening cord stops 20 mm beyond the lesions) and the image, on the
+runtime's RPI grid; a setting is threshold -> hysteresis growth -> screening (touch the cord, min contrast)
+-> growth to the local edge -> growth to the half-maximum edge, scored on the native grid with
 bench/lesion_eval.py's rules. Only the choosing set should be swept; the reporting set is for the chosen one.
 """
 from __future__ import annotations
@@ -62,7 +62,7 @@ def prepare(cases, model=None, log=print, cache=None, conus=True):
     return out
 
 
-def apply(rpi, prob, cord, thr, grow, least, fill, measure="slice"):
+def apply(rpi, prob, cord, thr, grow, least, fill, measure="slice", edge="0"):
     from cordseg import lesions
 
     mask = (prob >= thr).astype(np.uint8)
@@ -70,6 +70,9 @@ def apply(rpi, prob, cord, thr, grow, least, fill, measure="slice"):
         mask = lesions.grow_lesions(mask, prob, grow)
     if least and mask.any():
         mask = lesions.screen_lesions(mask, rpi.data, cord, least, measure=measure, zooms=rpi.zooms)[0]
+    if edge != "0" and mask.any():
+        share, low = (float(v) for v in edge.split(":"))
+        mask = lesions.grow_to_local_edge(mask, prob, rpi.data, cord, rpi.zooms, share, low)
     if fill and mask.any():
         mask = lesions.fill_to_edge(mask, rpi.data, cord, fill, rpi.zooms)
     return rpi.to_native(mask) > 0
@@ -113,6 +116,8 @@ def main(argv=None) -> int:
     ap.add_argument("--fill", default="0")
     ap.add_argument("--measure", default="slice", help="what the min contrast is measured against: slice, local "
                     "or adaptive, or several (comma-separated; see cordseg.lesions.screen_lesions)")
+    ap.add_argument("--edge", default="0", help="growth to the local edge after screening, SHARE:LOW pairs "
+                    "(comma-separated; 0: none; see cordseg.lesions.grow_to_local_edge)")
     ap.add_argument("--out")
     ap.add_argument("--cache", help="keep each case's maps here and reuse them (one folder per model)")
     ap.add_argument("--no-conus", action="store_true",
@@ -127,17 +132,18 @@ def main(argv=None) -> int:
     prepared = prepare([c for c in cases if c["kind"] in ("lesion", "free")], a.model, cache=a.cache,
                        conus=not a.no_conus)
     grid = list(itertools.product(*[[float(v) for v in s.split(",")]
-                                    for s in (a.thresholds, a.grow, a.min_contrast, a.fill)], a.measure.split(",")))
+                                    for s in (a.thresholds, a.grow, a.min_contrast, a.fill)], a.measure.split(","),
+                                a.edge.split(",")))
     results = []
-    print("| thr | grow | min contrast | measure | fill | median Dice | mean Dice | sens 25% | prec 25% | faint found "
-          "| F1 10% | FP on free scans |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| thr | grow | min contrast | measure | edge | fill | median Dice | mean Dice | sens 25% | prec 25% "
+          "| faint found | F1 10% | FP on free scans |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for setting in grid:
         if setting[1] and setting[1] >= setting[0]:
             continue
         p = score(prepared, setting)
         results.append(dict(setting=setting, **p))
-        print(f"| {setting[0]:g} | {setting[1]:g} | {setting[2]:g} | {setting[4]} | {setting[3]:g} | "
+        print(f"| {setting[0]:g} | {setting[1]:g} | {setting[2]:g} | {setting[4]} | {setting[5]} | {setting[3]:g} | "
               f"{p['median_dice']:.3f} | "
               f"{p['mean_dice']:.3f} | {p['found25']}/{p['n_ref']} = {p['sensitivity25']:.2f} | "
               f"{p['tp_pred25']}/{p['n_pred']} = {p['precision25']:.2f} | {p['faint_found25']} | "

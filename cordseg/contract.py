@@ -26,6 +26,9 @@ Keys (all values are strings in the file):
     cordseg_lesion_contrast_floor lesion models, "adaptive": the least local contrast kept (default 1.05)
     cordseg_lesion_grow_to       lesion models: lesions grown from the threshold down to this probability
                                  (hysteresis; default 0: none)
+    cordseg_lesion_edge          lesion models: after screening, each lesion grown by one voxel where the map
+                                 gives at least LOW and the voxel's own local contrast is at least SHARE of the
+                                 lesion's: "SHARE:LOW", e.g. "0.5:0.1" (default: none)
     cordseg_lesion_fill          lesion models: lesions grown inside the cord to this share of their own
                                  contrast (0.5: the half-maximum edge; default 0: none)
     cordseg_warning              a caveat shown to users
@@ -81,6 +84,7 @@ class ModelContract:
     lesion_contrast_floor: float = LESION_CONTRAST_FLOOR
     lesion_grow_to: float = 0.0
     lesion_fill: float = 0.0
+    lesion_edge: tuple = ()  # (share, low) for cordseg.lesions.grow_to_local_edge; () none
     warning: str | None = None
     second_look_mm: float = SECOND_LOOK_MM
     centerline_slice_mm: float = CENTERLINE_SLICE_MM
@@ -146,6 +150,8 @@ class ModelContract:
             meta["cordseg_lesion_grow_to"] = _g(self.lesion_grow_to)
         if self.lesion_fill:
             meta["cordseg_lesion_fill"] = _g(self.lesion_fill)
+        if self.lesion_edge:
+            meta["cordseg_lesion_edge"] = ":".join(_g(v) for v in self.lesion_edge)
         if self.warning:
             meta["cordseg_warning"] = self.warning
         if self.second_look_mm != SECOND_LOOK_MM:
@@ -219,6 +225,8 @@ def _check(c: ModelContract):
         raise _Invalid("lesion_grow_to")
     if not (_finite(c.lesion_fill) and 0.0 <= c.lesion_fill < 1.0):
         raise _Invalid("lesion_fill")
+    if c.lesion_edge and not (len(c.lesion_edge) == 2 and all(_finite(v) and 0 < v < 1 for v in c.lesion_edge)):
+        raise _Invalid("lesion_edge")
     if (not c.channels or c.channels[0] != "image" or any(x not in CHANNELS for x in c.channels)
             or len(set(c.channels)) != len(c.channels) or (len(c.channels) > 1 and c.layout != "NXYZC")):
         raise _Invalid("channels")
@@ -231,6 +239,10 @@ def _contrasts(text: str) -> tuple:
 def _contrast_thresholds(text: str) -> tuple:
     pairs = [p.split(":") for p in text.split(",") if p.strip()]
     return tuple((c.strip(), float(t)) for c, t in pairs)
+
+
+def _share_and_low(text: str) -> tuple:
+    return tuple(float(v) for v in text.split(":")) if text.strip() else ()
 
 
 def _patch_shape(text: str):
@@ -257,6 +269,7 @@ _PARSERS = {
     "cordseg_lesion_contrast_floor": ("lesion_contrast_floor", float),
     "cordseg_lesion_grow_to": ("lesion_grow_to", float),
     "cordseg_lesion_fill": ("lesion_fill", float),
+    "cordseg_lesion_edge": ("lesion_edge", _share_and_low),
     "cordseg_warning": ("warning", lambda t: t or None),
     "cordseg_second_look_mm": ("second_look_mm", float),
     "cordseg_centerline_slice_mm": ("centerline_slice_mm", float),
@@ -279,6 +292,7 @@ _EXPECTED = {
     "lesion_contrast_floor": "a number >= 0",
     "lesion_grow_to": "a number >= 0 and below the threshold",
     "lesion_fill": "a number >= 0 and below 1",
+    "lesion_edge": "SHARE:LOW, two numbers between 0 and 1",
     "warning": "text",
     "second_look_mm": "a number >= 0 (0: no second look)",
     "centerline_slice_mm": "a number >= 0",

@@ -149,25 +149,45 @@ class _LocalContext:
         self.reach = local_reach_slices(zooms, reach_mm)
         self.gap = 1 if float(zooms[2]) <= 2.0 else 0
 
-    def contrast(self, vox) -> float | None:
-        """The local contrast of the voxels `vox` (N x 3 indices)."""
-        image, levels = self.image, self.levels
-        z0, z1 = int(vox[:, 2].min()), int(vox[:, 2].max())
-        refs = [z for z in range(max(0, z0 - self.reach), min(image.shape[2], z1 + self.reach + 1))
+    def _refs(self, z0, z1):
+        """Reference slices for voxels on slices z0..z1: within reach, clear of them and their neighbours."""
+        return [z for z in range(max(0, z0 - self.reach), min(self.image.shape[2], z1 + self.reach + 1))
                 if (z < z0 - self.gap or z > z1 + self.gap) and self.has_cord[z]]
-        own_levels = levels[vox[:, 2]]
-        if not refs or not np.all(np.isfinite(own_levels) & (own_levels > 0)):
-            return None
+
+    def _own_and_expected(self, vox, refs):
+        """Each voxel's brightness on its slice's level, and the median of its place (offset from the cord's
+        centre) on the reference slices, each on its own slice's level."""
         off = vox[:, :2] - self.centres[vox[:, 2]]
         zs = np.asarray(refs)
         px = self.centres[zs, 0][None, :] + off[:, :1]
         py = self.centres[zs, 1][None, :] + off[:, 1:]
         pz = np.broadcast_to(zs[None, :].astype(float), px.shape)
-        samples = ndi.map_coordinates(image, [px.ravel(), py.ravel(), pz.ravel()], order=1, mode="nearest")
-        expected = np.median((samples.reshape(px.shape) - self.floor) / levels[zs][None, :], axis=1)
-        own = (image[vox[:, 0], vox[:, 1], vox[:, 2]] - self.floor) / own_levels
+        samples = ndi.map_coordinates(self.image, [px.ravel(), py.ravel(), pz.ravel()], order=1, mode="nearest")
+        expected = np.median((samples.reshape(px.shape) - self.floor) / self.levels[zs][None, :], axis=1)
+        own = (self.image[vox[:, 0], vox[:, 1], vox[:, 2]] - self.floor) / self.levels[vox[:, 2]]
+        return own, expected
+
+    def contrast(self, vox) -> float | None:
+        """The local contrast of the voxels `vox` (N x 3 indices) taken together."""
+        refs = self._refs(int(vox[:, 2].min()), int(vox[:, 2].max()))
+        own_levels = self.levels[vox[:, 2]]
+        if not refs or not np.all(np.isfinite(own_levels) & (own_levels > 0)):
+            return None
+        own, expected = self._own_and_expected(vox, refs)
         base = float(expected.mean())
         return float(own.mean()) / base if base > 0 else None
+
+    def voxel_ratios(self, vox) -> np.ndarray:
+        """Each voxel's own local contrast (NaN where its slice has no level or no reference slice)."""
+        out = np.full(len(vox), np.nan)
+        for z in np.unique(vox[:, 2]):
+            refs = self._refs(int(z), int(z))
+            if not refs or not (np.isfinite(self.levels[z]) and self.levels[z] > 0):
+                continue
+            on = vox[:, 2] == z
+            own, expected = self._own_and_expected(vox[on], refs)
+            out[on] = np.where(expected > 0, own / np.where(expected > 0, expected, 1.0), np.nan)
+        return out
 
 
 def grow_lesions(mask: np.ndarray, prob: np.ndarray, low: float) -> np.ndarray:
@@ -182,6 +202,37 @@ def grow_lesions(mask: np.ndarray, prob: np.ndarray, low: float) -> np.ndarray:
     region, _ = label_lesions(prob >= low)
     keep = np.unique(region[seeds & (region > 0)])
     return (seeds | np.isin(region, keep[keep > 0])).astype(mask.dtype)
+
+
+def grow_to_local_edge(mask: np.ndarray, prob: np.ndarray, image: np.ndarray, cord: np.ndarray,
+                       zooms=(1.0, 1.0, 1.0), share: float = 0.5, low: float = 0.1,
+                       reach_mm: float = LOCAL_REACH_MM) -> np.ndarray:
+    """Each lesion grown by one voxel (its 6 neighbours; in-plane only where slices are thicker than 2 mm) into
+    the cord where the network's map still gives at least `low` and the voxel is brighter than its own places
+    above and below (local_contrasts, voxel by voxel) by at least `share` of the lesion's own local contrast.
+
+    On a faint lesion the map rises above the threshold on the bright core only; its partial-volume rim is
+    still brighter than the same places of the cord elsewhere, and the network half-sees it."""
+    labels, _ = label_lesions(mask)
+    if labels.max() == 0:
+        return mask
+    ctx = _LocalContext(labels, image, cord, zooms, reach_mm)
+    step = ndi.generate_binary_structure(3, 1)
+    if float(zooms[2]) > 2.0:
+        step[:, :, 0] = step[:, :, 2] = False
+    out = mask.astype(bool).copy()
+    for i, (vox, sl) in enumerate(zip(_voxels(labels), ndi.find_objects(labels)), start=1):
+        c = ctx.contrast(vox)
+        if c is None or c <= 1.0:
+            continue
+        box = tuple(slice(max(0, s.start - 1), s.stop + 1) for s in sl)
+        own = labels[box] == i
+        ring = ndi.binary_dilation(own, step) & ~own & ctx.cord[box] & (prob[box] >= low)
+        near = np.argwhere(ring) + [s.start for s in box]
+        if near.size:
+            near = near[ctx.voxel_ratios(near) >= 1.0 + share * (c - 1.0)]
+            out[near[:, 0], near[:, 1], near[:, 2]] = True
+    return out.astype(mask.dtype)
 
 
 def fill_to_edge(mask: np.ndarray, image: np.ndarray, cord: np.ndarray, fraction: float = 0.5,

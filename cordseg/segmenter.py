@@ -200,12 +200,15 @@ class Segmenter:
                     # the local contrast (and the table's) needs the cord above and below each lesion; the
                     # adaptive bar needs all of it, to move each lesion's shape along
                     margin = (prob.shape[2] if measure == "adaptive" and least > 0 else
-                              _lesions.local_reach_slices(rpi.zooms) if measure != "slice" or table else 0)
+                              _lesions.local_reach_slices(rpi.zooms) if measure != "slice" or table or c.lesion_edge
+                              else 0)
                     cord = _lesions.cord_along_lesions(mask, cl, sc, progress, on_stage=self.on_stage, margin=margin,
                                                        threshold=sc.threshold_for(contrast))
                     if least > 0:
                         mask = _lesions.screen_lesions(mask, rpi.data, cord, least, measure=measure,
                                                        floor=c.lesion_contrast_floor, zooms=rpi.zooms)[0]
+                    if c.lesion_edge and least > 0 and mask.any():  # the screened lesions' rims
+                        mask = _lesions.grow_to_local_edge(mask, prob, rpi.data, cord, rpi.zooms, *c.lesion_edge)
                     if c.lesion_fill and mask.any():
                         mask = _lesions.fill_to_edge(mask, rpi.data, cord, c.lesion_fill, rpi.zooms)
         if not mask.any():

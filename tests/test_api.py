@@ -162,13 +162,14 @@ def test_screened_lesions_on_lesion_free_phantoms():
     """Small specks of noise on toy phantoms (the cord's signal-to-noise ratio about 8, noisier than the real
     scans, where no lesion-free scan of the evaluation sets gets a false lesion).
 
-    Measured on seeds 0-7 with stage 7: 5, 8 and 3 mm3 on seeds 1, 3 and 4 (1.14-1.17 times the same places
-    of the cord above and below), none on the others; stage 5: one voxel on seed 2."""
+    Measured on seeds 0-7 with stage 7, the scan's own bar and growth to the local edge: 8, 9 and 5 mm3 on seeds
+    1, 3 and 4, none on the others (with the fixed bar and no growth: 5, 8 and 3 mm3, 1.14-1.17 times the same
+    places of the cord above and below; the growth takes in each speck's rim); stage 5: one voxel on seed 2."""
     sizes = []
     for seed in range(4):
         ph = make_phantom((48, 48, 24), axcodes=("R", "P", "I"), seed=seed)
         sizes += [row.volume_mm3 for row in lesion_table(cordseg.segment_lesions(ph.image, "t2"))]
-    assert sum(sizes) <= 16 and all(v <= 10 for v in sizes)
+    assert len(sizes) <= 2 and sum(sizes) <= 20 and all(v <= 12 for v in sizes)
 
 
 def test_path_input_reads_contrast_from_the_name(tmp_path):

@@ -188,10 +188,10 @@ def test_lesion_csv_with_the_shipped_model(tmp_path, t2w):
     assert result.exit_code == 0, stderr
     seg = assert_on_grid(tmp_path / "sub-01_T2w_lesionseg.nii.gz", t2w)
     assert seg.get_data_dtype() == np.uint8
-    # lesion-free phantom; measured (stage 7): two specks, 3 and 1 mm3, at the cord's edge by the phantom's
-    # one-voxel bright CSF ring (stage 5: one, 2 mm3)
+    # lesion-free phantom; measured (stage 7): two specks, 6 mm3 in all with growth to the local edge (4 without),
+    # at the cord's edge by the phantom's one-voxel bright CSF ring (stage 5: one, 2 mm3)
     match = re.match(r"lesions: (\d+), total volume ([\d.]+) mm3 -> ", stdout)
-    assert match and int(match[1]) <= 2 and float(match[2]) <= 5
+    assert match and int(match[1]) <= 2 and float(match[2]) <= 8
     header, rows = read_csv(table)
     assert header[:7] == LESION_HEADER and len(rows) == int(match[1])
     assert sum(float(r[1]) for r in rows) == pytest.approx(float(match[2]), abs=0.1)

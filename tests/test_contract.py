@@ -43,6 +43,9 @@ def _meta(task="sc", **changes):
     ("cordseg_lesion_contrast", "global"),
     ("cordseg_lesion_contrast_floor", "-0.5"),
     ("cordseg_lesion_contrast_floor", "high"),
+    ("cordseg_lesion_edge", "0.5"),
+    ("cordseg_lesion_edge", "0.5:1.2"),
+    ("cordseg_lesion_edge", "half:0.1"),
     ("cordseg_second_look_mm", "wide"),
     ("cordseg_centerline_slice_mm", "-2"),
     ("cordseg_channels", "cord_anomaly"),          # the image must come first
@@ -182,3 +185,19 @@ def test_adaptive_lesion_screening_and_its_floor_round_trip():
                                           cordseg_lesion_contrast_floor="1.08"), "l.onnx")
     assert c.to_metadata()["cordseg_lesion_contrast_floor"] == "1.08"
     assert ModelContract.from_metadata(c.to_metadata(), "l.onnx") == c
+
+
+def test_lesion_edge_growth_round_trips():
+    c = ModelContract.from_metadata(_meta("lesion", cordseg_lesion_edge="0.5:0.1"), "l.onnx")
+    assert c.lesion_edge == (0.5, 0.1) and c.to_metadata()["cordseg_lesion_edge"] == "0.5:0.1"
+    assert "cordseg_lesion_edge" not in ModelContract.from_metadata(_meta("lesion"), "l.onnx").to_metadata()
+
+
+def test_training_writes_the_shipped_lesion_models_screening():
+    """`cordseg train lesion` exports the screening settings the shipped lesion model carries."""
+    tasks = pytest.importorskip("cordseg.training.tasks")
+    meta = tasks.metadata(tasks.TASKS["lesion"], contrast="t2,t2s", steps=1, summary="x")
+    shipped = read_metadata(find_model("lesion", "t2").path)
+    for key in ("cordseg_threshold", "cordseg_min_lesion_contrast", "cordseg_lesion_contrast",
+                "cordseg_lesion_contrast_floor", "cordseg_lesion_edge"):
+        assert meta.get(key) == shipped.get(key), key

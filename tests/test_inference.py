@@ -148,6 +148,7 @@ def test_shipped_models_carry_the_whole_contract():
         # against the same places above and below); the others don't, and only it takes the anomaly channel
         assert m.min_lesion_contrast == (1.12 if m.task == "lesion" else 0.0)
         assert m.contract.lesion_contrast == ("adaptive" if m.task == "lesion" else "slice")
+        assert m.contract.lesion_edge == ((0.5, 0.1) if m.task == "lesion" else ())
         assert m.channels == (("image", "cord_anomaly") if m.task == "lesion" else ("image",))
 
 

@@ -2,6 +2,7 @@
 cord and are brighter than the lesion-free cord on their slices."""
 import numpy as np
 import pytest
+from scipy import ndimage as ndi
 
 import cordseg
 from cordseg import lesions
@@ -315,17 +316,63 @@ def test_adaptive_screening_takes_the_fixed_bar_where_the_cord_is_too_short():
 
 @pytest.mark.slow
 def test_the_models_screening_is_adaptive_and_a_named_bar_is_fixed(monkeypatch):
-    """The shipped lesion model screens with the scan's own bar; a min_contrast the caller names is one fixed
-    bar for every lesion, measured against the same places above and below."""
-    seen = []
-    real = lesions.screen_lesions
+    """The shipped lesion model screens with the scan's own bar, then grows the kept lesions to their local
+    edge; a min_contrast the caller names is one fixed bar for every lesion, measured against the same places
+    above and below; min_contrast=0 is the thresholded map, neither screened nor grown."""
+    seen, grown = [], []
+    real_screen, real_grow = lesions.screen_lesions, lesions.grow_to_local_edge
 
     def spy(*args, **kwargs):
         seen.append((args[3], kwargs["measure"]))
-        return real(*args, **kwargs)
+        return real_screen(*args, **kwargs)
+
+    def spy_grow(*args):
+        grown.append(args[5:])
+        return real_grow(*args)
 
     monkeypatch.setattr(lesions, "screen_lesions", spy)
+    monkeypatch.setattr(lesions, "grow_to_local_edge", spy_grow)
     ph = make_phantom((48, 48, 40), seed=3, n_lesions=3)
     cordseg.segment_lesions(ph.image, "t2")
-    cordseg.segment_lesions(ph.image, "t2", min_contrast=1.3)
-    assert seen == [(pytest.approx(1.12), "adaptive"), (pytest.approx(1.3), "local")]
+    cordseg.segment_lesions(ph.image, "t2", min_contrast=1.05)
+    assert seen == [(pytest.approx(1.12), "adaptive"), (pytest.approx(1.05), "local")]
+    assert grown == [(0.5, 0.1), (0.5, 0.1)]
+    cordseg.segment_lesions(ph.image, "t2", min_contrast=0)
+    assert len(seen) == 2 and len(grown) == 2
+
+
+def test_growth_to_the_local_edge_takes_the_rim_the_network_half_sees():
+    """A faint lesion's bright core (1.3x) is the mask; its rim (1.2x) joins where the map gives >= 0.1, one
+    voxel deep; a normal voxel the map half-sees stays out, and so does a bright one the map does not see."""
+    image, cord = _long_cord(noise=0.2)
+    prob = np.zeros(image.shape, np.float32)
+    core = np.zeros(image.shape, bool)
+    core[19:21, 19:21, 29:31] = True
+    rim = ndi.binary_dilation(core, ndi.generate_binary_structure(3, 1)) & ~core
+    image[core] *= 1.3
+    image[rim] *= 1.2
+    prob[core], prob[rim] = 0.9, 0.3
+    unseen = (18, 19, 29)  # a rim voxel the map does not see
+    prob[unseen] = 0.05
+    normal = (17, 19, 29)  # next ring: normal cord, half-seen
+    prob[normal] = 0.3
+    grown = lesions.grow_to_local_edge(core.astype(np.uint8), prob, image, cord, (1.0, 1.0, 1.0), 0.5, 0.1)
+    assert grown.dtype == np.uint8 and grown[core].all()
+    seen_rim = rim.copy()
+    seen_rim[unseen] = False
+    assert grown[seen_rim].all() and not grown[unseen] and not grown[normal]
+    assert grown.sum() == core.sum() + seen_rim.sum()
+    # a rim only as bright as a quarter of the core's contrast stays out at share 0.5
+    image[rim] /= 1.2 / 1.07
+    assert (lesions.grow_to_local_edge(core.astype(np.uint8), prob, image, cord, (1.0, 1.0, 1.0), 0.5, 0.1)
+            == core).all()
+
+
+def test_growth_to_the_local_edge_stays_on_its_slices_when_they_are_thick():
+    image, cord = _long_cord(noise=0.2)
+    core = np.zeros(image.shape, bool)
+    core[19:21, 19:21, 29:31] = True
+    image[ndi.binary_dilation(core, iterations=2)] *= 1.3
+    prob = np.where(ndi.binary_dilation(core, iterations=2), 0.5, 0.0).astype(np.float32)
+    grown = lesions.grow_to_local_edge(core.astype(np.uint8), prob, image, cord, (1.0, 1.0, 5.0), 0.5, 0.1)
+    assert grown[core].all() and grown[18, 19, 29] and not grown[:, :, 28].any() and not grown[:, :, 31].any()
