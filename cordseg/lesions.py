@@ -48,6 +48,8 @@ def lesion_contrasts(mask: np.ndarray, image: np.ndarray, cord: np.ndarray) -> t
 def _floor(image) -> float:
     """Where intensities are measured from: 0, or the image's lowest values where it has negative ones, so
     that an offset image measures alike."""
+    if float(np.min(image)) >= 0.0:  # the percentile of a non-negative image is never below 0
+        return 0.0
     return min(0.0, float(np.percentile(image, 0.5)))
 
 
@@ -100,13 +102,17 @@ def null_contrasts(labels: np.ndarray, image: np.ndarray, cord: np.ndarray, zoom
     changes fastest: the middle of the cord does not tell what is normal there.
 
     The spread of these is the scan's own: noise, grey matter, shading and partial volume at that size."""
-    ctx = _LocalContext(labels, image, cord, zooms, reach_mm)
+    return _null_contrasts(_LocalContext(labels, image, cord, zooms, reach_mm), labels, _voxels(labels))
+
+
+def _null_contrasts(ctx, labels, voxels) -> list:
+    image = ctx.image
     has = ctx.cord.any(axis=(0, 1))
     span = np.nonzero(has)[0]
-    avoid = ndi.binary_dilation(labels > 0, iterations=2)
+    avoid = _near_lesions(labels)
     nz = image.shape[2]
     out = []
-    for vox in _voxels(labels):
+    for vox in voxels:
         z0, z1 = int(vox[:, 2].min()), int(vox[:, 2].max())
         ext = z1 - z0 + 1
         found = []
@@ -124,6 +130,15 @@ def null_contrasts(labels: np.ndarray, image: np.ndarray, cord: np.ndarray, zoom
             if c is not None:
                 found.append(c)
         out.append(np.asarray(found, float))
+    return out
+
+
+def _near_lesions(labels):
+    """Every labelled voxel and those within two steps of one (dilated within the lesions' boxes only)."""
+    out = np.zeros(labels.shape, bool)
+    for sl in ndi.find_objects(labels):
+        box = tuple(slice(max(0, s.start - 2), s.stop + 2) for s in sl)
+        out[box] |= ndi.binary_dilation(labels[box] > 0, iterations=2)
     return out
 
 
@@ -285,14 +300,16 @@ def screen_lesions(mask: np.ndarray, image: np.ndarray, cord: np.ndarray, min_co
     Returns (mask, number dropped)."""
     labels, contrasts = lesion_contrasts(mask, image, cord)
     bars = [min_contrast] * len(contrasts)
+    voxels = _voxels(labels)
     if measure in ("local", "adaptive"):
-        local = local_contrasts(labels, image, cord, zooms)
-        contrasts = [c if v is None else v for c, v in zip(contrasts, local)]
-    if measure == "adaptive":
-        bars = [max(floor, float(n.max())) if n.size >= ADAPTIVE_MIN_PLACES else min_contrast
-                for n in null_contrasts(labels, image, cord, zooms)]
-    inside = ndi.maximum(cord.astype(bool), labels, index=np.arange(1, len(contrasts) + 1))
-    drop = [i for i, (c, bar, touches) in enumerate(zip(contrasts, bars, np.atleast_1d(inside)), start=1)
+        ctx = _LocalContext(labels, image, cord, zooms, LOCAL_REACH_MM)
+        contrasts = [c if v is None else v for c, v in zip(contrasts, (ctx.contrast(vox) for vox in voxels))]
+        if measure == "adaptive":
+            bars = [max(floor, float(n.max())) if n.size >= ADAPTIVE_MIN_PLACES else min_contrast
+                    for n in _null_contrasts(ctx, labels, voxels)]
+    cord = cord.astype(bool)
+    inside = [bool(cord[vox[:, 0], vox[:, 1], vox[:, 2]].any()) for vox in voxels]
+    drop = [i for i, (c, bar, touches) in enumerate(zip(contrasts, bars, inside), start=1)
             if not touches or (c is not None and c < bar)]
     if not drop:
         return mask, 0
