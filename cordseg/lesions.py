@@ -67,7 +67,7 @@ def _ratios(labels, image, cord) -> list:
 
 
 LOCAL_REACH_MM = 20.0  # reference slices for a lesion's local contrast: this far above and below it
-ADAPTIVE_MIN_PLACES = 3  # "adaptive" screening: fewer places of a lesion's shape than this -> the fixed bar
+ADAPTIVE_MIN_PLACES = 5  # "adaptive" screening: fewer places of a lesion's shape than this -> the fixed bar
 
 
 def cord_levels(image: np.ndarray, healthy: np.ndarray, floor: float) -> np.ndarray:
