@@ -186,11 +186,22 @@ class Model:
                 f"patch {self.metadata['cordseg_patch_shape']}, voxel {self.metadata['cordseg_voxel_size']} mm, "
                 f"threshold {self.threshold:g}"
                 + "".join(f" ({c} {t:g})" for c, t in self.contract.contrast_thresholds) + ", "
-                + (f"lesion screening min contrast {self.min_lesion_contrast:g} ({self.contract.lesion_contrast}), "
-                   if self.min_lesion_contrast else "")
+                + self._screening()
                 + (f"input channels {','.join(self.channels)}, " if len(self.channels) > 1 else "")
                 + f"{self.metadata.get('cordseg_training', '')}"
                 + (f" WARNING: {self.warning}" if self.warning else ""))
+
+    def _screening(self) -> str:
+        c = self.contract
+        if not self.min_lesion_contrast:
+            return ""
+        if c.lesion_contrast == "adaptive":
+            text = (f"lesion screening: the scan's own bar (at least {c.lesion_contrast_floor:g}; "
+                    f"{self.min_lesion_contrast:g} where it sets none)")
+        else:
+            text = f"lesion screening min contrast {self.min_lesion_contrast:g} ({c.lesion_contrast})"
+        edge = f", grown to the local edge {':'.join(f'{v:g}' for v in c.lesion_edge)}" if c.lesion_edge else ""
+        return text + edge + ", "
 
     # --- running ---
     def session(self):

@@ -149,6 +149,9 @@ def test_shipped_models_carry_the_whole_contract():
         assert m.min_lesion_contrast == (1.12 if m.task == "lesion" else 0.0)
         assert m.contract.lesion_contrast == ("adaptive" if m.task == "lesion" else "slice")
         assert m.contract.lesion_edge == ((0.5, 0.1) if m.task == "lesion" else ())
+        if m.task == "lesion":  # what `cordseg models` says of it
+            assert "the scan's own bar (at least 1.05; 1.12 where it sets none)" in m.describe()
+            assert "grown to the local edge 0.5:0.1" in m.describe()
         assert m.channels == (("image", "cord_anomaly") if m.task == "lesion" else ("image",))
 
 
