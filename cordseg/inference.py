@@ -208,7 +208,13 @@ class Model:
         if self._session is None:
             try:
                 import onnxruntime as ort
-            except ImportError:  # pragma: no cover - a hard dependency
+            except ImportError as exc:
+                # a signal during the import: its C extension reports the handler's interrupt as an ImportError
+                behind = exc
+                while behind is not None and not isinstance(behind, KeyboardInterrupt):
+                    behind = behind.__cause__ or behind.__context__
+                if behind is not None:
+                    raise behind from None
                 raise ModelError("onnxruntime is not installed") from None
             ort.set_default_logger_severity(3)  # its environment's own lines (thread affinity...) too: errors only
             opts = ort.SessionOptions()

@@ -254,3 +254,30 @@ def test_flip_average_undoes_its_flip(tmp_path, tiny_onnx, layout, input_shape):
     y = m.predict(x, flip_average=True)
     assert y.shape == x.shape and y.dtype == np.float32
     np.testing.assert_allclose(y, x, rtol=0, atol=1e-6)
+
+
+def test_a_signal_during_the_runtime_import_is_an_interrupt_not_a_missing_package(monkeypatch):
+    """onnxruntime's extension turns an interrupt raised by a signal handler during its import into
+    ImportError("initialization failed"): that must unwind as the interrupt (exit 143 on SIGTERM), not be
+    reported as a missing package. A real ImportError still is."""
+    import builtins
+
+    model = find_model("sc", "t2")
+    real_import = builtins.__import__
+
+    def interrupted_import(name, *args, **kwargs):
+        if name == "onnxruntime":
+            try:
+                raise KeyboardInterrupt("SIGTERM")
+            except KeyboardInterrupt:
+                raise ImportError("initialization failed")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(model, "_session", None)
+    monkeypatch.setattr(builtins, "__import__", interrupted_import)
+    with pytest.raises(KeyboardInterrupt, match="SIGTERM"):
+        model.session()
+    monkeypatch.setattr(builtins, "__import__", lambda name, *a, **k: (_ for _ in ()).throw(ImportError(name))
+                        if name == "onnxruntime" else real_import(name, *a, **k))
+    with pytest.raises(ModelError, match="onnxruntime is not installed"):
+        model.session()
