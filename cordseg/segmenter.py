@@ -197,11 +197,12 @@ class Segmenter:
                 warnings.warn(f"lesion screening skipped: {err}", CordsegWarning, stacklevel=3)
             else:
                 with timed(self.on_stage, "screening"):
-                    # the local contrast (and the table's) needs the cord above and below each lesion; the
-                    # adaptive bar needs all of it, to move each lesion's shape along
-                    margin = (prob.shape[2] if measure == "adaptive" and least > 0 else
-                              _lesions.local_reach_slices(rpi.zooms) if measure != "slice" or table or c.lesion_edge
-                              else 0)
+                    if measure == "adaptive" and least > 0:  # each lesion's shape moves along all the cord
+                        margin = prob.shape[2]
+                    elif measure != "slice" or table or c.lesion_edge:  # local contrasts: the cord above, below
+                        margin = _lesions.local_reach_slices(rpi.zooms)
+                    else:
+                        margin = 0
                     cord = _lesions.cord_along_lesions(mask, cl, sc, progress, on_stage=self.on_stage, margin=margin,
                                                        threshold=sc.threshold_for(contrast))
                     if least > 0:
