@@ -27,6 +27,18 @@ def test_thicker_slices_are_slab_means_at_the_slab_centre():
     assert set(np.unique(kept)) <= {0, 1}
 
 
+def test_thicker_slices_at_another_slab_placing():
+    aff = np.diag([1.0, 1.0, 1.0, 1.0])
+    data = np.arange(2 * 2 * 11, dtype=np.float32).reshape(2, 2, 11)
+    img = nib.Nifti1Image(data, aff)
+    out = thick.thicken(img, 2, 3, offset=2)
+    assert out.shape == (2, 2, 3)  # slices 0-1 before the first slab and slice 11 after the last dropped
+    np.testing.assert_allclose(np.asarray(out.dataobj)[..., 0], data[..., 2:5].mean(axis=2))
+    # the first slab's centre is native slice 3
+    np.testing.assert_allclose(out.affine @ [0, 0, 0, 1], img.affine @ [0, 0, 3, 1])
+    np.testing.assert_allclose(out.affine @ [0, 0, 2, 1], img.affine @ [0, 0, 9, 1])
+
+
 def test_half_maximum_reference_is_the_bright_disk():
     zooms = (0.5, 0.5, 5.0)
     x, y = np.meshgrid(np.arange(60) * 0.5, np.arange(60) * 0.5, indexing="ij")
