@@ -11,8 +11,9 @@ thickness, rounded; the remainder at the far end is dropped), and the header say
 slice centre at the middle of its block. The reference mask is averaged over the same blocks and kept where at
 least half of the block was cord. Where the slab borders fall against the cord's edges decides whether an edge
 slab is cord in the reference (a 12 mm cord spans three or four 3-4 mm slabs), so one placing swings the volume
-by a slab's share; `--phases` measures every placing and takes each scan's median over them. Prints per scan and thickness: Dice, predicted/reference volume, and the
-median per asked thickness over the scans (and per subject: the sct_testing scans against unf01's).
+by a slab's share; `--phases` measures every placing and takes each scan's median over them. Prints per scan
+and thickness: Dice, predicted/reference volume, and the median per asked thickness over the scans (and per
+subject: the sct_testing scans against unf01's).
 """
 from __future__ import annotations
 
@@ -121,9 +122,9 @@ def main(argv=None):
                       flush=True)
             if a.phases:
                 mine = [r for r in rows if r["image"] == img_path and r["asked_mm"] == mm]
+                vols = [r["volume_ratio"] for r in mine]
                 print(f"{img_path:40s} {k * native:4.1f} med {'':>12s} {np.median([r['dice'] for r in mine]):6.3f} "
-                      f"{np.median([r['volume_ratio'] for r in mine]):9.2f}   (range {min(r['volume_ratio'] for r in mine):.2f}"
-                      f"-{max(r['volume_ratio'] for r in mine):.2f})", flush=True)
+                      f"{np.median(vols):9.2f}   (range {min(vols):.2f}-{max(vols):.2f})", flush=True)
     print()
     print(f"{'mm':>4s} {'median dice':>11s} {'sct':>6s} {'unf01':>6s} {'worst':>6s} {'vol ratios':>20s}")
     for mm in thick:
