@@ -199,7 +199,8 @@ class Segmenter:
                 with timed(self.on_stage, "screening"):
                     if measure == "adaptive" and least > 0:  # each lesion's shape moves along all the cord
                         margin = prob.shape[2]
-                    elif measure != "slice" or table or c.lesion_edge:  # local contrasts: the cord above, below
+                    elif measure != "slice" or table or (c.lesion_edge and least > 0):
+                        # local contrasts need the cord above and below (growth to the edge follows screening only)
                         margin = _lesions.local_reach_slices(rpi.zooms)
                     else:
                         margin = 0
