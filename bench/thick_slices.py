@@ -78,6 +78,16 @@ def thicken(img, axis, k, *, mask=False, offset=0):
     return out
 
 
+def per_scan(rows, image, mm):
+    """One figure per scan and thickness: the medians over the slab placings measured (None: none measured)."""
+    mine = [r for r in rows if r["image"] == image and r["asked_mm"] == mm]
+    if not mine:
+        return None
+    vols = [r["volume_ratio"] for r in mine]
+    return dict(subject=mine[0]["subject"], dice=float(np.median([r["dice"] for r in mine])),
+                volume_ratio=float(np.median(vols)), low=min(vols), high=max(vols))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data", type=Path, default=shared_data())
@@ -121,20 +131,13 @@ def main(argv=None):
                 print(f"{img_path:40s} {k * native:4.1f} {offset:3d} {shape:>12s} {d:6.3f} {ratio:9.2f} {secs:7.2f}",
                       flush=True)
             if a.phases:
-                mine = [r for r in rows if r["image"] == img_path and r["asked_mm"] == mm]
-                vols = [r["volume_ratio"] for r in mine]
-                print(f"{img_path:40s} {k * native:4.1f} med {'':>12s} {np.median([r['dice'] for r in mine]):6.3f} "
-                      f"{np.median(vols):9.2f}   (range {min(vols):.2f}-{max(vols):.2f})", flush=True)
+                scan = per_scan(rows, img_path, mm)
+                print(f"{img_path:40s} {k * native:4.1f} med {'':>12s} {scan['dice']:6.3f} {scan['volume_ratio']:9.2f}"
+                      f"   (range {scan['low']:.2f}-{scan['high']:.2f})", flush=True)
     print()
     print(f"{'mm':>4s} {'median dice':>11s} {'sct':>6s} {'unf01':>6s} {'worst':>6s} {'vol ratios':>20s}")
     for mm in thick:
-        # one figure per scan: the median over the slab placings measured
-        sel = []
-        for img_path, *_ in CASES:
-            mine = [r for r in rows if r["image"] == img_path and r["asked_mm"] == mm]
-            if mine:
-                sel.append(dict(subject=mine[0]["subject"], dice=float(np.median([r["dice"] for r in mine])),
-                                volume_ratio=float(np.median([r["volume_ratio"] for r in mine]))))
+        sel = [s for s in (per_scan(rows, img_path, mm) for img_path, *_ in CASES) if s]
         if not sel:
             continue
         med = {s: np.median([r["dice"] for r in sel if r["subject"] == s]) for s in ("sct", "unf01")}

@@ -39,6 +39,15 @@ def test_thicker_slices_at_another_slab_placing():
     np.testing.assert_allclose(out.affine @ [0, 0, 2, 1], img.affine @ [0, 0, 9, 1])
 
 
+def test_per_scan_figure_is_the_median_over_slab_placings():
+    rows = [dict(image="a", subject="sct", asked_mm=3.0, dice=d, volume_ratio=v)
+            for d, v in ((0.90, 0.8), (0.95, 1.0), (0.80, 0.9))]
+    rows.append(dict(image="a", subject="sct", asked_mm=4.0, dice=0.5, volume_ratio=2.0))
+    scan = thick.per_scan(rows, "a", 3.0)
+    assert scan == dict(subject="sct", dice=pytest.approx(0.90), volume_ratio=pytest.approx(0.9), low=0.8, high=1.0)
+    assert thick.per_scan(rows, "b", 3.0) is None
+
+
 def test_half_maximum_reference_is_the_bright_disk():
     zooms = (0.5, 0.5, 5.0)
     x, y = np.meshgrid(np.arange(60) * 0.5, np.arange(60) * 0.5, indexing="ij")
