@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -89,6 +90,34 @@ def test_cnn2_parity_fixed_patch_dynamic_batch(tmp_path):
     assert read_metadata(path) == meta
     x3 = np.random.default_rng(3).normal(size=(3, 16, 16, 16, 1)).astype(np.float32)
     assert np.max(np.abs(export.onnx_outputs(path.read_bytes(), x3) - export.keras_outputs(model, x3))) <= 1e-4
+    ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+    assert "Tile" not in ops and ops.count("Expand") == 2  # each up-sampling one broadcast (training/onnx_graph)
+
+
+def test_upsampling_rewrite_of_an_existing_file(tmp_path, capsys):
+    """A file exported before the rewrite (tf2onnx's repeat chains) rewritten by the CLI: identical outputs,
+    metadata kept; a graph without chains is left alone."""
+    from cordseg.training import onnx_graph
+
+    keras.utils.set_random_seed(4)
+    model = _randomise_bn(build_cnn2((16, 16, 8), base_filters=2, name="tiny_cnn2", in_channels=2))
+    meta = {"cordseg_task": "lesion", "cordseg_layout": "NXYZC", "cordseg_patch_shape": "16x16x8"}
+    orig = tmp_path / "orig.onnx"
+    with mock.patch.object(export, "simplify_upsampling", lambda proto: 0):  # as files were written before
+        x = np.random.default_rng(1).normal(size=(2, 16, 16, 8, 2)).astype(np.float32)
+        export.export_onnx(model, orig, meta, check_inputs=x)
+    assert "Tile" in [n.op_type for n in onnx.load(str(orig)).graph.node]
+    out = tmp_path / "new.onnx"
+    assert onnx_graph.main([str(orig), str(out)]) == 0
+    assert "2 up-sampling chains replaced, outputs identical" in capsys.readouterr().out
+    ops = [n.op_type for n in onnx.load(str(out)).graph.node]
+    assert "Tile" not in ops and ops.count("Expand") == 2
+    assert read_metadata(out) == meta
+    assert onnx_graph.same_outputs(orig, out) == 0.0
+    x3 = np.random.default_rng(3).normal(size=(3, 16, 16, 8, 2)).astype(np.float32)
+    assert np.array_equal(export.onnx_outputs(out.read_bytes(), x3), export.onnx_outputs(orig.read_bytes(), x3))
+    again = tmp_path / "again.onnx"
+    assert onnx_graph.main([str(out), str(again)]) == 1 and not again.exists()  # nothing left to replace
 
 
 def test_refuses_when_parity_fails_and_writes_nothing(cnn1, cnn1_proto, tmp_path):

@@ -23,6 +23,7 @@ from cordseg.errors import ModelError, OutputError
 from cordseg.io import write_bytes_atomic
 
 from .loop import average_snapshots, snapshot_step
+from .onnx_graph import simplify_upsampling
 
 
 def _input_signature(model):
@@ -57,6 +58,7 @@ def convert(model, *, opset: int = 17):
         proto, _ = tf2onnx.convert.from_function(forward, input_signature=spec, opset=opset)
     except Exception as exc:  # tf2onnx raises many kinds; the caller only needs to know it failed
         raise ModelError(f"tf2onnx could not convert model '{model.name}': {type(exc).__name__}: {exc}") from exc
+    simplify_upsampling(proto)  # CNN2's up-sampling as one copy; the parity check that follows covers it
     return proto
 
 
