@@ -376,18 +376,23 @@ def lesion_table(mask_img, prob=None, image=None, cord=None) -> list[Lesion]:
     data = np.asarray(mask_img.dataobj) > 0
     if not data.any():
         return []
-    labels, _ = label_lesions(data)
     zooms = mask_img.header.get_zooms()[:3]
     voxel = float(np.prod(zooms))
     axial = axial_axis(mask_img.affine)
+    contrasts = image is not None and cord is not None
+    cord = np.asarray(cord) > 0 if contrasts else None
+    box = _table_box(data, cord, axial, image if contrasts else None)
+    labels, _ = label_lesions(data[box])
     ratios = local = None
-    if image is not None and cord is not None:
-        image = np.asarray(image, np.float32)
-        ratios, local = _contrasts_along(labels, image, np.asarray(cord) > 0, axial, zooms)
+    if contrasts:
+        ratios, local = _contrasts_along(labels, np.asarray(image[box], np.float32), cord[box], axial, zooms)
+    if prob is not None:
+        prob = np.asarray(prob)[box]
+    offset = [b.start for b in box]
     rows = []
     for i, sl in enumerate(ndi.find_objects(labels), start=1):
         comp = labels[sl] == i
-        idx = np.argwhere(comp) + [s.start for s in sl]
+        idx = np.argwhere(comp) + [s.start + o for s, o in zip(sl, offset)]
         centroid = idx.mean(axis=0)
         mm = mask_img.affine[:3, :3] @ centroid + mask_img.affine[:3, 3]
         p = None if prob is None else np.asarray(prob, np.float32)[sl][comp]
@@ -396,6 +401,34 @@ def lesion_table(mask_img, prob=None, image=None, cord=None) -> list[Lesion]:
                            None if p is None else float(p.mean()), None if p is None else float(p.max()),
                            None if ratios is None else ratios[i - 1], None if local is None else local[i - 1]))
     return rows
+
+
+def _table_box(mask, cord, axial, image):
+    """The part of the volume the table needs (slices per axis): the lesions and the cord, widened across the
+    axial axis by the cord's own extent, so that every place local_contrasts samples (a lesion voxel moved
+    with the cord's centre) lies inside it and reads what it reads in the whole volume. The whole volume where
+    the image has negative values (their floor is a percentile of the whole image)."""
+    has_cord = cord is not None and cord.any()
+    if has_cord and float(np.min(image)) < 0.0:
+        return tuple(slice(0, n) for n in mask.shape)
+    box = _bounds(mask)
+    if has_cord:
+        around = _bounds(cord)
+        box = [slice(min(b.start, c.start), max(b.stop, c.stop)) for b, c in zip(box, around)]
+        for a in range(3):
+            if a != axial:
+                reach = around[a].stop - around[a].start + 1
+                box[a] = slice(max(0, box[a].start - reach), min(mask.shape[a], box[a].stop + reach))
+    return tuple(box)
+
+
+def _bounds(mask) -> list:
+    """Bounding box of a non-empty boolean volume, one slice per axis (projections, not a labelling)."""
+    out = []
+    for a in range(3):
+        hit = np.nonzero(mask.any(axis=tuple(b for b in range(3) if b != a)))[0]
+        out.append(slice(int(hit[0]), int(hit[-1]) + 1))
+    return out
 
 
 def _contrasts_along(labels, image, cord, axial, zooms):

@@ -58,3 +58,42 @@ def test_csv_has_the_confidence_columns(tmp_path, phantom, tiny_onnx):
     body = rows[1:]
     assert body and all(0.8 <= float(r[7]) <= float(r[8]) <= 1.0 for r in body)
     assert all(float(r[9]) > 0 and (r[10] == "" or float(r[10]) > 0) for r in body)
+
+
+@pytest.mark.parametrize("axial, offset", [(2, 0.0), (0, 0.0), (2, -300.0)])
+def test_table_in_the_lesions_and_cords_box_reads_as_the_whole_volume(monkeypatch, axial, offset):
+    """lesion_table works in the box of the lesions and the cord, widened by the cord's extent (cheaper than
+    whole-volume arrays): the same rows as on the whole volume, for a curved cord, a lesion away from it,
+    an image stored with its axial axis first, and an offset image (negative values: the whole volume)."""
+    from cordseg import lesions
+
+    rng = np.random.default_rng(3)
+    shape = (90, 80, 60)
+    x, y, z = np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")
+    cx, cy = 40 + 8 * np.sin(z / 15.0), 35 + 0.15 * z  # the cord's centre drifts from slice to slice
+    cord = (x - cx) ** 2 + (y - cy) ** 2 <= 16
+    image = 100 + 5 * rng.normal(size=shape) + 60 * cord
+    mask = np.zeros(shape, bool)
+    mask[cord & (z >= 20) & (z <= 24) & (x > cx)] = True  # in the cord
+    mask[70:73, 10:12, 40:43] = True  # away from it
+    image[mask] *= 1.3
+    image = image + offset
+    aff = np.diag([0.8, 0.8, 2.0, 1.0])
+    if axial == 0:  # the same scan stored S, R, A
+        mask, cord, image = (np.moveaxis(a, 2, 0) for a in (mask, cord, image))
+        aff = np.array([[0, 0.8, 0, 0], [0, 0, 0.8, 0], [2.0, 0, 0, 0], [0, 0, 0, 1.0]])
+    img = nib.Nifti1Image(mask.astype(np.uint8), aff)
+    prob = rng.uniform(size=mask.shape).astype(np.float32)
+    box = lesions._table_box(mask, cord, axial, image)
+    assert (box == tuple(slice(0, n) for n in mask.shape)) == (offset < 0)
+    cropped = lesion_table(img, prob=prob, image=image, cord=cord)
+    monkeypatch.setattr(lesions, "_table_box", lambda m, c, a, i: tuple(slice(0, n) for n in m.shape))
+    whole = lesion_table(img, prob=prob, image=image, cord=cord)
+    assert len(cropped) == len(whole) == 2
+    assert any(r.local_contrast is not None for r in whole)
+    for a, b in zip(cropped, whole):
+        assert (a.id, a.volume_mm3, a.first_slice, a.last_slice, a.mean_probability, a.max_probability) == \
+            (b.id, b.volume_mm3, b.first_slice, b.last_slice, b.mean_probability, b.max_probability)
+        assert np.allclose(a.centroid_mm, b.centroid_mm, atol=1e-9)
+        for u, v in ((a.contrast, b.contrast), (a.local_contrast, b.local_contrast)):
+            assert (u is None) == (v is None) and (u is None or abs(u - v) < 1e-9)
