@@ -94,3 +94,35 @@ def test_onnx_weights_roundtrip(tmp_path):
     train_out = np.asarray(model(x, training=True))
     infer_out = np.asarray(model(x, training=False))
     assert np.abs(train_out - infer_out).max() < 0.05
+
+
+@pytest.mark.parametrize("slice_mm", [1.0, 5.0, 17.0])
+def test_lesions_as_seen_show_their_drawn_brightness_on_native_voxels(monkeypatch, slice_mm):
+    """as_seen: the scan shows each lesion's drawn brightness on the native voxels it at least half fills;
+    drawn as tissue brightness instead, a small lesion on a thick slice barely shows."""
+    from scipy import ndimage as ndi
+
+    sub = carve._subdivision((0.9, 0.9, slice_mm))
+    shape = (20, 20, 6)
+    fine_shape = tuple(n * s for n, s in zip(shape, sub))
+    rng = np.random.default_rng(0)
+    img = (100.0 + rng.normal(0, 2, shape)).astype(np.float32)
+    zz = (np.arange(fine_shape[2]) + 0.5) * slice_mm / sub[2]
+    xx = (np.arange(fine_shape[0]) + 0.5) * 0.9 / sub[0]
+    blob = ((xx[:, None, None] - 9.0) ** 2 + (xx[None, :, None] - 9.0) ** 2) / 1.5 ** 2 \
+        + (zz[None, None, :] - 2.5 * slice_mm) ** 2 / 2.0 ** 2 <= 1.0  # 3 mm across, 4 mm long
+    two = blob | np.roll(blob, 8, axis=0)  # two lesions, each judged on its own voxels
+    monkeypatch.setattr(carve, "lesion_gain", lambda r: 1.25)
+    texture = np.ones(fine_shape)
+    delta = carve._seen_delta(two.astype(np.float32), texture, img, 100.0, sub, rng)
+    seen_img = img + delta
+    tissue = carve._voxel_means(two * 0.25 * 100.0, shape, sub) + img  # the same lesions at tissue 1.25
+    comps, n = ndi.label(two)
+    assert n == 2
+    for i in (1, 2):
+        fill = carve._voxel_means((comps == i).astype(float), shape, sub)
+        on = fill >= min(0.5, fill.max())
+        assert abs(seen_img[on].mean() / 100.0 - 1.25) < 0.01 or delta.max() >= 99.0 * (carve.MAX_TISSUE_GAIN - 1)
+        if slice_mm >= 5:  # partial volume: drawn as tissue, the lesion would show far less
+            assert tissue[on].mean() / 100.0 < 1.2
+    assert delta.min() >= 0

@@ -109,9 +109,17 @@ def vary_intensity(x: np.ndarray, rng) -> np.ndarray:
     return np.hypot(y + rng.normal(0, sigma, y.shape), rng.normal(0, sigma, y.shape)).astype(np.float32)
 
 
+MAX_TISSUE_GAIN = 3.5  # brightest lesion tissue over the cord (about CSF on T2)
+
+
 def carve_patch(bg: Background, rng, shape, model_zooms, *, p_free=0.3, count=(1, 3), volume_mm3=(2.0, 600.0),
-                shift_mm=3.0):
-    """(image patch on the model's grid, lesion target, cord) around a random cord point of `bg`."""
+                shift_mm=3.0, as_seen=False):
+    """(image patch on the model's grid, lesion target, cord) around a random cord point of `bg`.
+
+    as_seen: each lesion's drawn brightness (lesion_gain) is what the scan shows on its native voxels (their
+    mean where the lesion fills at least half of a voxel, over the cord's median), not its tissue's: a small
+    lesion on a thick slice then has brighter tissue, as a lesion a rater marks on such a slice must, instead
+    of a label over voxels that barely differ from the cord."""
     zs = bg.cord_slices
     z = int(rng.choice(zs))
     xs, ys = np.nonzero(bg.cord[:, :, z])
@@ -132,9 +140,10 @@ def carve_patch(bg: Background, rng, shape, model_zooms, *, p_free=0.3, count=(1
         level = float(np.median(img[cord]))
         gain = lesion_gain(rng)
         texture = 1.0 + synth._smooth_field(rng, fine_shape, [max(2, n // 8) for n in fine_shape], 0.15)
-        delta = lesion_fine * (gain - 1.0) * level * texture
-        # a scanner averages what lies inside each voxel
-        delta = delta.reshape(img.shape[0], sub[0], img.shape[1], sub[1], img.shape[2], sub[2]).mean(axis=(1, 3, 5))
+        if as_seen:
+            delta = _seen_delta(lesion_fine, texture, img, level, sub, rng)
+        else:
+            delta = _voxel_means(lesion_fine * (gain - 1.0) * level * texture, img.shape, sub)
         img = img + delta.astype(np.float32)
     img = level_slices(img)
     vol = resample(img, bg.zooms, model_zooms, order=1)
@@ -153,11 +162,36 @@ def carve_patch(bg: Background, rng, shape, model_zooms, *, p_free=0.3, count=(1
             np.ascontiguousarray(cord_m))
 
 
+def _voxel_means(fine, shape, sub):
+    """A fine-grid map averaged into the native voxels it subdivides (what a scanner records)."""
+    return fine.reshape(shape[0], sub[0], shape[1], sub[1], shape[2], sub[2]).mean(axis=(1, 3, 5))
+
+
+def _seen_delta(lesion_fine, texture, img, level, sub, rng):
+    """The native-grid intensity added by the lesions of `lesion_fine`, each scaled so that the scan shows
+    its drawn brightness (lesion_gain) on the native voxels it at least half fills (the voxels it fills most
+    where none is half filled), its tissue no brighter than MAX_TISSUE_GAIN times the cord."""
+    comps, n = ndi.label(lesion_fine > 0.05, np.ones((3, 3, 3), bool))
+    delta = np.zeros(img.shape, np.float64)
+    for i in range(1, n + 1):
+        one = np.where(comps == i, lesion_fine, 0.0)
+        fill = _voxel_means(one, img.shape, sub)
+        unit = _voxel_means(one * level * texture, img.shape, sub)  # added per unit of (tissue gain - 1)
+        seen = fill >= min(0.5, float(fill.max()))
+        per = float(unit[seen].mean())
+        if per <= 0:
+            continue
+        want = lesion_gain(rng) * level - float(img[seen].mean())  # the mean those voxels must gain
+        delta += unit * float(np.clip(want / per, 0.05, MAX_TISSUE_GAIN - 1.0))
+    return delta
+
+
 class CarveSampler:
     """Batches mixing carved real-background patches (share `real_share`) with a synthetic sampler's."""
 
-    def __init__(self, synthetic, backgrounds, *, real_share=0.5, p_free=0.3, vary=0.0):
+    def __init__(self, synthetic, backgrounds, *, real_share=0.5, p_free=0.3, vary=0.0, as_seen=False):
         self.synthetic = synthetic
+        self.as_seen = bool(as_seen)  # lesion brightness as the scan shows it (carve_patch)
         self.backgrounds = list(backgrounds)
         self.real_share = float(real_share)
         self.p_free = p_free
@@ -172,7 +206,7 @@ class CarveSampler:
                 bg = self.backgrounds[int(rng.integers(len(self.backgrounds)))]
                 varied = bool(self.vary) and rng.random() < self.vary  # drawn only then: streams kept
                 x, y, cord = carve_patch(vary_background(bg, rng) if varied else bg, rng, self.shape, self.zooms,
-                                         p_free=self.p_free)
+                                         p_free=self.p_free, as_seen=self.as_seen)
                 if varied:
                     x = vary_intensity(x, rng)
             else:

@@ -53,7 +53,8 @@ def run(task, out, *, steps=None, batch_size=None, learning_rate=None, labelmaps
         workers=0, max_minutes=None, network=None, init_weights=None, data=None, real_fraction=0.5,
         contrasts=None, patch_shape=None, pos_weight=None, snapshot_every=1000, lesion_style=None,
         cauda_equina=False, stop_at=None, real_backgrounds=False, real_share=0.5, sagittal_share=None,
-        dwi_share=0.0, channels=None, vary_backgrounds=0.0, patch_dice=0.0, free_penalty=0.0):
+        dwi_share=0.0, channels=None, vary_backgrounds=0.0, patch_dice=0.0, free_penalty=0.0,
+        lesions_as_seen=False):
     from . import losses, synth, tasks
     from .loop import train
 
@@ -93,7 +94,8 @@ def run(task, out, *, steps=None, batch_size=None, learning_rate=None, labelmaps
 
         backgrounds = carve.training_backgrounds(shared_data_dir(), Path(out) / "masks")
         log(f"{len(backgrounds)} real lesion-free backgrounds; real share {real_share}")
-        sampler = carve.CarveSampler(sampler, backgrounds, real_share=real_share, vary=vary_backgrounds)
+        sampler = carve.CarveSampler(sampler, backgrounds, real_share=real_share, vary=vary_backgrounds,
+                                     as_seen=lesions_as_seen)
     def build():
         model = tasks.build_model(cfg)
         if init_weights:  # fine-tuning: start from a previous run's (EMA) weights
@@ -148,6 +150,9 @@ def main(argv=None):
     p.add_argument("--real-backgrounds", action="store_true", help="lesion task: mix in lesions carved into "
                    "real lesion-free scans (training/carve.py; subjects unf01 and sub-01 of ../shared/data)")
     p.add_argument("--real-share", type=float, default=0.5, help="share of --real-backgrounds patches")
+    p.add_argument("--lesions-as-seen", action="store_true", help="--real-backgrounds: each carved lesion's "
+                   "brightness (1.1-2.0x the cord) is what the scan shows on its native voxels, not its tissue's "
+                   "(small lesions on thick slices get brighter tissue; training/carve.py)")
     p.add_argument("--vary-backgrounds", type=float, default=0.0, help="share of --real-backgrounds patches cut "
                    "from a varied scan: slices 2-5x thicker half of the time, another gamma, added noise")
     p.add_argument("--sagittal-share", type=float, help="CNN2: share of synthetic patches acquired sagittally, "
@@ -196,7 +201,7 @@ def main(argv=None):
         sagittal_share=a.sagittal_share,
         dwi_share=a.dwi_share, network={"base_filters": a.base_filters} if a.base_filters else None,
         channels=a.channels.split(",") if a.channels else None, patch_dice=a.patch_dice,
-        free_penalty=a.free_penalty)
+        free_penalty=a.free_penalty, lesions_as_seen=a.lesions_as_seen)
     if a.export:
         from .loop import last_snapshot, snapshot_step
 
