@@ -138,7 +138,7 @@ def carve_patch(bg: Background, rng, shape, model_zooms, *, p_free=0.3, count=(1
         lesion_fine = draw_lesions(cord_fine, rng, fine_zooms, count=count, volume_mm3=volume_mm3)
     if lesion_fine.any():
         level = float(np.median(img[cord]))
-        gain = lesion_gain(rng)
+        gain = lesion_gain(rng)  # drawn either way: the default's random stream stays the shipped runs'
         texture = 1.0 + synth._smooth_field(rng, fine_shape, [max(2, n // 8) for n in fine_shape], 0.15)
         if as_seen:
             delta = _seen_delta(lesion_fine, texture, img, level, sub, rng)
