@@ -381,7 +381,7 @@ def lesion_table(mask_img, prob=None, image=None, cord=None) -> list[Lesion]:
     axial = axial_axis(mask_img.affine)
     contrasts = image is not None and cord is not None
     cord = np.asarray(cord) > 0 if contrasts else None
-    box = _table_box(data, cord, axial, image if contrasts else None)
+    box = _table_box(data, cord, axial, image)
     labels, _ = label_lesions(data[box])
     ratios = local = None
     if contrasts:
