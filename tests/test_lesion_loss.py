@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 tf = pytest.importorskip("tensorflow")
-from cordseg.training.losses import dice_bce_loss, lesion_loss  # noqa: E402
+from cordseg.training.losses import BLOBS, dice_bce_loss, instance_labels, lesion_loss  # noqa: E402
 
 
 def _grad(loss, y_true, logits):
@@ -84,7 +84,46 @@ def test_free_penalty_prices_a_small_false_lesion_in_a_lesion_free_patch_only():
     assert loss(over, 1.0) == pytest.approx(loss(over, 0.0), abs=1e-6)
 
 
-@pytest.mark.parametrize("option", ["patch_dice", "free_penalty"])
+def test_instance_labels_number_each_patch_s_lesions():
+    y = np.zeros((2, 12, 12, 12, 1), np.float32)
+    y[0, 1:3, 1:3, 1:3] = 1.0
+    y[0, 3, 3, 3] = 1.0  # touches the first at a corner: the same lesion
+    y[0, 8:10, 8:10, 8:10] = 1.0
+    for k in range(BLOBS + 1):  # more lesions than BLOBS: the last ones share its number
+        y[1, k + k % 2, 0 if k % 2 else 6, 0] = 1.0
+    ids = instance_labels(y)
+    assert sorted(np.unique(ids[0])) == [0, 1, 2] and ids[0, 3, 3, 3, 0] == ids[0, 1, 1, 1, 0]
+    assert ids[1].max() == BLOBS and (ids[1] > 0).sum() == BLOBS + 1
+    assert ((ids > 0) == (y > 0)).all()
+
+
+def test_blob_term_prices_each_lesion_alike():
+    y = np.zeros((1, 16, 16, 16, 1), np.float32)
+    y[0, 2:8, 2:8, 2:8] = 1.0  # 216 voxels
+    y[0, 12:14, 12:14, 12:14] = 1.0  # 8 voxels
+    ids = instance_labels(y)
+    right = np.where(y > 0, 0.99, 1e-4).astype(np.float32)
+    no_small, no_big = right.copy(), right.copy()
+    no_small[0, 12:14, 12:14, 12:14] = 1e-4
+    no_big[0, 2:8, 2:8, 2:8] = 1e-4
+
+    def blob(pred):  # the blob term alone
+        return float(lesion_loss(tf.constant(ids), tf.constant(pred), blob=1.0)) - float(
+            lesion_loss(tf.constant(y), tf.constant(pred)))
+
+    assert blob(right) < 0.05
+    # either lesion missed costs about half of the term (one of two lesions; the Dice's smoothing takes a
+    # little off the small one), however small it is
+    assert 0.4 < blob(no_small) < 0.55 and 0.45 < blob(no_big) < 0.55
+    # while the batch Dice and cross-entropy hardly see the small one
+    assert float(lesion_loss(tf.constant(y), tf.constant(no_small))) < 0.1
+    # a false answer away from both lesions costs each of them
+    false = right.copy()
+    false[0, 12:14, 2:4, 2:4] = 0.99
+    assert blob(false) > blob(right) + 0.1
+
+
+@pytest.mark.parametrize("option", ["patch_dice", "free_penalty", "blob"])
 def test_lesion_loss_terms_are_refused_for_other_tasks(tmp_path, option):
     from cordseg.training.train import run
 

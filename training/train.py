@@ -54,14 +54,14 @@ def run(task, out, *, steps=None, batch_size=None, learning_rate=None, labelmaps
         contrasts=None, patch_shape=None, pos_weight=None, snapshot_every=1000, lesion_style=None,
         cauda_equina=False, stop_at=None, real_backgrounds=False, real_share=0.5, sagittal_share=None,
         dwi_share=0.0, channels=None, vary_backgrounds=0.0, patch_dice=0.0, free_penalty=0.0,
-        lesions_as_seen=False):
+        lesions_as_seen=False, blob=0.0):
     from . import losses, synth, tasks
     from .loop import train
 
     if channels and task == "centerline":
         raise ValueError("--channels is for CNN2 (sc, lesion)")
-    if (patch_dice or free_penalty) and task != "lesion":
-        raise ValueError("--patch-dice and --free-penalty are for the lesion task")
+    if (patch_dice or free_penalty or blob) and task != "lesion":
+        raise ValueError("--patch-dice, --free-penalty and --blob-loss are for the lesion task")
     cfg = tasks.with_network(tasks.TASKS[task], network, channels)  # a copy to adjust
     if steps:
         cfg.steps = steps
@@ -103,12 +103,15 @@ def run(task, out, *, steps=None, batch_size=None, learning_rate=None, labelmaps
         return model
 
     loss = losses.lesion_loss if task == "lesion" else losses.dice_bce_loss
-    if task == "lesion" and (pos_weight is not None or patch_dice or free_penalty):
+    if task == "lesion" and (pos_weight is not None or patch_dice or free_penalty or blob):
         weighting = {"pos_weight": pos_weight} if pos_weight is not None else {}
 
         def lesion_loss(y_true, y_pred):
-            return losses.lesion_loss(y_true, y_pred, patch_dice=patch_dice, free_penalty=free_penalty, **weighting)
+            return losses.lesion_loss(y_true, y_pred, patch_dice=patch_dice, free_penalty=free_penalty, blob=blob,
+                                      **weighting)
         loss = lesion_loss
+    if blob:  # the blob term needs each patch's lesions numbered
+        sampler = losses.InstanceTargets(sampler)
     return train(build, loss, sampler, out_dir=out, steps=cfg.steps,
                  learning_rate=cfg.learning_rate, seed=seed, log=log, workers=workers,
                  max_seconds=None if max_minutes is None else 60.0 * max_minutes, snapshot_every=snapshot_every,
@@ -142,6 +145,8 @@ def main(argv=None):
                    "the patches holding lesions (each such patch counts alike, whatever its lesion volume)")
     p.add_argument("--free-penalty", type=float, default=0.0, help="lesion task: weight of a price on any "
                    "response in a lesion-free patch (training/losses.py)")
+    p.add_argument("--blob-loss", type=float, default=0.0, help="lesion task: weight of a Dice per lesion, "
+                   "averaged over the batch's lesions (training/losses.py::lesion_loss)")
     p.add_argument("--snapshot-every", type=int, default=1000, help="write an EMA weights snapshot every N steps "
                    "(to compare checkpoints of one run)")
     p.add_argument("--export", help="after training, export the final weights to this ONNX file")
@@ -201,7 +206,7 @@ def main(argv=None):
         sagittal_share=a.sagittal_share,
         dwi_share=a.dwi_share, network={"base_filters": a.base_filters} if a.base_filters else None,
         channels=a.channels.split(",") if a.channels else None, patch_dice=a.patch_dice,
-        free_penalty=a.free_penalty, lesions_as_seen=a.lesions_as_seen)
+        free_penalty=a.free_penalty, lesions_as_seen=a.lesions_as_seen, blob=a.blob_loss)
     if a.export:
         from .loop import last_snapshot, snapshot_step
 
