@@ -126,3 +126,40 @@ def test_lesions_as_seen_show_their_drawn_brightness_on_native_voxels(monkeypatc
         if slice_mm >= 5:  # partial volume: drawn as tissue, the lesion would show far less
             assert tissue[on].mean() / 100.0 < 1.2
     assert delta.min() >= 0
+
+
+def _flat_run_at_ends(x):
+    """Model-grid slices at either end of the patch that repeat the patch's first or last slice, read in the
+    ring that brightens slice by slice (_ramped)."""
+    prof = x[23, 44, :]  # 10 mm from the cord's centre
+    return int((np.abs(prof - prof[0]) < 1e-4).sum() + (np.abs(prof - prof[-1]) < 1e-4).sum())
+
+
+def _ramped():
+    """The cylinder with a ring 8-12 mm from its centre brightening by 2 per slice (the slices' medians, the
+    background's, stay as they are: no levelling)."""
+    bg = _background()
+    zooms, shape = bg.zooms, bg.image.shape
+    x, y = np.meshgrid(*[(np.arange(n) - (n - 1) / 2) * z for n, z in zip(shape[:2], zooms[:2])], indexing="ij")
+    ring = (x ** 2 + y ** 2 > 8.0 ** 2) & (x ** 2 + y ** 2 < 12.0 ** 2)
+    bg.image[ring] += 2.0 * np.arange(shape[2])
+    return bg
+
+
+def test_snapped_patches_end_where_the_scan_ends_and_do_not_repeat_its_end_slice():
+    """A 70 mm scan of 5 mm slices: a patch reaching past an end repeats the end slice there (the default);
+    with snap_ends it is moved inside the scan, as the runtime places its patches, and only the end slice's
+    own half-thickness is flat (linear resampling beyond its centre)."""
+    bg = _ramped()
+    runs = {}
+    for snap in (False, True):
+        rng = np.random.default_rng(5)
+        out = [carve.carve_patch(bg, rng, (48, 48, 48), (0.5, 0.5, 1.0), p_free=0.0, shift_mm=0.0, snap_ends=snap)
+               for _ in range(16)]
+        runs[snap] = [_flat_run_at_ends(x) for x, _, _ in out]
+        for x, y, cord in out:
+            assert x.shape == y.shape == cord.shape == (48, 48, 48)
+    assert max(runs[False]) > 10  # some default patches repeat an end slice over 10 mm and more
+    assert max(runs[True]) <= 2 * 3 + 2  # at most the end slices' half-thickness (2.5 mm) at both ends
+    # and several snapped patches do reach an end (its slice's own flat half-thickness shows)
+    assert sum(r > 2 for r in runs[True]) >= 4

@@ -113,8 +113,12 @@ MAX_TISSUE_GAIN = 3.5  # brightest lesion tissue over the cord (about CSF on T2)
 
 
 def carve_patch(bg: Background, rng, shape, model_zooms, *, p_free=0.3, count=(1, 3), volume_mm3=(2.0, 600.0),
-                shift_mm=3.0, as_seen=False):
+                shift_mm=3.0, as_seen=False, snap_ends=False):
     """(image patch on the model's grid, lesion target, cord) around a random cord point of `bg`.
+
+    snap_ends: a patch that would reach past the scan's first or last slice is moved inside it, as the
+    runtime places its patches along a cord that runs through the whole scan, instead of repeating the end
+    slice: an end slice then lies at the patch's border with its context on one side only, as at run time.
 
     as_seen: each lesion's drawn brightness (lesion_gain) is what the scan shows on its native voxels (their
     mean where the lesion fills at least half of a voxel, over the cord's median), not its tissue's: a small
@@ -127,6 +131,10 @@ def carve_patch(bg: Background, rng, shape, model_zooms, *, p_free=0.3, count=(1
               z + rng.uniform(-0.5, 0.5) * shape[2] * model_zooms[2] / bg.zooms[2] * 0.5]
     half = [0.5 * s * m + 2.0 for s, m in zip(shape, model_zooms)]
     box = _crop(bg, centre, half)
+    if snap_ends:  # room for a whole patch from the scan's end
+        n, need = bg.image.shape[2], int(np.ceil((shape[2] * model_zooms[2] + 2.0) / bg.zooms[2])) + 1
+        z0, z1 = box[2].start, box[2].stop
+        box = box[:2] + (slice(max(0, min(z0, n - need)) if z1 == n else z0, min(n, max(z1, need)) if z0 == 0 else z1),)
     img = bg.image[box].astype(np.float32)
     cord = bg.cord[box]
     sub = _subdivision(bg.zooms)
@@ -150,8 +158,13 @@ def carve_patch(bg: Background, rng, shape, model_zooms, *, p_free=0.3, count=(1
     lesion = resample_to_shape(lesion_fine, fine_zooms, vol.shape, order=1)
     # the patch, centred where the chosen point falls on the model grid (edges repeat, as at run time)
     c = [(v - b.start + 0.5) * z / m - 0.5 for v, b, z, m in zip(centre, box, bg.zooms, model_zooms)]
-    idx = [np.clip(np.arange(int(round(ci - s / 2)), int(round(ci - s / 2)) + s), 0, n - 1)
-           for ci, s, n in zip(c, shape, vol.shape)]
+    starts = [int(round(ci - s / 2)) for ci, s in zip(c, shape)]
+    if snap_ends and vol.shape[2] >= shape[2]:
+        if starts[2] < 0 and box[2].start == 0:
+            starts[2] = 0
+        elif starts[2] + shape[2] > vol.shape[2] and box[2].stop == bg.image.shape[2]:
+            starts[2] = vol.shape[2] - shape[2]
+    idx = [np.clip(np.arange(a, a + s), 0, n - 1) for a, s, n in zip(starts, shape, vol.shape)]
     x = vol[np.ix_(*idx)]
     y = (lesion[np.ix_(*idx)] >= 0.5).astype(np.float32)
     cord_m = resample_to_shape(cord.astype(np.float32), bg.zooms, vol.shape, order=1)[np.ix_(*idx)] >= 0.5
@@ -189,9 +202,11 @@ def _seen_delta(lesion_fine, texture, img, level, sub, rng):
 class CarveSampler:
     """Batches mixing carved real-background patches (share `real_share`) with a synthetic sampler's."""
 
-    def __init__(self, synthetic, backgrounds, *, real_share=0.5, p_free=0.3, vary=0.0, as_seen=False):
+    def __init__(self, synthetic, backgrounds, *, real_share=0.5, p_free=0.3, vary=0.0, as_seen=False,
+                 snap_ends=False):
         self.synthetic = synthetic
         self.as_seen = bool(as_seen)  # lesion brightness as the scan shows it (carve_patch)
+        self.snap_ends = bool(snap_ends)  # patches at a scan's ends placed as the runtime places them
         self.backgrounds = list(backgrounds)
         self.real_share = float(real_share)
         self.p_free = p_free
@@ -206,7 +221,7 @@ class CarveSampler:
                 bg = self.backgrounds[int(rng.integers(len(self.backgrounds)))]
                 varied = bool(self.vary) and rng.random() < self.vary  # drawn only then: streams kept
                 x, y, cord = carve_patch(vary_background(bg, rng) if varied else bg, rng, self.shape, self.zooms,
-                                         p_free=self.p_free, as_seen=self.as_seen)
+                                         p_free=self.p_free, as_seen=self.as_seen, snap_ends=self.snap_ends)
                 if varied:
                     x = vary_intensity(x, rng)
             else:

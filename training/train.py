@@ -54,7 +54,7 @@ def run(task, out, *, steps=None, batch_size=None, learning_rate=None, labelmaps
         contrasts=None, patch_shape=None, pos_weight=None, snapshot_every=1000, lesion_style=None,
         cauda_equina=False, stop_at=None, real_backgrounds=False, real_share=0.5, sagittal_share=None,
         dwi_share=0.0, channels=None, vary_backgrounds=0.0, patch_dice=0.0, free_penalty=0.0,
-        lesions_as_seen=False, blob=0.0):
+        lesions_as_seen=False, blob=0.0, snap_ends=False):
     from . import losses, synth, tasks
     from .loop import train
 
@@ -95,7 +95,7 @@ def run(task, out, *, steps=None, batch_size=None, learning_rate=None, labelmaps
         backgrounds = carve.training_backgrounds(shared_data_dir(), Path(out) / "masks")
         log(f"{len(backgrounds)} real lesion-free backgrounds; real share {real_share}")
         sampler = carve.CarveSampler(sampler, backgrounds, real_share=real_share, vary=vary_backgrounds,
-                                     as_seen=lesions_as_seen)
+                                     as_seen=lesions_as_seen, snap_ends=snap_ends)
     def build():
         model = tasks.build_model(cfg)
         if init_weights:  # fine-tuning: start from a previous run's (EMA) weights
@@ -158,6 +158,8 @@ def main(argv=None):
     p.add_argument("--lesions-as-seen", action="store_true", help="--real-backgrounds: each carved lesion's "
                    "brightness (1.1-2.0x the cord) is what the scan shows on its native voxels, not its tissue's "
                    "(small lesions on thick slices get brighter tissue; training/carve.py)")
+    p.add_argument("--snap-ends", action="store_true", help="--real-backgrounds: carved patches that would reach "
+                   "past a scan's first or last slice are moved inside it, as the runtime places its patches")
     p.add_argument("--vary-backgrounds", type=float, default=0.0, help="share of --real-backgrounds patches cut "
                    "from a varied scan: slices 2-5x thicker half of the time, another gamma, added noise")
     p.add_argument("--sagittal-share", type=float, help="CNN2: share of synthetic patches acquired sagittally, "
@@ -206,7 +208,7 @@ def main(argv=None):
         sagittal_share=a.sagittal_share,
         dwi_share=a.dwi_share, network={"base_filters": a.base_filters} if a.base_filters else None,
         channels=a.channels.split(",") if a.channels else None, patch_dice=a.patch_dice,
-        free_penalty=a.free_penalty, lesions_as_seen=a.lesions_as_seen, blob=a.blob_loss)
+        free_penalty=a.free_penalty, lesions_as_seen=a.lesions_as_seen, blob=a.blob_loss, snap_ends=a.snap_ends)
     if a.export:
         from .loop import last_snapshot, snapshot_step
 
