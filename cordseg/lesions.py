@@ -387,7 +387,7 @@ def lesion_table(mask_img, prob=None, image=None, cord=None) -> list[Lesion]:
     if contrasts:
         ratios, local = _contrasts_along(labels, np.asarray(image[box], np.float32), cord[box], axial, zooms)
     if prob is not None:
-        prob = np.asarray(prob)[box]
+        prob = np.asarray(np.asarray(prob)[box], np.float32)
     offset = [b.start for b in box]
     rows = []
     for i, sl in enumerate(ndi.find_objects(labels), start=1):
@@ -395,7 +395,7 @@ def lesion_table(mask_img, prob=None, image=None, cord=None) -> list[Lesion]:
         idx = np.argwhere(comp) + [s.start + o for s, o in zip(sl, offset)]
         centroid = idx.mean(axis=0)
         mm = mask_img.affine[:3, :3] @ centroid + mask_img.affine[:3, 3]
-        p = None if prob is None else np.asarray(prob, np.float32)[sl][comp]
+        p = None if prob is None else prob[sl][comp]
         rows.append(Lesion(i, float(comp.sum() * voxel), tuple(float(v) for v in mm),
                            int(idx[:, axial].min()), int(idx[:, axial].max()),
                            None if p is None else float(p.mean()), None if p is None else float(p.max()),
