@@ -131,10 +131,14 @@ def carve_patch(bg: Background, rng, shape, model_zooms, *, p_free=0.3, count=(1
               z + rng.uniform(-0.5, 0.5) * shape[2] * model_zooms[2] / bg.zooms[2] * 0.5]
     half = [0.5 * s * m + 2.0 for s, m in zip(shape, model_zooms)]
     box = _crop(bg, centre, half)
-    if snap_ends:  # room for a whole patch from the scan's end
+    if snap_ends:  # a crop at the scan's first or last slice reaches a whole patch into the scan
         n, need = bg.image.shape[2], int(np.ceil((shape[2] * model_zooms[2] + 2.0) / bg.zooms[2])) + 1
         z0, z1 = box[2].start, box[2].stop
-        box = box[:2] + (slice(max(0, min(z0, n - need)) if z1 == n else z0, min(n, max(z1, need)) if z0 == 0 else z1),)
+        if box[2].start == 0:
+            z1 = min(n, max(z1, need))
+        if box[2].stop == n:
+            z0 = max(0, min(z0, n - need))
+        box = box[:2] + (slice(z0, z1),)
     img = bg.image[box].astype(np.float32)
     cord = bg.cord[box]
     sub = _subdivision(bg.zooms)
