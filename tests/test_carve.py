@@ -163,3 +163,24 @@ def test_snapped_patches_end_where_the_scan_ends_and_do_not_repeat_its_end_slice
     assert max(runs[True]) <= 2 * 3 + 2  # at most the end slices' half-thickness (2.5 mm) at both ends
     # and several snapped patches do reach an end (its slice's own flat half-thickness shows)
     assert sum(r > 2 for r in runs[True]) >= 4
+
+
+def test_unknown_background_subject_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="unknown background subject"):
+        carve.training_backgrounds(tmp_path, tmp_path / "masks", ("unf01", "nobody"))
+
+
+def test_background_subjects_name_only_files_with_a_contrast_the_lesion_model_serves():
+    assert set(carve.TRAINING_SUBJECTS) <= set(carve.BACKGROUNDS)
+    for subject, scans in carve.BACKGROUNDS.items():
+        assert scans, subject
+        for image, ref, contrast in scans:
+            assert image.endswith(".nii.gz") and (ref is None or ref.endswith(".nii.gz"))
+            assert contrast in ("t2", "t2s")
+
+
+def test_reference_masked_backgrounds_load_from_the_shared_data(shared_data, tmp_path):
+    bgs = carve.training_backgrounds(shared_data, tmp_path, ("unf01", "sct_testing"))
+    assert [b.name for b in bgs] == [s[0] for s in carve.BACKGROUNDS["unf01"] + carve.BACKGROUNDS["sct_testing"]]
+    for b in bgs:
+        assert b.cord.shape == b.image.shape and b.cord.any()

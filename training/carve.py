@@ -250,21 +250,32 @@ def cord_mask_for(image_path, contrast, cache_dir):
     return to_rpi(load_image(cache)).data > 0.5
 
 
-TRAINING_BACKGROUNDS = (  # (path under the shared data folder, reference mask or None, contrast)
-    ("unf01/sub-unf01_T2w.nii.gz", "unf01/sub-unf01_T2w_seg-manual.nii.gz", "t2"),
-    ("unlabeled/sub-01_acq-MTon_MTS.nii.gz", None, "t2s"),
-    ("extra/sub-01_acq-MToff_MTS.nii.gz", None, "t2s"),
-)
+BACKGROUNDS = {  # subject: ((path under the shared data folder, reference mask or None, contrast), ...)
+    "unf01": (("unf01/sub-unf01_T2w.nii.gz", "unf01/sub-unf01_T2w_seg-manual.nii.gz", "t2"),),
+    "sub-01": (("unlabeled/sub-01_acq-MTon_MTS.nii.gz", None, "t2s"),
+               ("extra/sub-01_acq-MToff_MTS.nii.gz", None, "t2s")),
+    "sub-03": (("unlabeled/sub-03_acq-MToff_MTS.nii.gz", None, "t2s"),
+               ("extra/sub-03_acq-MTon_MTS.nii.gz", None, "t2s")),
+    "sct_testing": (("sct_testing/t2/t2.nii.gz", "sct_testing/t2/t2_seg-manual.nii.gz", "t2"),
+                    ("sct_testing/mt/mt0.nii.gz", "sct_testing/mt/mt0_seg.nii.gz", "t2s")),
+    "lumbar": (("unlabeled/t2_lumbar.nii.gz", None, "t2"),),
+}
+TRAINING_SUBJECTS = ("unf01", "sub-01")  # the shipped model's; the others are the evaluation's never-seen ones
 
 
-def training_backgrounds(data_dir, cache_dir):
+def training_backgrounds(data_dir, cache_dir, subjects=TRAINING_SUBJECTS):
+    """The lesion-free scans of `subjects` (keys of BACKGROUNDS) as Backgrounds."""
     from pathlib import Path
 
+    unknown = sorted(set(subjects) - set(BACKGROUNDS))
+    if unknown:
+        raise ValueError(f"unknown background subject(s) {', '.join(unknown)} (known: {', '.join(BACKGROUNDS)})")
     out = []
-    for image, ref, contrast in TRAINING_BACKGROUNDS:
-        path = Path(data_dir) / image
-        if ref is not None:
-            out.append(load_background(path, Path(data_dir) / ref, erode=0, name=image))
-        else:
-            out.append(load_background(path, cord=cord_mask_for(path, contrast, cache_dir), erode=1, name=image))
+    for subject in subjects:
+        for image, ref, contrast in BACKGROUNDS[subject]:
+            path = Path(data_dir) / image
+            if ref is not None:
+                out.append(load_background(path, Path(data_dir) / ref, erode=0, name=image))
+            else:
+                out.append(load_background(path, cord=cord_mask_for(path, contrast, cache_dir), erode=1, name=image))
     return out

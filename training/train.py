@@ -54,7 +54,8 @@ def run(task, out, *, steps=None, batch_size=None, learning_rate=None, labelmaps
         contrasts=None, patch_shape=None, pos_weight=None, snapshot_every=1000, lesion_style=None,
         cauda_equina=False, stop_at=None, real_backgrounds=False, real_share=0.5, sagittal_share=None,
         dwi_share=0.0, channels=None, vary_backgrounds=0.0, patch_dice=0.0, free_penalty=0.0,
-        lesions_as_seen=False, blob=0.0, snap_ends=False):
+        lesions_as_seen=False, blob=0.0, snap_ends=False,
+        background_subjects=None):
     from . import losses, synth, tasks
     from .loop import train
 
@@ -92,8 +93,9 @@ def run(task, out, *, steps=None, batch_size=None, learning_rate=None, labelmaps
         from . import carve
         from .export import shared_data_dir
 
-        backgrounds = carve.training_backgrounds(shared_data_dir(), Path(out) / "masks")
-        log(f"{len(backgrounds)} real lesion-free backgrounds; real share {real_share}")
+        subjects = tuple(background_subjects or carve.TRAINING_SUBJECTS)
+        backgrounds = carve.training_backgrounds(shared_data_dir(), Path(out) / "masks", subjects)
+        log(f"{len(backgrounds)} real lesion-free backgrounds ({', '.join(subjects)}); real share {real_share}")
         sampler = carve.CarveSampler(sampler, backgrounds, real_share=real_share, vary=vary_backgrounds,
                                      as_seen=lesions_as_seen, snap_ends=snap_ends)
     def build():
@@ -153,7 +155,9 @@ def main(argv=None):
     p.add_argument("--patch-shape", help="training patch, e.g. 32x32x32 (CNN2 is fully convolutional; the "
                    "exported model keeps the task's run-time patch)")
     p.add_argument("--real-backgrounds", action="store_true", help="lesion task: mix in lesions carved into "
-                   "real lesion-free scans (training/carve.py; subjects unf01 and sub-01 of ../shared/data)")
+                   "real lesion-free scans (training/carve.py; by default subjects unf01 and sub-01 of ../shared/data)")
+    p.add_argument("--background-subjects", help="--real-backgrounds: comma-separated subjects whose scans are "
+                   "the backgrounds (training/carve.py BACKGROUNDS: unf01, sub-01, sub-03, sct_testing, lumbar)")
     p.add_argument("--real-share", type=float, default=0.5, help="share of --real-backgrounds patches")
     p.add_argument("--lesions-as-seen", action="store_true", help="--real-backgrounds: each carved lesion's "
                    "brightness (1.1-2.0x the cord) is what the scan shows on its native voxels, not its tissue's "
@@ -208,7 +212,8 @@ def main(argv=None):
         sagittal_share=a.sagittal_share,
         dwi_share=a.dwi_share, network={"base_filters": a.base_filters} if a.base_filters else None,
         channels=a.channels.split(",") if a.channels else None, patch_dice=a.patch_dice,
-        free_penalty=a.free_penalty, lesions_as_seen=a.lesions_as_seen, blob=a.blob_loss, snap_ends=a.snap_ends)
+        free_penalty=a.free_penalty, lesions_as_seen=a.lesions_as_seen, blob=a.blob_loss, snap_ends=a.snap_ends,
+        background_subjects=a.background_subjects.split(",") if a.background_subjects else None)
     if a.export:
         from .loop import last_snapshot, snapshot_step
 
