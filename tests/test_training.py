@@ -596,3 +596,21 @@ def test_sampler_passes_the_cnn2_shares(anatomy, monkeypatch):
                               p_conus=0.1)
     tasks.Sampler(cfg, anatomy)(np.random.default_rng(0))
     assert seen[0]["p_sagittal"] == 0.5 and seen[0]["p_dwi"] == 0.2 and seen[0]["p_conus"] == 0.1
+
+
+@pytest.mark.parametrize("args, says", [
+    (["lesion", "--real-backgrounds", "--background-subjects", "unf01,nobody"], "unknown nobody"),
+    (["lesion", "--background-subjects", "sub-03"], "is for --real-backgrounds"),
+    (["centerline", "--channels", "image,cord_anomaly"], "--channels is for CNN2"),
+    (["sc", "--blob-loss", "1"], "are for the lesion task"),
+])
+def test_training_options_that_do_not_go_together_get_one_line(tmp_path, capsys, args, says):
+    pytest.importorskip("keras")
+    from cordseg.training import train
+
+    with pytest.raises(SystemExit) as exit_:
+        train.main(args + ["--out", str(tmp_path / "run"), "--steps", "1"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert says in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()

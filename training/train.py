@@ -49,6 +49,10 @@ def load_init(model, cfg, path):
         copy_widened(narrow, model)
 
 
+class OptionError(ValueError):
+    """Options that do not go together (or name what does not exist): the command line says so in one line."""
+
+
 def run(task, out, *, steps=None, batch_size=None, learning_rate=None, labelmaps=None, seed=0, log=print,
         workers=0, max_minutes=None, network=None, init_weights=None, data=None, real_fraction=0.5,
         contrasts=None, patch_shape=None, pos_weight=None, snapshot_every=1000, lesion_style=None,
@@ -60,9 +64,15 @@ def run(task, out, *, steps=None, batch_size=None, learning_rate=None, labelmaps
     from .loop import train
 
     if channels and task == "centerline":
-        raise ValueError("--channels is for CNN2 (sc, lesion)")
+        raise OptionError("--channels is for CNN2 (sc, lesion)")
     if (patch_dice or free_penalty or blob) and task != "lesion":
-        raise ValueError("--patch-dice, --free-penalty and --blob-loss are for the lesion task")
+        raise OptionError("--patch-dice, --free-penalty and --blob-loss are for the lesion task")
+    if background_subjects:
+        from .carve import BACKGROUNDS
+
+        unknown = sorted(set(background_subjects) - set(BACKGROUNDS))
+        if unknown:
+            raise OptionError(f"--background-subjects: unknown {', '.join(unknown)} (known: {', '.join(BACKGROUNDS)})")
     cfg = tasks.with_network(tasks.TASKS[task], network, channels)  # a copy to adjust
     if steps:
         cfg.steps = steps
@@ -78,7 +88,7 @@ def run(task, out, *, steps=None, batch_size=None, learning_rate=None, labelmaps
         cfg.p_sagittal = sagittal_share
     if dwi_share:
         if task != "sc":
-            raise ValueError("--dwi-share is for the cord task (sc)")
+            raise OptionError("--dwi-share is for the cord task (sc)")
         cfg.p_dwi = dwi_share
     if cauda_equina:  # the template's dural sac and nerve roots below the conus, and slices drawn around it
         cfg.p_conus = CONUS_SHARE
@@ -187,6 +197,8 @@ def main(argv=None):
         a.cauda_equina = "bundle"  # (the conus recipe's first stages are the cord recipe's: no roots there)
     if a.dwi_share and a.task != "sc":
         p.error("--dwi-share is for the cord task (sc)")
+    if a.background_subjects and not a.real_backgrounds:
+        p.error("--background-subjects is for --real-backgrounds")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     log = lambda m: print(m, flush=True)  # noqa: E731
     if a.recipe:
@@ -202,18 +214,22 @@ def main(argv=None):
         if a.export:
             _export(a, weights, steps, summary)
         return 0
-    run(a.task, a.out, steps=a.steps, batch_size=a.batch_size, learning_rate=a.learning_rate,
-        labelmaps=a.labelmaps, seed=a.seed, log=log, workers=a.workers,
-        max_minutes=a.max_minutes, init_weights=a.init_weights, data=a.data, real_fraction=a.real_fraction,
-        contrasts=a.contrast.split(",") if a.contrast else None,
-        patch_shape=[int(v) for v in a.patch_shape.split("x")] if a.patch_shape else None, pos_weight=a.pos_weight,
-        snapshot_every=a.snapshot_every, lesion_style=a.lesion_style, cauda_equina=a.cauda_equina, stop_at=a.stop_at,
-        real_backgrounds=a.real_backgrounds, real_share=a.real_share, vary_backgrounds=a.vary_backgrounds,
-        sagittal_share=a.sagittal_share,
-        dwi_share=a.dwi_share, network={"base_filters": a.base_filters} if a.base_filters else None,
-        channels=a.channels.split(",") if a.channels else None, patch_dice=a.patch_dice,
-        free_penalty=a.free_penalty, lesions_as_seen=a.lesions_as_seen, blob=a.blob_loss, snap_ends=a.snap_ends,
-        background_subjects=a.background_subjects.split(",") if a.background_subjects else None)
+    try:
+        run(a.task, a.out, steps=a.steps, batch_size=a.batch_size, learning_rate=a.learning_rate,
+            labelmaps=a.labelmaps, seed=a.seed, log=log, workers=a.workers,
+            max_minutes=a.max_minutes, init_weights=a.init_weights, data=a.data, real_fraction=a.real_fraction,
+            contrasts=a.contrast.split(",") if a.contrast else None,
+            patch_shape=[int(v) for v in a.patch_shape.split("x")] if a.patch_shape else None, pos_weight=a.pos_weight,
+            snapshot_every=a.snapshot_every, lesion_style=a.lesion_style, cauda_equina=a.cauda_equina,
+            stop_at=a.stop_at,
+            real_backgrounds=a.real_backgrounds, real_share=a.real_share, vary_backgrounds=a.vary_backgrounds,
+            sagittal_share=a.sagittal_share,
+            dwi_share=a.dwi_share, network={"base_filters": a.base_filters} if a.base_filters else None,
+            channels=a.channels.split(",") if a.channels else None, patch_dice=a.patch_dice,
+            free_penalty=a.free_penalty, lesions_as_seen=a.lesions_as_seen, blob=a.blob_loss, snap_ends=a.snap_ends,
+            background_subjects=a.background_subjects.split(",") if a.background_subjects else None)
+    except OptionError as err:
+        p.error(str(err))
     if a.export:
         from .loop import last_snapshot, snapshot_step
 
