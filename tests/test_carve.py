@@ -184,3 +184,22 @@ def test_reference_masked_backgrounds_load_from_the_shared_data(shared_data, tmp
     assert [b.name for b in bgs] == [s[0] for s in carve.BACKGROUNDS["unf01"] + carve.BACKGROUNDS["sct_testing"]]
     for b in bgs:
         assert b.cord.shape == b.image.shape and b.cord.any()
+
+
+def test_own_backgrounds_load_with_their_reference_mask_and_a_wrong_mask_is_refused(tmp_path):
+    import nibabel as nib
+
+    from cordseg.orientation import to_rpi
+    from cordseg.phantom import make_phantom
+
+    ph = make_phantom((40, 40, 24), (0.8, 0.8, 2.0), axcodes=("P", "S", "R"), seed=3)
+    nib.save(ph.image, str(tmp_path / "img.nii.gz"))
+    nib.save(ph.cord, str(tmp_path / "cord.nii.gz"))
+    (bg,) = carve.load_backgrounds([(tmp_path / "img.nii.gz", tmp_path / "cord.nii.gz", "t2")], tmp_path / "masks")
+    assert np.array_equal(bg.cord, to_rpi(ph.cord).data > 0.5)  # a reference is used as it is (not eroded)
+    assert bg.zooms == pytest.approx((0.8, 0.8, 2.0))
+    x, y, _ = carve.carve_patch(bg, np.random.default_rng(0), (32, 32, 32), (0.5, 0.5, 1.0), p_free=0.0)
+    assert x.shape == (32, 32, 32) and y.any()
+    nib.save(nib.Nifti1Image(np.ones((40, 40, 23), np.uint8), np.eye(4)), str(tmp_path / "short.nii.gz"))
+    with pytest.raises(ValueError, match="cord mask has shape"):
+        carve.load_backgrounds([(tmp_path / "img.nii.gz", tmp_path / "short.nii.gz", "t2")], tmp_path / "masks")

@@ -603,6 +603,9 @@ def test_sampler_passes_the_cnn2_shares(anatomy, monkeypatch):
     (["lesion", "--background-subjects", "sub-03"], "is for --real-backgrounds"),
     (["centerline", "--channels", "image,cord_anomaly"], "--channels is for CNN2"),
     (["sc", "--blob-loss", "1"], "are for the lesion task"),
+    (["sc", "--real-backgrounds"], "are for the lesion task"),
+    (["lesion", "--backgrounds-from", "no/such/folder"], "is not a folder"),
+    (["lesion", "--backgrounds-from", "."], "no lesion-free T2w, T2star or MTS image"),
 ])
 def test_training_options_that_do_not_go_together_get_one_line(tmp_path, capsys, args, says):
     pytest.importorskip("keras")
@@ -614,3 +617,30 @@ def test_training_options_that_do_not_go_together_get_one_line(tmp_path, capsys,
     err = capsys.readouterr().err
     assert says in err and "Traceback" not in err
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_lesion_training_on_own_lesion_free_scans(tmp_path, capsys):
+    """--backgrounds-from: a BIDS folder of lesion-free scans is carved into, and only it (no shared subject)."""
+    pytest.importorskip("keras")
+    import nibabel as nib
+
+    from cordseg.phantom import make_phantom
+    from cordseg.training import train
+
+    labelmaps = shared_data("labelmaps")
+    if not labelmaps.is_dir():
+        pytest.skip("the synthetic half needs the PAM50 label maps of ../shared/data")
+    bids = tmp_path / "controls"
+    for i, sub in enumerate(("sub-c1", "sub-c2")):
+        ph = make_phantom((48, 48, 30), (0.9, 0.9, 3.0), seed=i)
+        (bids / sub / "anat").mkdir(parents=True)
+        nib.save(ph.image, str(bids / sub / "anat" / f"{sub}_T2star.nii.gz"))
+        nib.save(ph.cord, str(bids / sub / "anat" / f"{sub}_T2star_seg-manual.nii.gz"))
+    out = tmp_path / "run"
+    assert train.main(["lesion", "--backgrounds-from", str(bids), "--labelmaps", str(labelmaps), "--out", str(out),
+                       "--steps", "2", "--batch-size", "2", "--patch-shape", "32x32x32", "--real-share", "1",
+                       "--snapshot-every", "2"]) == 0
+    said = capsys.readouterr().out
+    assert "2 real lesion-free backgrounds (sub-c1, sub-c2)" in said
+    assert (out / "ema_000002.weights.h5").is_file()

@@ -6,7 +6,7 @@ import pytest
 
 pytest.importorskip("scipy")
 from cordseg.training.augment import jitter_lesion_edges, real_patch  # noqa: E402
-from cordseg.training.bids import find_labelled  # noqa: E402
+from cordseg.training.bids import find_labelled, find_lesion_free  # noqa: E402
 
 
 def _tube_volume():
@@ -57,3 +57,27 @@ def test_bids_discovery(tmp_path):
     assert [(f.image.name, f.contrast, f.cord is not None, f.lesion is not None) for f in found] == [
         ("sub-01_T2star.nii.gz", "t2s", False, True), ("sub-01_T2w.nii.gz", "t2", True, False)]
     assert [f.contrast for f in find_labelled(tmp_path, ["t2"])] == ["t2"]
+
+
+def _save(path, data):
+    import nibabel as nib
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(np.asarray(data, np.uint8), np.eye(4)), str(path))
+
+
+def test_lesion_free_discovery_takes_t2_like_scans_whose_lesion_mask_marks_nothing(tmp_path):
+    labels = tmp_path / "derivatives" / "labels"
+    some = np.zeros((4, 4, 4))
+    some[1, 1, 1] = 1
+    _save(tmp_path / "sub-a/anat/sub-a_T2w.nii.gz", some)
+    _save(labels / "sub-a/anat/sub-a_T2w_seg-manual.nii.gz", some)  # cord mask: a control with its reference
+    _save(tmp_path / "sub-b/ses-1/anat/sub-b_ses-1_T2star.nii.gz", some)  # no mask at all
+    _save(tmp_path / "sub-c/anat/sub-c_T2w.nii.gz", some)
+    _save(labels / "sub-c/anat/sub-c_T2w_lesion-manual.nii.gz", some)  # a patient: not a background
+    _save(tmp_path / "sub-d/anat/sub-d_acq-MTon_MTS.nii.gz", some)
+    _save(tmp_path / "sub-d/anat/sub-d_acq-MTon_MTS_lesion-manual.nii.gz", np.zeros((4, 4, 4)))  # checked: none
+    _save(tmp_path / "sub-e/anat/sub-e_T1w.nii.gz", some)  # lesions are dark there: not this model's
+    found = find_lesion_free(tmp_path)
+    assert [(f.subject, f.contrast, f.cord is not None, f.lesion) for f in found] == [
+        ("sub-a", "t2", True, None), ("sub-b", "t2s", False, None), ("sub-d", "t2s", False, None)]

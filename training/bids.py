@@ -4,7 +4,9 @@ Layout read (the spine-generic / BIDS derivatives convention):
     ROOT/sub-*/[ses-*/]anat/sub-*_{T1w,T2w,T2star,dwi}.nii.gz
     ROOT/derivatives/labels/sub-*/[ses-*/]anat/<image stem>_seg-manual.nii.gz      (cord)
     ROOT/derivatives/labels/sub-*/[ses-*/]anat/<image stem>_lesion-manual.nii.gz   (lesions)
-Masks may also sit beside the image. Images without any mask are skipped.
+Masks may also sit beside the image. Images without any mask are skipped by `find_labelled`;
+`find_lesion_free` takes the T2w/T2star/MTS images whose lesion mask is absent or empty (lesion carving
+backgrounds: healthy controls), with their cord mask where one exists.
 """
 from __future__ import annotations
 
@@ -14,6 +16,8 @@ from pathlib import Path
 from cordseg.io import nifti_stem
 
 SUFFIX_TO_CONTRAST = {"T1w": "t1", "T2w": "t2", "T2star": "t2s", "dwi": "dwi"}
+# backgrounds for T2/T2*-weighted lesions (hyper-intense): MT-weighted gradient echo reads as t2s
+BACKGROUND_SUFFIXES = {"T2w": "t2", "T2star": "t2s", "MTS": "t2s"}
 
 
 @dataclass(frozen=True)
@@ -50,4 +54,30 @@ def find_labelled(root, contrasts=None) -> list[LabelledVolume]:
         if cord is None and lesion is None:
             continue
         found.append(LabelledVolume(image, contrast, cord, lesion, stem.split("_", 1)[0]))
+    return found
+
+
+def _marks_anything(path: Path) -> bool:
+    import nibabel as nib
+    import numpy as np
+
+    return bool(np.any(np.asarray(nib.load(str(path)).dataobj)))
+
+
+def find_lesion_free(root) -> list[LabelledVolume]:
+    """Every T2w, T2star or MTS image under ROOT/sub-*/ whose lesion mask is absent or marks nothing (its cord
+    mask where one exists; `lesion` is None). Point it at scans known to be lesion-free: an MS scan nobody
+    labelled would pass as a background."""
+    root = Path(root)
+    found = []
+    for image in sorted(root.glob("sub-*/**/anat/*.nii*")):
+        stem = nifti_stem(image)
+        contrast = BACKGROUND_SUFFIXES.get(stem.rsplit("_", 1)[-1])
+        if contrast is None:
+            continue
+        lesion = _find_mask(root, image, "lesion-manual")
+        if lesion is not None and _marks_anything(lesion):
+            continue
+        found.append(LabelledVolume(image, contrast, _find_mask(root, image, "seg-manual"), None,
+                                    stem.split("_", 1)[0]))
     return found

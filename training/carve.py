@@ -46,6 +46,10 @@ def load_background(image_path, cord_path=None, *, cord=None, erode=1, name=None
     if cord is None:
         cord = to_rpi(load_image(cord_path)).data > 0.5
     cord = np.asarray(cord, bool)
+    if cord.shape != rpi.shape:
+        raise ValueError(f"{name or image_path}: its cord mask has shape {cord.shape[:3]}, the image {rpi.shape}")
+    if not cord.any():
+        raise ValueError(f"{name or image_path}: its cord mask is empty")
     if erode:  # keep inserted lesions intramedullary when the mask is a model's and may reach the CSF
         st = np.zeros((3, 3, 1), bool)
         st[1, :, 0] = st[:, 1, 0] = True
@@ -263,19 +267,33 @@ BACKGROUNDS = {  # subject: ((path under the shared data folder, reference mask 
 TRAINING_SUBJECTS = ("unf01", "sub-01")  # the shipped model's; the others are the evaluation's never-seen ones
 
 
+def load_backgrounds(entries, cache_dir):
+    """Backgrounds from (image path, reference cord mask path or None, contrast) entries: without a reference,
+    cordseg's own cord mask (cached in `cache_dir`), eroded by a voxel."""
+    from pathlib import Path
+
+    out = []
+    for image, ref, contrast in entries:
+        image = Path(image)
+        if ref is not None:
+            out.append(load_background(image, Path(ref), erode=0, name=str(image)))
+        else:
+            out.append(load_background(image, cord=cord_mask_for(image, contrast, cache_dir), erode=1,
+                                       name=str(image)))
+    return out
+
+
 def training_backgrounds(data_dir, cache_dir, subjects=TRAINING_SUBJECTS):
-    """The lesion-free scans of `subjects` (keys of BACKGROUNDS) as Backgrounds."""
+    """The lesion-free scans of `subjects` (keys of BACKGROUNDS) as Backgrounds, named by their path under
+    `data_dir`."""
     from pathlib import Path
 
     unknown = sorted(set(subjects) - set(BACKGROUNDS))
     if unknown:
         raise ValueError(f"unknown background subject(s) {', '.join(unknown)} (known: {', '.join(BACKGROUNDS)})")
-    out = []
-    for subject in subjects:
-        for image, ref, contrast in BACKGROUNDS[subject]:
-            path = Path(data_dir) / image
-            if ref is not None:
-                out.append(load_background(path, Path(data_dir) / ref, erode=0, name=image))
-            else:
-                out.append(load_background(path, cord=cord_mask_for(path, contrast, cache_dir), erode=1, name=image))
+    entries = [(image, ref, contrast) for subject in subjects for image, ref, contrast in BACKGROUNDS[subject]]
+    out = load_backgrounds([(Path(data_dir) / image, None if ref is None else Path(data_dir) / ref, contrast)
+                            for image, ref, contrast in entries], cache_dir)
+    for bg, (image, _, _) in zip(out, entries):
+        bg.name = image
     return out

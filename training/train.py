@@ -59,7 +59,7 @@ def run(task, out, *, steps=None, batch_size=None, learning_rate=None, labelmaps
         cauda_equina=False, stop_at=None, real_backgrounds=False, real_share=0.5, sagittal_share=None,
         dwi_share=0.0, channels=None, vary_backgrounds=0.0, patch_dice=0.0, free_penalty=0.0,
         lesions_as_seen=False, blob=0.0, snap_ends=False,
-        background_subjects=None):
+        background_subjects=None, background_dirs=None):
     from . import losses, synth, tasks
     from .loop import train
 
@@ -73,6 +73,18 @@ def run(task, out, *, steps=None, batch_size=None, learning_rate=None, labelmaps
         unknown = sorted(set(background_subjects) - set(BACKGROUNDS))
         if unknown:
             raise OptionError(f"--background-subjects: unknown {', '.join(unknown)} (known: {', '.join(BACKGROUNDS)})")
+    if (real_backgrounds or background_dirs) and task != "lesion":
+        raise OptionError("--real-backgrounds and --backgrounds-from are for the lesion task")
+    own = []  # the user's lesion-free scans (BIDS), found before the slow set-up so that a wrong folder says so at once
+    for folder in background_dirs or ():
+        from .bids import find_lesion_free
+
+        if not Path(folder).is_dir():
+            raise OptionError(f"--backgrounds-from: {folder} is not a folder")
+        found = find_lesion_free(folder)
+        if not found:
+            raise OptionError(f"--backgrounds-from: no lesion-free T2w, T2star or MTS image under {folder}/sub-*/")
+        own += found
     cfg = tasks.with_network(tasks.TASKS[task], network, channels)  # a copy to adjust
     if steps:
         cfg.steps = steps
@@ -99,13 +111,20 @@ def run(task, out, *, steps=None, batch_size=None, learning_rate=None, labelmaps
     if data:
         log(f"{len(real)} labelled real volumes from {data}; real fraction {real_fraction if real else 0}")
     sampler = tasks.Sampler(cfg, anatomy, real, real_fraction)
-    if real_backgrounds:  # lesions carved into real lesion-free scans (training/carve.py), mixed in
+    if real_backgrounds or own:  # lesions carved into real lesion-free scans (training/carve.py), mixed in
         from . import carve
         from .export import shared_data_dir
 
-        subjects = tuple(background_subjects or carve.TRAINING_SUBJECTS)
-        backgrounds = carve.training_backgrounds(shared_data_dir(), Path(out) / "masks", subjects)
-        log(f"{len(backgrounds)} real lesion-free backgrounds ({', '.join(subjects)}); real share {real_share}")
+        # the shared subjects by default; with the user's own scans, only those unless subjects are named too
+        subjects = tuple(background_subjects or (() if own else carve.TRAINING_SUBJECTS))
+        masks = Path(out) / "masks"
+        backgrounds = carve.training_backgrounds(shared_data_dir(), masks, subjects) if subjects else []
+        try:
+            backgrounds += carve.load_backgrounds([(v.image, v.cord, v.contrast) for v in own], masks)
+        except ValueError as err:  # a mask that does not fit its image
+            raise OptionError(f"--backgrounds-from: {err}") from None
+        names = list(subjects) + sorted({v.subject for v in own})
+        log(f"{len(backgrounds)} real lesion-free backgrounds ({', '.join(names)}); real share {real_share}")
         sampler = carve.CarveSampler(sampler, backgrounds, real_share=real_share, vary=vary_backgrounds,
                                      as_seen=lesions_as_seen, snap_ends=snap_ends)
     def build():
@@ -168,6 +187,10 @@ def main(argv=None):
                    "real lesion-free scans (training/carve.py; by default subjects unf01 and sub-01 of ../shared/data)")
     p.add_argument("--background-subjects", help="--real-backgrounds: comma-separated subjects whose scans are "
                    "the backgrounds (training/carve.py BACKGROUNDS: unf01, sub-01, sub-03, sct_testing, lumbar)")
+    p.add_argument("--backgrounds-from", action="append", metavar="BIDS", help="lesion task: carve lesions into "
+                   "these lesion-free scans too (implies --real-backgrounds): every T2w, T2star or MTS image under "
+                   "BIDS/sub-*/ whose lesion-manual mask is absent or empty, with its seg-manual cord mask where "
+                   "there is one (else cordseg's own); only these unless --background-subjects names shared ones")
     p.add_argument("--real-share", type=float, default=0.5, help="share of --real-backgrounds patches")
     p.add_argument("--lesions-as-seen", action="store_true", help="--real-backgrounds: each carved lesion's "
                    "brightness (1.1-2.0x the cord) is what the scan shows on its native voxels, not its tissue's "
@@ -197,8 +220,8 @@ def main(argv=None):
         a.cauda_equina = "bundle"  # (the conus recipe's first stages are the cord recipe's: no roots there)
     if a.dwi_share and a.task != "sc":
         p.error("--dwi-share is for the cord task (sc)")
-    if a.background_subjects and not a.real_backgrounds:
-        p.error("--background-subjects is for --real-backgrounds")
+    if a.background_subjects and not (a.real_backgrounds or a.backgrounds_from):
+        p.error("--background-subjects is for --real-backgrounds or --backgrounds-from")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     log = lambda m: print(m, flush=True)  # noqa: E731
     if a.recipe:
@@ -227,7 +250,8 @@ def main(argv=None):
             dwi_share=a.dwi_share, network={"base_filters": a.base_filters} if a.base_filters else None,
             channels=a.channels.split(",") if a.channels else None, patch_dice=a.patch_dice,
             free_penalty=a.free_penalty, lesions_as_seen=a.lesions_as_seen, blob=a.blob_loss, snap_ends=a.snap_ends,
-            background_subjects=a.background_subjects.split(",") if a.background_subjects else None)
+            background_subjects=a.background_subjects.split(",") if a.background_subjects else None,
+            background_dirs=a.backgrounds_from)
     except OptionError as err:
         p.error(str(err))
     if a.export:
