@@ -39,21 +39,28 @@ def _find_mask(root: Path, image: Path, label: str) -> Path | None:
     return None
 
 
+def _anat_images(root: Path, suffixes: dict):
+    """(image, contrast, subject) for every image under ROOT/sub-*/.../anat/ whose BIDS suffix `suffixes` maps
+    to a contrast."""
+    for image in sorted(root.glob("sub-*/**/anat/*.nii*")):
+        stem = nifti_stem(image)
+        contrast = suffixes.get(stem.rsplit("_", 1)[-1])
+        if contrast is not None:
+            yield image, contrast, stem.split("_", 1)[0]
+
+
 def find_labelled(root, contrasts=None) -> list[LabelledVolume]:
     """Every image under ROOT/sub-*/ whose BIDS suffix is known and that has a cord or lesion mask."""
     root = Path(root)
     found = []
-    for image in sorted(root.glob("sub-*/**/anat/*.nii*")):
-        stem = nifti_stem(image)
-        suffix = stem.rsplit("_", 1)[-1]
-        contrast = SUFFIX_TO_CONTRAST.get(suffix)
-        if contrast is None or (contrasts and contrast not in contrasts):
+    for image, contrast, subject in _anat_images(root, SUFFIX_TO_CONTRAST):
+        if contrasts and contrast not in contrasts:
             continue
         cord = _find_mask(root, image, "seg-manual")
         lesion = _find_mask(root, image, "lesion-manual")
         if cord is None and lesion is None:
             continue
-        found.append(LabelledVolume(image, contrast, cord, lesion, stem.split("_", 1)[0]))
+        found.append(LabelledVolume(image, contrast, cord, lesion, subject))
     return found
 
 
@@ -70,14 +77,9 @@ def find_lesion_free(root) -> list[LabelledVolume]:
     labelled would pass as a background."""
     root = Path(root)
     found = []
-    for image in sorted(root.glob("sub-*/**/anat/*.nii*")):
-        stem = nifti_stem(image)
-        contrast = BACKGROUND_SUFFIXES.get(stem.rsplit("_", 1)[-1])
-        if contrast is None:
-            continue
+    for image, contrast, subject in _anat_images(root, BACKGROUND_SUFFIXES):
         lesion = _find_mask(root, image, "lesion-manual")
         if lesion is not None and _marks_anything(lesion):
             continue
-        found.append(LabelledVolume(image, contrast, _find_mask(root, image, "seg-manual"), None,
-                                    stem.split("_", 1)[0]))
+        found.append(LabelledVolume(image, contrast, _find_mask(root, image, "seg-manual"), None, subject))
     return found
